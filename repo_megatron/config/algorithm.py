@@ -1,0 +1,103 @@
+"""``algorithm:`` GRPO / RePO / LUFFY / Replay, advantages and the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import ConfigError, knob, section
+
+DEFAULT_REPHRASE_TEMPLATE = (
+    "Here is a problem and a reference solution written by an expert.\n\n"
+    "Problem:\n{question}\n\n"
+    "Reference solution:\n{solution}\n\n"
+    "Study the reference until you understand it. Then solve the problem yourself, in your own "
+    "words and in your usual format, as if you had never seen the reference: do not mention it, "
+    "and end with the final answer."
+)
+
+DEFAULT_META_PATTERNS = [
+    r"(?im)^\s*(sure|okay|ok|certainly|of course)[,!.].*$",
+    r"(?i)\b(as|like) (shown|given|stated|done) in the (reference|expert'?s?) solution,?\s*",
+    r"(?i)\b(according to|following|based on) the (reference|expert'?s?) solution,?\s*",
+    r"(?i)\bthe (reference|expert'?s?) solution (says|shows|states) that\s*",
+]
+
+
+@dataclass
+class RePOConfig:
+    reward_threshold: float = knob(
+        0.5, "delta: a response with reward < delta counts as failed (ours: rewards are 0/1)")
+    failure_rate_threshold: float = knob(
+        1.0, "rho: rephrase and inject when the group's failure rate gamma >= rho (ours: only "
+             "groups that failed entirely, where GRPO has no signal)", ge=0, le=1)
+    schedule: str = knob("lazy", "`lazy`: rephrase after the gate trips (fewer tokens, one more "
+                                 "round trip); `eager`: rephrase alongside the group, discard if "
+                                 "the gate stays shut (lower latency)", choices=["lazy", "eager"])
+    rephrase_template: str = knob(DEFAULT_REPHRASE_TEMPLATE,
+                                  "Prompt P(q, k); {question} and {solution} are filled in")
+    meta_patterns: list[str] = knob(default_factory=lambda: list(DEFAULT_META_PATTERNS),
+                                    help="Regular expressions removed from rephrased traces")
+    require_verified: bool = knob(True, "Inject only rephrases with reward >= delta")
+    num_rephrase_attempts: int = knob(1, "Rephrases sampled per tripped gate; the first "
+                                         "verified one is injected", ge=1)
+
+
+@dataclass
+class LuffyConfig:
+    shaping_gamma: float = knob(0.1, "Policy shaping f(p) = p / (p + gamma) on off-policy "
+                                     "tokens", gt=0)
+
+
+@dataclass
+class ReplayConfig:
+    enabled: bool = knob(False, "Replay-Enhanced PO: add past samples from a per-prompt buffer")
+    buffer_size: int = knob(16, "Samples kept per prompt (FIFO)", ge=1)
+    strategy: str = knob("recency", "Which past samples to replay",
+                         choices=["recency", "reward", "variance", "random"])
+    samples_per_prompt: int = knob(2, "Replayed samples added to each group", ge=1)
+    min_buffer_size: int = knob(2, "Replay only once a prompt has this many past samples", ge=1)
+    coef: float = knob(1.0, "Weight of the off-policy loss term", ge=0)
+    clip: float = knob(0.2, "Clip of the importance ratio pi_theta / pi_behaviour", gt=0)
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = knob(False, "Drop groups whose rewards have zero variance (after injection)")
+    max_oversample_rounds: int = knob(0, "Extra rollout rounds to refill the batch", ge=0)
+
+
+@dataclass
+class AlgorithmConfig:
+    injection: str = knob("repo", "`repo` (rephrase + inject), `none` (GRPO), `luffy` (raw "
+                                  "expert trace joins the group)", choices=["repo", "none", "luffy"])
+    advantage_estimator: str = knob("grpo", "Registered advantage estimator (`grpo` = "
+                                            "mean/std in the group, `drgrpo` = no std)")
+    advantage_eps: float = knob(1e-6, "Added to the group std", gt=0)
+    policy_loss: str = knob("ppo_clip", "Registered policy loss")
+    clip_low: float = knob(0.2, "PPO clip: ratio >= 1 - clip_low", ge=0, le=1)
+    clip_high: float = knob(0.28, "PPO clip: ratio <= 1 + clip_high (clip-higher)", ge=0)
+    dual_clip: Optional[float] = knob(None, "Dual-clip constant c > 1 for negative advantages",
+                                      gt=1)
+    kl_coef: float = knob(0.0, "beta: KL to the reference policy (0 = no reference model)", ge=0)
+    kl_estimator: str = knob("k3", "KL estimator", choices=["k1", "k2", "k3"])
+    entropy_coef: float = knob(0.0, "Entropy bonus coefficient", ge=0)
+    loss_agg_mode: str = knob("token-mean", "Loss aggregation",
+                              choices=["token-mean", "seq-mean-token-mean",
+                                       "seq-mean-token-sum-norm"])
+    loss_norm_length: Optional[int] = knob(
+        None, "seq-mean-token-sum-norm divides by this (null = rollout.max_new_tokens)", ge=1)
+    ppo_epochs: int = knob(1, "Optimizer passes over each rollout batch", ge=1)
+    global_batch_size: Optional[int] = knob(
+        None, "Sequences per optimizer step (null = the whole rollout batch)", ge=1)
+    micro_batch_size: int = knob(4, "Sequences per forward/backward micro-batch", ge=1)
+    repo: RePOConfig = section(RePOConfig, "The RePO gate, rephrasing and injection")
+    luffy: LuffyConfig = section(LuffyConfig, "LUFFY-style off-policy guidance")
+    replay: ReplayConfig = section(ReplayConfig, "Replay-Enhanced Policy Optimization")
+    dynamic_sampling: DynamicSamplingConfig = section(DynamicSamplingConfig, "Dynamic sampling")
+
+    def validate(self, path: str) -> None:
+        if self.injection == "repo" and "{solution}" not in self.repo.rephrase_template:
+            raise ConfigError(f"{path}.repo.rephrase_template must contain {{solution}}")
+        if self.injection == "repo" and "{question}" not in self.repo.rephrase_template:
+            raise ConfigError(f"{path}.repo.rephrase_template must contain {{question}}")

@@ -1,0 +1,195 @@
+"""Machinery that maps YAML onto a tree of dataclasses, with typed knobs and early errors.
+
+Every knob is declared with :func:`knob` (a ``dataclasses.field`` carrying its help text and
+its constraints). :func:`build` turns a nested dict into the dataclass tree, checking types,
+choices and bounds, and names the full key path of anything wrong. Cross-field checks live in
+each section's ``validate(path)`` method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Iterator, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: ``<source>: <key>=<value> <what is wrong>``."""
+
+    def __init__(self, message: str, source: Optional[str] = None):
+        self.message = message
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+    def with_source(self, source: str) -> "ConfigError":
+        return ConfigError(self.message, source) if self.source is None else self
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, ge=None, gt=None,
+         le=None, default_factory: Any = dataclasses.MISSING):
+    """A config field: default, help text (for the reference), allowed choices and bounds."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls, help: str = ""):
+    """A nested section field whose default is the section's defaults."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
+
+
+def fmt(value: Any) -> str:
+    """A value as it would be written in YAML (for error messages and the reference)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={fmt(value)} must be {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={fmt(value)} must be a list")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={fmt(value)} must be a mapping")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}={fmt(value)} must be {_type_name(tp)}")
+
+
+def _check_bounds(value: Any, meta: dict, key: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={fmt(value)} must be one of {', '.join(map(fmt, choices))}")
+    for name, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                           ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key}={fmt(value)} must be {word} {fmt(bound)}")
+
+
+def build(cls: type, data: Optional[dict], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys, types, choices and bounds."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'} must be a mapping, got {fmt(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        known = ", ".join(fields)
+        raise ConfigError(f"{key} is not a known key (known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if f.metadata.get("section"):
+            kwargs[name] = build(hints[name], data.get(name), key)
+        elif name in data:
+            value = _coerce(data[name], hints[name], key)
+            _check_bounds(value, f.metadata, key)
+            kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    """The dataclass tree as plain YAML-ready data."""
+    return dataclasses.asdict(obj)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "a.b.c", v)`` sets ``d["a"]["b"]["c"] = v``, creating mappings."""
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section (cannot set {dotted})")
+        node = child
+    node[parts[-1]] = value
+
+
+def iter_knobs(cls: type, path: str = "") -> Iterator[tuple[str, str, Any, str, dict]]:
+    """Yield ``(key, type name, default, help, metadata)`` for every knob, depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{path}.{f.name}" if path else f.name
+        if f.metadata.get("section"):
+            yield key, "section", None, f.metadata.get("help", ""), dict(f.metadata)
+            yield from iter_knobs(hints[f.name], key)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield key, _type_name(hints[f.name]), default, f.metadata.get("help", ""), dict(f.metadata)
+
+
+def reference_markdown(cls: type, title: str) -> str:
+    """A Markdown table of every knob: key, type, default, meaning (the config reference)."""
+    lines = [f"# {title}", "",
+             "Generated from the dataclasses in `repo_megatron/config/` by "
+             "`python -m repo_megatron.config --reference`; do not edit by hand.", "",
+             "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, type_name, default, help_text, meta in iter_knobs(cls):
+        if type_name == "section":
+            lines += ["", f"## `{key}`", "", help_text, "", "| key | type | default | meaning |",
+                      "| --- | --- | --- | --- |"]
+            continue
+        extra = []
+        if meta.get("choices"):
+            extra.append("one of " + ", ".join(f"`{fmt(c)}`" for c in meta["choices"]))
+        for name, word in (("ge", ">="), ("gt", ">"), ("le", "<=")):
+            if meta.get(name) is not None:
+                extra.append(f"{word} {fmt(meta[name])}")
+        text = (help_text + (f" ({'; '.join(extra)})" if extra else "")).replace("|", r"\|")
+        lines.append(f"| `{key}` | {type_name} | `{fmt(default)}` | {text} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,19 @@
+"""``checkpoint:`` saving, keeping and resuming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import knob
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = knob(0, "Save every N steps (0 = only at the end)", ge=0)
+    keep_last: int = knob(2, "Complete checkpoints kept", ge=1)
+    hf_export_interval: int = knob(0, "Export Hugging Face safetensors every N steps (0 = off)",
+                                   ge=0)
+    hf_export_at_end: bool = knob(True, "Export Hugging Face safetensors after the last step")
+    async_save: bool = knob(False, "Write checkpoints in the background (GPU clusters)")
+    directory: Optional[str] = knob(None, "Where checkpoints go (null = RUN_DIR/checkpoints)")

