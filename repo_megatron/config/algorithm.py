@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import ConfigError, knob, section
+from .base import ConfigError, fmt, knob, section
 
 DEFAULT_REPHRASE_TEMPLATE = (
     "Here is a problem and a reference solution written by an expert.\n\n"
@@ -72,13 +72,15 @@ class AlgorithmConfig:
     injection: str = knob("repo", "`repo` (rephrase + inject), `none` (GRPO), `luffy` (raw "
                                   "expert trace joins the group)", choices=["repo", "none", "luffy"])
     advantage_estimator: str = knob("grpo", "Registered advantage estimator (`grpo` = "
-                                            "mean/std in the group, `drgrpo` = no std)")
-    advantage_eps: float = knob(1e-6, "Added to the group std", gt=0)
-    policy_loss: str = knob("ppo_clip", "Registered policy loss")
+                                            "mean/std in the group, `drgrpo` = no std; "
+                                            "docs/algorithm.md)")
+    advantage_eps: float = knob(1e-6, "Added to the group std by `grpo`", gt=0)
+    policy_loss: str = knob("ppo_clip", "Registered policy loss of on-policy tokens "
+                                        "(`ppo_clip`; docs/algorithm.md)")
     clip_low: float = knob(0.2, "PPO clip: ratio >= 1 - clip_low", ge=0, le=1)
     clip_high: float = knob(0.28, "PPO clip: ratio <= 1 + clip_high (clip-higher)", ge=0)
-    dual_clip: Optional[float] = knob(None, "Dual-clip constant c > 1 for negative advantages",
-                                      gt=1)
+    dual_clip: Optional[float] = knob(None, "Dual-clip constant c > 1: the loss of a token with "
+                                            "A < 0 is capped at -A*c (null = off)", gt=1)
     kl_coef: float = knob(0.0, "beta: KL to the reference policy (0 = no reference model)", ge=0)
     kl_estimator: str = knob("k3", "KL estimator", choices=["k1", "k2", "k3"])
     entropy_coef: float = knob(0.0, "Entropy bonus coefficient", ge=0)
@@ -97,6 +99,13 @@ class AlgorithmConfig:
     dynamic_sampling: DynamicSamplingConfig = section(DynamicSamplingConfig, "Dynamic sampling")
 
     def validate(self, path: str) -> None:
+        # Imported here: the registries need torch, which the rest of the config does not.
+        from ..algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        for key, registry in (("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                              ("policy_loss", POLICY_LOSSES)):
+            if getattr(self, key) not in registry:
+                raise ConfigError(f"{path}.{key}={fmt(getattr(self, key))} is not a registered "
+                                  f"{registry.kind} (registered: {', '.join(registry)})")
         if self.injection == "repo" and "{solution}" not in self.repo.rephrase_template:
             raise ConfigError(f"{path}.repo.rephrase_template must contain {{solution}}")
         if self.injection == "repo" and "{question}" not in self.repo.rephrase_template:
