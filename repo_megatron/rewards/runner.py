@@ -1,0 +1,114 @@
+"""Scoring in worker processes with a hard per-call timeout.
+
+``concurrent.futures`` cannot stop one hung call, so this keeps its own small pool: each worker
+is a process holding one pipe and scoring one request at a time. A call past its deadline gets
+its worker killed and replaced, and that sample alone is marked failed; the step goes on.
+Workers are spawned (not forked) because the trainer process holds threads and a model.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Optional, Sequence
+
+from .base import RewardRequest, RewardResult, call_reward, resolve_reward
+
+
+def _worker_main(reward: str, conn: Connection) -> None:
+    """Worker loop: score requests from ``conn`` until it sends None."""
+    fn = resolve_reward(reward)
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        conn.send(call_reward(fn, request))
+
+
+class _Worker:
+    def __init__(self, ctx, reward: str):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(reward, child), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: Optional[int] = None       # index of the request being scored
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class RewardRunner:
+    """Scores :class:`RewardRequest` lists with reward ``reward`` (registered name or
+    ``module:function``) in ``num_workers`` processes, ``timeout_s`` per call."""
+
+    def __init__(self, reward: str, timeout_s: float = 10.0, num_workers: int = 2):
+        resolve_reward(reward)                # a bad name fails here, in the trainer
+        self.reward = reward
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._workers = [_Worker(self._ctx, reward) for _ in range(num_workers)]
+
+    def score(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
+        """One result per request, in order. Raising, hanging or crashing rewards give
+        ``RewardResult(0, reason, failed=True)`` for that request only."""
+        results: list[Optional[RewardResult]] = [None] * len(requests)
+        pending = deque(range(len(requests)))
+        while pending or any(w.task is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.task is None and pending:
+                    worker.task = pending.popleft()
+                    # the clock starts when a worker takes the call, not when it was queued
+                    worker.deadline = time.monotonic() + self.timeout_s
+                    worker.conn.send(requests[worker.task])
+            busy = [w for w in self._workers if w.task is not None]
+            wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            for i, worker in enumerate(self._workers):
+                if worker.task is None:
+                    continue
+                result, dead = self._collect(worker)
+                if result is not None:
+                    results[worker.task] = result
+                    worker.task = None
+                if dead:
+                    self._workers[i] = _Worker(self._ctx, self.reward)
+        return results  # type: ignore[return-value]
+
+    def _collect(self, worker: _Worker) -> tuple[Optional[RewardResult], bool]:
+        """(the worker's result, a failure if it died or overran, or None while it is busy;
+        whether the worker was killed and must be replaced)."""
+        if worker.conn.poll():
+            try:
+                return worker.conn.recv(), False
+            except (EOFError, OSError):
+                pass  # the pipe closed: the worker died mid-call
+        elif worker.process.is_alive():
+            if time.monotonic() < worker.deadline:
+                return None, False
+            worker.kill()
+            return RewardResult(0.0, f"reward timed out after {self.timeout_s:g} s", failed=True), True
+        worker.kill()
+        return RewardResult(0.0, f"reward worker died (exit code {worker.process.exitcode})",
+                            failed=True), True
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for worker in self._workers:
+            if worker.process.is_alive():
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+                worker.process.join(timeout=1.0)
+            worker.kill()
+        self._workers = []
+
+    def __enter__(self) -> "RewardRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

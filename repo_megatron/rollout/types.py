@@ -1,0 +1,93 @@
+"""What the rollout stage hands to the trainer: prompts, samples and groups (pure data).
+
+A :class:`Sample` is always a response to its group's ORIGINAL prompt ``q`` (``prompt_ids``),
+whatever prompt the engine actually saw: a rephrased trace was sampled under ``P(q, k)`` but is
+trained as a response to ``q``, so the log-probs the engine returned for it are dropped
+(``behaviour_logprobs is None``) and the trainer recomputes old log-probs under ``q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One dataset row, ready to sample from.
+
+    ``uid`` identifies the prompt across steps (replay buffer key, per-request seeds);
+    ``solution`` is the off-policy knowledge ``k`` (an expert's worked solution) or None.
+    """
+    uid: str
+    question: str
+    answer: str
+    prompt_ids: tuple[int, ...]
+    solution: Optional[str] = None
+
+
+@dataclass
+class Sample:
+    """One response to ``prompt_ids`` with its reward and provenance.
+
+    ``behaviour_logprobs[t]`` is the log-prob of ``response_ids[t]`` under the policy that
+    produced it, conditioned on ``prompt_ids`` -- or None where no such number exists
+    (rephrased traces were sampled under another prompt; LUFFY's expert trace was not sampled
+    by us at all). ``loss_mask[t]`` says whether token ``t`` is trained on.
+    """
+    prompt_uid: str
+    prompt_ids: tuple[int, ...]
+    response_ids: list[int]
+    response_text: str
+    reward: float
+    reward_reason: str
+    finish_reason: str                      # "stop" (EOS, stop id or string), "length", "expert"
+    behaviour_logprobs: Optional[list[float]] = None
+    weight_version: Optional[int] = None    # engine weights that sampled it (None: not sampled)
+    loss_mask: list[int] = field(default_factory=list)
+    reward_failed: bool = False             # the reward raised or timed out; reward is 0
+    is_rephrased: bool = False              # RePO: o_rep ~ pi(. | P(q, k)), injected into q's group
+    is_offpolicy: bool = False              # not sampled from pi(. | q): LUFFY expert, replay
+    is_replay: bool = False                 # Replay-Enhanced PO: retrieved from the buffer
+
+    def __post_init__(self) -> None:
+        if not self.loss_mask:
+            self.loss_mask = [1] * len(self.response_ids)
+        if self.behaviour_logprobs is not None and len(self.behaviour_logprobs) != len(self.response_ids):
+            raise ValueError(f"sample of prompt {self.prompt_uid}: {len(self.behaviour_logprobs)} "
+                             f"log-probs for {len(self.response_ids)} response tokens")
+
+    @property
+    def logprobs_valid(self) -> bool:
+        """True when ``behaviour_logprobs`` may be used (ratio to pi_behaviour, mismatch metrics)."""
+        return self.behaviour_logprobs is not None
+
+    @property
+    def is_injected(self) -> bool:
+        """A sample that entered the group from outside on-policy sampling of q (RePO, LUFFY)."""
+        return self.is_rephrased or (self.is_offpolicy and not self.is_replay)
+
+
+@dataclass
+class Group:
+    """The final group of one prompt: G samples (one may be injected) plus replayed ones.
+
+    ``failure_rate`` is gamma over the G on-policy rollouts; ``gate_fired`` says gamma >= rho
+    and a solution exists; ``injected_index`` is the slot of the injected sample (None if none);
+    ``replaced`` is the on-policy rollout it displaced, kept for metrics only.
+    """
+    prompt: Prompt
+    samples: list[Sample]
+    failure_rate: float = 0.0
+    gate_fired: bool = False
+    injected_index: Optional[int] = None
+    replaced: Optional[Sample] = None
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+    @property
+    def grpo_samples(self) -> list[Sample]:
+        """The samples normalised together by GRPO (replayed ones get their own statistics)."""
+        return [s for s in self.samples if not s.is_replay]

@@ -1,0 +1,117 @@
+"""Megatron-Core on CPU: the one module that names CUDA.
+
+megatron-core 0.16 hard-codes CUDA in a few places that the CPU path goes through (checked
+file:line facts in the foundation issue). When CUDA is unavailable, :func:`enable` makes the
+genuine Megatron TP/PP/DP code run on CPU with the gloo backend:
+
+- ``torch.cuda.current_device()`` returns the CPU device (rotary embeddings, the global memory
+  buffer, all-gather outputs, p2p receive buffers, dist_checkpointing's failure broadcast);
+- ``torch.cuda.synchronize()`` is a no-op (p2p batching, async checkpoint writer);
+- a :class:`~torch.overrides.TorchFunctionMode` maps ``device="cuda"`` factory arguments and
+  ``Tensor.cuda()`` to the CPU (pipeline schedules' token counters, tied-embedding all-reduce
+  under PP), and reports CPU float tensors as ``torch.cuda.*Tensor`` to the two type checks
+  in gradient clipping and the distributed optimizer.
+
+Nothing here runs when a GPU is present, and no other module of repo_megatron names CUDA:
+device placement elsewhere goes through :func:`device` / :func:`has_gpu`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_MODE: "CudaToCpuMode | None" = None
+
+
+def has_gpu() -> bool:
+    """Whether this process can use a CUDA GPU."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
+
+
+def set_device(local_rank: int) -> None:
+    """Bind this process to its local GPU (no-op on CPU)."""
+    if has_gpu():
+        torch.cuda.set_device(local_rank)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if has_gpu():
+        torch.cuda.synchronize()
+
+
+def max_memory_allocated() -> int:
+    """Peak GPU memory of this process in bytes (0 on CPU)."""
+    return torch.cuda.max_memory_allocated() if has_gpu() else 0
+
+
+def _is_cuda(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return False
+
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                    "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Redirect CUDA placement requests made by megatron-core to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        elif func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def enable() -> bool:
+    """Install the CPU compatibility layer if there is no GPU. Idempotent; returns whether
+    it is active."""
+    global _MODE
+    if has_gpu():
+        return False
+    if _MODE is not None:
+        return True
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda device=None: None
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat")
+    return True
+
+
+def active() -> bool:
+    """Whether the CPU compatibility layer is installed in this process."""
+    return _MODE is not None
+
+
+def seed_model_parallel(seed: int) -> None:
+    """Megatron's model-parallel seeding; on CPU its CUDA RNG tracker is replaced by the
+    no-op inference tracker (dropout is off in RL fine-tuning and weights are initialised on
+    the CPU generator with ``use_cpu_initialization``)."""
+    from megatron.core import tensor_parallel
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, inference_rng_tracker=not has_gpu(), force_reset_rng=True)

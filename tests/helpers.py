@@ -1,0 +1,24 @@
+"""Small shared fixtures: tiny Hugging Face configs written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_tiny_llama(directory: str, *, tie_word_embeddings: bool = False, num_layers: int = 4,
+                     vocab_size: int = 1000, **overrides) -> str:
+    """A tiny Llama-style config.json (GQA: 4 heads, 2 KV heads) in ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": vocab_size, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+    config.update(overrides)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    return directory
