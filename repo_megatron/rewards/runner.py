@@ -17,9 +17,17 @@ from typing import Optional, Sequence
 from .base import RewardRequest, RewardResult, call_reward, resolve_reward
 
 
+_START_TIMEOUT_S = 120.0
+
+
 def _worker_main(reward: str, conn: Connection) -> None:
-    """Worker loop: score requests from ``conn`` until it sends None."""
-    fn = resolve_reward(reward)
+    """Worker loop: say it is ready, then score requests from ``conn`` until it sends None."""
+    try:
+        fn = resolve_reward(reward)
+    except Exception as e:
+        conn.send(f"{type(e).__name__}: {e}")
+        return
+    conn.send("ready")
     while True:
         request = conn.recv()
         if request is None:
@@ -33,8 +41,18 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(reward, child), daemon=True)
         self.process.start()
         child.close()
+        self.reward = reward
         self.task: Optional[int] = None       # index of the request being scored
         self.deadline = 0.0
+
+    def wait_ready(self) -> "_Worker":
+        """Block until the worker has imported the reward (start-up never counts against a
+        call's timeout)."""
+        status = self.conn.recv() if self.conn.poll(_START_TIMEOUT_S) else "no answer"
+        if status != "ready":
+            self.kill()
+            raise RuntimeError(f"reward worker for {self.reward} did not start: {status}")
+        return self
 
     def kill(self) -> None:
         self.process.kill()
@@ -52,6 +70,8 @@ class RewardRunner:
         self.timeout_s = timeout_s
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(self._ctx, reward) for _ in range(num_workers)]
+        for worker in self._workers:
+            worker.wait_ready()
 
     def score(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
         """One result per request, in order. Raising, hanging or crashing rewards give
@@ -75,7 +95,7 @@ class RewardRunner:
                     results[worker.task] = result
                     worker.task = None
                 if dead:
-                    self._workers[i] = _Worker(self._ctx, self.reward)
+                    self._workers[i] = _Worker(self._ctx, self.reward).wait_ready()
         return results  # type: ignore[return-value]
 
     def _collect(self, worker: _Worker) -> tuple[Optional[RewardResult], bool]:

@@ -1,0 +1,73 @@
+"""``repo-megatron`` command line: train, convert, serve, plot, plan.
+
+Each subcommand lives in the module that owns it, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; this file only dispatches. A subcommand whose module is not built yet says
+so and exits non-zero. Configuration errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .config.base import ConfigError
+
+# name -> (module providing add_arguments/run, one-line help)
+COMMANDS = {
+    "train": ("repo_megatron.train.command", "Run RePO / GRPO training from a YAML config"),
+    "convert": ("repo_megatron.convert.command",
+                "Convert checkpoints between Hugging Face and Megatron (torch_dist)"),
+    "serve": ("repo_megatron.serve.command",
+              "Serve a model over SGLang's HTTP protocol with the embedded CPU engine"),
+    "plot": ("repo_megatron.metrics.plot", "Plot the metrics of a run directory to PNG"),
+    "plan": ("repo_megatron.plan.command", "Per-GPU memory plan of a config's layout"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None  # the subcommand's module does not exist yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repo-megatron", description="RePO / GRPO post-training on Megatron-Core.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module = _load(module_name)
+        if module is None:
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(_run=_not_built(name))
+        else:
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def _not_built(name: str):
+    def run(args) -> int:
+        print(f"repo-megatron {name}: not implemented yet in this version", file=sys.stderr)
+        return 2
+    return run
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"ConfigError: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
