@@ -6,7 +6,6 @@ gradients; the formulas are the papers' case-by-case forms, not the library's ve
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import torch
@@ -71,7 +70,3 @@ def aggregate(token_loss, mask, mode, norm_length=None):
 def elements(t: torch.Tensor) -> list[list[torch.Tensor]]:
     """[B, S] tensor as nested lists of 0-dim tensors (keeping the autograd graph)."""
     return [[t[i, j] for j in range(t.shape[1])] for i in range(t.shape[0])]
-
-
-def isclose(a: float, b: float, tol: float = 1e-10) -> bool:
-    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
