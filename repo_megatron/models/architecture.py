@@ -122,11 +122,11 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
             try:
                 return FAMILIES[_HF_NAMES[name]](hf)
             except KeyError as e:
-                raise ConfigError(f"{source}: missing key {e.args[0]}") from None
+                raise ConfigError(f"missing key {e.args[0]}", source) from None
             except ConfigError as e:
                 raise ConfigError(e.message.removeprefix("config.json: "), source) from None
-    raise ConfigError(f"{source}: architecture {names[0] if names else '?'} is not supported "
-                      f"(supported: {', '.join(sorted(_HF_NAMES))})")
+    raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
+                      f"(supported: {', '.join(sorted(_HF_NAMES))})", source)
 
 
 def load_hf_config_dict(hf_path: str, gguf_file: Optional[str] = None) -> dict:
