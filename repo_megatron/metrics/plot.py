@@ -1,0 +1,69 @@
+"""``repo-megatron plot RUN_DIR``: PNG curves of a run's metrics (from ``metrics.jsonl``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .writer import read_rows
+
+# Panel title -> metric keys drawn on it (missing keys are skipped; a panel with none is not drawn)
+PANELS = {
+    "reward": ["rollout/reward_mean", "rollout/reward_onpolicy_mean", "rollout/reward_injected_mean"],
+    "hard-set solve rate": ["eval/solve_rate"],
+    "gate / injection rate": ["rollout/gate_rate", "rollout/injection_rate",
+                              "rollout/verified_rephrase_rate"],
+    "KL": ["train/kl", "train/approx_kl"],
+    "entropy": ["train/entropy"],
+    "gradient norm": ["train/grad_norm"],
+    "clip fraction": ["train/clip_frac_low", "train/clip_frac_high"],
+    "response length": ["rollout/response_length_mean"],
+}
+
+
+def plot_run(run_dir: str, out: str | None = None) -> str:
+    """Draw the panels that have data; returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl rows to plot")
+    panels = {title: [k for k in keys if any(k in r for r in rows)] for title, keys in PANELS.items()}
+    panels = {t: ks for t, ks in panels.items() if ks}
+    cols = 3
+    nrows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    label=key.split("/", 1)[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "metrics.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="A run directory (holds metrics.jsonl)")
+    parser.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        print(f"repo-megatron plot: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,77 @@
+"""Checkpoints are atomic, pruned to the last K, and resume into any layout."""
+
+import os
+
+import torch
+
+from repo_megatron.checkpoint.manager import (CheckpointManager, complete_checkpoints,
+                                              latest_checkpoint, step_dir_name)
+from tests.distributed import run_distributed
+from tests.helpers import write_tiny_llama
+
+
+def test_incomplete_and_foreign_directories_are_not_checkpoints(tmp_path):
+    for name, meta in (("step_000001", True), ("step_000002", False), (".tmp-step_000003", True),
+                       ("notes", True)):
+        os.makedirs(tmp_path / name)
+        if meta:
+            (tmp_path / name / "meta.json").write_text('{"step": 0}')
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [1]
+    assert latest_checkpoint(str(tmp_path))[0] == 1
+    assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def _save_three_then_resume(root: str):
+    from repo_megatron.checkpoint.model_io import sharded_model_state
+    from repo_megatron.config.model import ModelConfig
+    from repo_megatron.config.parallel import ParallelConfig
+    from repo_megatron.models.architecture import read_architecture
+    from repo_megatron.models.builder import build_model
+    from repo_megatron.runtime.distributed import initialize
+    from repo_megatron.training.forward import forward_logprobs
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    initialize(parallel, seed=1)
+    arch = read_architecture(os.path.join(root, "model"))
+    model = build_model(arch, ModelConfig(transformer_impl="local"), parallel)
+    manager = CheckpointManager(os.path.join(root, "ckpt"), keep_last=2)
+    batch = [{"tokens": torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))}]
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in model[0].parameters():
+                p.add_(0.01 * step)
+        torch.manual_seed(100 + step)
+        manager.save(step, sharded_model_state(model), {"step": step, "data_position": 7 * step})
+    expected = forward_logprobs(model, batch)[0]
+    expected_draw = torch.rand(3)  # the RNG stream right after the last save
+    kept = [s for s, _ in complete_checkpoints(manager.directory)]
+    # An interrupted save of step 4 must be ignored and cleaned up.
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(os.path.join(manager.directory, ".tmp-" + step_dir_name(4)))
+    torch.distributed.barrier()
+    manager.remove_incomplete()
+    leftovers = sorted(os.listdir(manager.directory))
+
+    fresh = build_model(arch, ModelConfig(transformer_impl="local"), parallel)
+    before = forward_logprobs(fresh, batch)[0]
+    step, path = latest_checkpoint(manager.directory)
+    torch.manual_seed(999)
+    loaded, trainer_state = manager.load(path, sharded_model_state(fresh))
+    for i, m in enumerate(fresh):
+        m.load_state_dict(loaded[f"model{i}"])
+    return dict(kept=kept, leftovers=leftovers, step=step, trainer_state=trainer_state,
+                diff=(forward_logprobs(fresh, batch)[0] - expected).abs().max().item(),
+                diff_before=(before - expected).abs().max().item(),
+                rng_equal=torch.equal(torch.rand(3), expected_draw))
+
+
+def test_save_keeps_last_k_and_resume_restores_weights_and_rng(tmp_path):
+    write_tiny_llama(str(tmp_path / "model"), num_layers=2)
+    for rank, res in enumerate(run_distributed(_save_three_then_resume, 2, str(tmp_path))):
+        assert res["kept"] == [2, 3], rank
+        assert res["leftovers"] == ["step_000002", "step_000003"], rank
+        assert res["step"] == 3
+        assert res["trainer_state"] == {"step": 3, "data_position": 21}
+        assert res["diff_before"] > 1e-3, "the fresh model already matched: test proves nothing"
+        assert res["diff"] < 1e-6, rank
+        assert res["rng_equal"], rank
