@@ -39,8 +39,8 @@ class RePOConfig:
     meta_patterns: list[str] = knob(default_factory=lambda: list(DEFAULT_META_PATTERNS),
                                     help="Regular expressions removed from rephrased traces")
     require_verified: bool = knob(True, "Inject only rephrases with reward >= delta")
-    num_rephrase_attempts: int = knob(1, "Rephrases sampled per tripped gate; the first "
-                                         "verified one is injected", ge=1)
+    num_rephrase_attempts: int = knob(1, "Rephrases sampled per tripped gate; the highest-"
+                                         "reward one (the first on ties) is injected", ge=1)
 
 
 @dataclass

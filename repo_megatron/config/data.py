@@ -21,4 +21,7 @@ class DataConfig:
     system_prompt: Optional[str] = knob(None, "System message for the chat template")
     max_prompt_tokens: int = knob(1024, "Longer prompts are rejected with an error", ge=1)
     reward: str = knob("math", "Registered reward (`math`, `exact`) or `module:function`")
-    reward_timeout_s: float = knob(10.0, "A reward call that takes longer scores 0", gt=0)
+    reward_timeout_s: float = knob(10.0, "A reward call that takes longer scores 0 (its worker "
+                                         "process is killed and replaced)", gt=0)
+    reward_workers: int = knob(2, "Processes that score rewards (a hung reward blocks only "
+                                  "its own worker)", ge=1)

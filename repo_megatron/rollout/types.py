@@ -9,7 +9,11 @@ trained as a response to ``q``, so the log-probs the engine returned for it are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..rewards.base import RewardResult
+    from .engine import GenerationResult
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,16 @@ class Sample:
             raise ValueError(f"sample of prompt {self.prompt_uid}: {len(self.behaviour_logprobs)} "
                              f"log-probs for {len(self.response_ids)} response tokens")
 
+    @classmethod
+    def from_generation(cls, prompt: Prompt, result: "GenerationResult",
+                        reward: "RewardResult") -> "Sample":
+        """An on-policy rollout of ``prompt``: the engine's tokens and log-probs, scored."""
+        return cls(prompt_uid=prompt.uid, prompt_ids=prompt.prompt_ids,
+                   response_ids=list(result.token_ids), response_text=result.text,
+                   reward=reward.value, reward_reason=reward.reason,
+                   finish_reason=result.finish_reason, behaviour_logprobs=list(result.logprobs),
+                   weight_version=result.weight_version, reward_failed=reward.failed)
+
     @property
     def logprobs_valid(self) -> bool:
         """True when ``behaviour_logprobs`` may be used (ratio to pi_behaviour, mismatch metrics)."""
@@ -74,7 +88,8 @@ class Group:
 
     ``failure_rate`` is gamma over the G on-policy rollouts; ``gate_fired`` says gamma >= rho
     and a solution exists; ``injected_index`` is the slot of the injected sample (None if none);
-    ``replaced`` is the on-policy rollout it displaced, kept for metrics only.
+    ``replaced`` is the on-policy rollout it displaced and ``rephrases`` every scored rephrase
+    attempt (both kept for metrics only).
     """
     prompt: Prompt
     samples: list[Sample]
@@ -82,6 +97,7 @@ class Group:
     gate_fired: bool = False
     injected_index: Optional[int] = None
     replaced: Optional[Sample] = None
+    rephrases: list[Sample] = field(default_factory=list)
 
     @property
     def rewards(self) -> list[float]:
@@ -91,3 +107,10 @@ class Group:
     def grpo_samples(self) -> list[Sample]:
         """The samples normalised together by GRPO (replayed ones get their own statistics)."""
         return [s for s in self.samples if not s.is_replay]
+
+
+@dataclass
+class RolloutBatch:
+    """What one call of the rollout stage returns: the groups to train on and step metrics."""
+    groups: list[Group]
+    metrics: dict[str, float]

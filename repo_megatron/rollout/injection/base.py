@@ -1,0 +1,43 @@
+"""What an injection strategy is: requests it wants sampled, and how it changes the groups."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from ...rewards.base import RewardResult
+from ..engine import GenerationResult
+from ..types import Group, Prompt
+
+
+@dataclass(frozen=True)
+class Request:
+    """One response to sample: for ``prompt``, of ``kind`` (``rollout``, ``rephrase``) number
+    ``index``, from ``prompt_ids`` (q itself, or P(q, k) for a rephrase)."""
+    prompt: Prompt
+    kind: str
+    index: int
+    prompt_ids: tuple[int, ...]
+
+
+class StageTools(Protocol):
+    """What the stage lends a strategy: seeded sampling and scoring."""
+
+    def generate(self, requests: Sequence[Request]) -> list[GenerationResult]: ...
+
+    def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> list[RewardResult]: ...
+
+
+class Injection(abc.ABC):
+    """A way of bringing off-policy knowledge (the row's solution) into the groups."""
+
+    def prefetch(self, prompts: Sequence[Prompt]) -> list[Request]:
+        """Requests to sample in the same engine call as the rollouts (eager schedules)."""
+        return []
+
+    @abc.abstractmethod
+    def inject(self, groups: list[Group], prefetched: Sequence[tuple[Request, GenerationResult]],
+               tools: StageTools) -> tuple[list[Group], dict[str, float]]:
+        """The groups after injection (gates already set by the stage) and counters for the
+        step metrics. ``prefetched`` pairs each :meth:`prefetch` request with its result."""

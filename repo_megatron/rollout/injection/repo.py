@@ -1,0 +1,89 @@
+"""``injection: repo``: rephrase the expert solution with the policy, verify, inject.
+
+For each group whose gate fired: sample ``o_rep ~ pi(. | P(q, k))`` (``num_rephrase_attempts``
+times), strip meta text, score it against q's answer, and replace the lowest-reward rollout
+with the best attempt if it is verified (``R_rep >= delta``, unless ``require_verified`` is
+off). The injected sample is a response to q: the engine's log-probs (computed under P(q, k))
+are dropped, so the trainer recomputes old log-probs under q.
+
+``schedule: lazy`` samples rephrases after the gate fires (one more round trip, no wasted
+tokens); ``eager`` samples them with the rollouts for every prompt with a solution and
+discards those whose gate stays shut. Per-request seeds make both give the same groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from ...rewards.base import RewardResult
+from ..engine import GenerationResult
+from ..gate import best_candidate, rephrase_prompt, replace_lowest, strip_meta
+from ..types import Group, Prompt, Sample
+from . import register_injection
+from .base import Injection, Request
+
+
+@register_injection("repo")
+class RePOInjection(Injection):
+    def __init__(self, algorithm, formatter):
+        self.cfg = algorithm.repo
+        self.formatter = formatter
+
+    def rephrase_requests(self, prompts: Sequence[Prompt]) -> list[Request]:
+        """``num_rephrase_attempts`` requests of P(q, k) per prompt."""
+        requests = []
+        for prompt in prompts:
+            ids = tuple(self.formatter.prompt_ids(
+                rephrase_prompt(self.cfg.rephrase_template, prompt.question, prompt.solution)))
+            requests += [Request(prompt, "rephrase", i, ids)
+                         for i in range(self.cfg.num_rephrase_attempts)]
+        return requests
+
+    def prefetch(self, prompts):
+        if self.cfg.schedule != "eager":
+            return []
+        return self.rephrase_requests([p for p in prompts if p.solution is not None])
+
+    def rephrased_sample(self, request: Request, result: GenerationResult,
+                         reward: RewardResult, text: str) -> Sample:
+        """o_rep as a response to the ORIGINAL prompt q, engine log-probs dropped."""
+        ids = list(result.token_ids)
+        if text != result.text:  # meta text was stripped: re-encode, keep the stop token
+            ended_on_token = result.finish_reason == "stop" and isinstance(result.matched_stop, int)
+            ids = self.formatter.response_ids(text, eos=False) + (ids[-1:] if ended_on_token else [])
+        prompt = request.prompt
+        return Sample(prompt_uid=prompt.uid, prompt_ids=prompt.prompt_ids, response_ids=ids,
+                      response_text=text, reward=reward.value, reward_reason=reward.reason,
+                      finish_reason=result.finish_reason, behaviour_logprobs=None,
+                      weight_version=result.weight_version, reward_failed=reward.failed,
+                      is_rephrased=True)
+
+    def inject(self, groups, prefetched, tools):
+        tripped = [g for g in groups if g.gate_fired]
+        tripped_uids = {g.prompt.uid for g in tripped}
+        if self.cfg.schedule == "eager":
+            pairs = [(r, res) for r, res in prefetched if r.prompt.uid in tripped_uids]
+            discarded = len(prefetched) - len(pairs)
+        else:
+            requests = self.rephrase_requests([g.prompt for g in tripped])
+            pairs = list(zip(requests, tools.generate(requests)))
+            discarded = 0
+        texts = [strip_meta(result.text, self.cfg.meta_patterns) for _, result in pairs]
+        rewards = tools.score([r.prompt for r, _ in pairs], texts)
+        attempts: dict[str, list[Sample]] = {}
+        for (request, result), reward, text in zip(pairs, rewards, texts):
+            attempts.setdefault(request.prompt.uid, []).append(
+                self.rephrased_sample(request, result, reward, text))
+        out = [self.inject_group(g, attempts.get(g.prompt.uid, [])) if g.gate_fired else g
+               for g in groups]
+        return out, {"rephrase_requests": float(len(pairs) + discarded),
+                     "rephrase_discarded": float(discarded)}
+
+    def inject_group(self, group: Group, attempts: list[Sample]) -> Group:
+        """``group`` with its rephrase attempts recorded and the best one injected if allowed."""
+        group = replace(group, rephrases=attempts)
+        best = best_candidate(attempts)
+        if best is None or (self.cfg.require_verified and best.reward < self.cfg.reward_threshold):
+            return group
+        return replace_lowest(group, best)

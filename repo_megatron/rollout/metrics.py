@@ -1,0 +1,48 @@
+"""Per-step rollout metrics (pure): what the gate, the rephrases and the injection did."""
+
+from __future__ import annotations
+
+from statistics import fmean
+from typing import Sequence
+
+from .dynamic_sampling import has_reward_variance
+from .types import Group, Sample
+
+
+def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: int,
+                    reward_threshold: float) -> dict[str, float]:
+    """Metrics over every group sampled in the step (kept or dropped) and every on-policy
+    rollout sampled (``rollouts``, before any was replaced). Means of empty sets are left out.
+
+    ``gate_rate``, ``injection_rate``: share of groups; ``rephrase_verified_rate``: share of
+    rephrase attempts (of fired gates) with reward >= delta; ``reward_onpolicy_mean``: mean
+    reward of pi(. | q) (the solve rate); ``reward_injected_mean``: of injected samples;
+    ``zero_variance_share``: share of groups with no reward variance after injection.
+    """
+    injected = [g.samples[g.injected_index] for g in groups if g.injected_index is not None]
+    rephrases = [s for g in groups for s in g.rephrases]
+    lengths = [len(s.response_ids) for s in rollouts]
+    metrics = {
+        "groups": float(len(groups)),
+        "groups_kept": float(kept),
+        "gate_rate": fmean(g.gate_fired for g in groups),
+        "injection_rate": fmean(g.injected_index is not None for g in groups),
+        "zero_variance_share": fmean(not has_reward_variance(g) for g in groups),
+        "reward_onpolicy_mean": fmean(s.reward for s in rollouts),
+        "response_length_mean": fmean(lengths),
+        "response_length_max": float(max(lengths)),
+        "truncated_share": fmean(s.finish_reason == "length" for s in rollouts),
+        "reward_failures": float(sum(s.reward_failed for s in [*rollouts, *rephrases])),
+        "replayed_samples": float(sum(s.is_replay for g in groups for s in g.samples)),
+        "rephrase_attempts": float(len(rephrases)),
+    }
+    optional = {
+        "rephrase_verified_rate": [float(s.reward >= reward_threshold) for s in rephrases],
+        "reward_rephrase": [s.reward for s in rephrases],
+        "reward_injected": [s.reward for s in injected],
+        "injected_length": [float(len(s.response_ids)) for s in injected],
+    }
+    for name, values in optional.items():
+        if values:
+            metrics[name if name.endswith("_rate") else f"{name}_mean"] = fmean(values)
+    return metrics

@@ -1,0 +1,159 @@
+"""The RePO rollout stage: rollouts -> rewards -> gate -> rephrase -> inject (-> replay,
+dynamic sampling), orchestrated over the :class:`~.engine.RolloutEngine` interface only.
+
+    stage = RolloutStage(engine, formatter, RewardRunner("math"), cfg.rollout, cfg.algorithm,
+                         seed=cfg.seed)
+    batch = stage.run(prompts, step)        # RolloutBatch: groups + "rollout/..." metrics
+
+No Megatron here: the stage sees the policy through ``engine.generate`` and hands the trainer
+:class:`~.types.Group` s of :class:`~.types.Sample` s. Every request is seeded from
+(run seed, step, round, prompt uid, kind, index), so the same prompt gets the same responses
+whatever the batching, the engine's routing or the rephrase schedule.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
+
+from ..config.algorithm import AlgorithmConfig
+from ..config.rollout import RolloutConfig
+from ..rewards.base import RewardRequest, RewardResult
+from .dynamic_sampling import informative_groups
+from .engine import GenerationResult, RolloutEngine, SamplingParams
+from .gate import failure_rate, gate_fires
+from .injection import Request, build_injection
+from .metrics import rollout_metrics
+from .replay import ReplayBuffer
+from .seeds import request_seed
+from .types import Group, Prompt, RolloutBatch, Sample
+
+
+def sampling_params(rollout: RolloutConfig) -> SamplingParams:
+    """The ``rollout:`` section as engine sampling parameters (seeds are set per request)."""
+    return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
+                          top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens,
+                          stop=tuple(rollout.stop), stop_token_ids=tuple(rollout.stop_token_ids))
+
+
+class _StepTools:
+    """Seeded sampling and scoring for one step, counting engine calls and tokens."""
+
+    def __init__(self, stage: "RolloutStage", step: int):
+        self.stage, self.step, self.round = stage, step, 0
+        self.counters: Counter = Counter()
+
+    def generate(self, requests: Sequence[Request]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        stage = self.stage
+        params = [stage.params.with_seed(request_seed(stage.seed, self.step, self.round,
+                                                      r.prompt.uid, r.kind, r.index))
+                  for r in requests]
+        results = stage.engine.generate([list(r.prompt_ids) for r in requests], params)
+        self.counters["engine_calls"] += 1
+        self.counters["generated_tokens"] += sum(len(r.token_ids) for r in results)
+        return results
+
+    def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> list[RewardResult]:
+        if not prompts:
+            return []
+        return self.stage.rewards.score([RewardRequest(text, p.answer, p.question)
+                                         for p, text in zip(prompts, texts)])
+
+
+class RolloutStage:
+    """One RL step's data: groups of G responses per prompt, gated injection, optional replay
+    and dynamic sampling.
+
+    ``engine``: a :class:`RolloutEngine`; ``formatter``: a
+    :class:`~repo_megatron.data.ChatFormatter` (rephrase prompts, re-tokenising);
+    ``rewards``: anything with ``score(list[RewardRequest]) -> list[RewardResult]`` (a
+    :class:`~repo_megatron.rewards.RewardRunner`).
+    """
+
+    def __init__(self, engine: RolloutEngine, formatter, rewards, rollout: RolloutConfig,
+                 algorithm: AlgorithmConfig, seed: int = 0):
+        self.engine, self.formatter, self.rewards, self.seed = engine, formatter, rewards, seed
+        self.group_size = rollout.group_size
+        self.params = sampling_params(rollout)
+        self.gate = algorithm.repo
+        self.injection = build_injection(algorithm, formatter)
+        self.replay_cfg = algorithm.replay
+        self.replay = ReplayBuffer(algorithm.replay.buffer_size, algorithm.replay.strategy,
+                                   algorithm.replay.min_buffer_size) \
+            if algorithm.replay.enabled else None
+        self.dynamic = algorithm.dynamic_sampling
+
+    def run(self, prompts: Sequence[Prompt], step: int,
+            refill: Optional[Callable[[int], Sequence[Prompt]]] = None) -> RolloutBatch:
+        """Sample, score, gate and inject for ``prompts``.
+
+        With dynamic sampling, zero-variance groups are dropped and, for up to
+        ``max_oversample_rounds`` more rounds, ``refill(n)`` supplies n more prompts to make
+        up for them. Returns the kept groups and ``rollout/*`` metrics of everything sampled.
+        """
+        start = time.perf_counter()
+        tools = _StepTools(self, step)
+        extra_rounds = self.dynamic.max_oversample_rounds if self.dynamic.enabled else 0
+        sampled: list[Group] = []
+        rollouts: list[Sample] = []
+        kept: list[Group] = []
+        batch = list(prompts)
+        for round_index in range(1 + extra_rounds):
+            tools.round = round_index
+            groups, fresh = self.sample_groups(batch, tools)
+            sampled += groups
+            rollouts += fresh
+            kept += informative_groups(groups) if self.dynamic.enabled else groups
+            missing = len(prompts) - len(kept)
+            if missing <= 0 or refill is None or round_index == extra_rounds:
+                break
+            batch = list(refill(missing))
+            if not batch:
+                break
+        metrics = rollout_metrics(sampled, rollouts, len(kept), self.gate.reward_threshold)
+        metrics.update({k: float(v) for k, v in tools.counters.items()})
+        metrics["time_s"] = time.perf_counter() - start
+        return RolloutBatch(groups=kept, metrics={f"rollout/{k}": v for k, v in metrics.items()})
+
+    def sample_groups(self, prompts: Sequence[Prompt],
+                      tools: _StepTools) -> tuple[list[Group], list[Sample]]:
+        """One round: G rollouts per prompt (with any prefetched requests in the same engine
+        call), rewards, gates, injection, replay. Returns the groups and the fresh rollouts."""
+        G = self.group_size
+        requests = [Request(p, "rollout", i, p.prompt_ids) for p in prompts for i in range(G)]
+        prefetch = self.injection.prefetch(prompts)
+        results = tools.generate(requests + prefetch)
+        rollout_results = results[:len(requests)]
+        rewards = tools.score([r.prompt for r in requests], [r.text for r in rollout_results])
+        fresh = [Sample.from_generation(req.prompt, res, reward)
+                 for req, res, reward in zip(requests, rollout_results, rewards)]
+        groups = [self.gated_group(p, fresh[j * G:(j + 1) * G]) for j, p in enumerate(prompts)]
+        groups, counters = self.injection.inject(
+            groups, list(zip(prefetch, results[len(requests):])), tools)
+        tools.counters.update(counters)
+        if self.replay is not None:
+            groups = self.add_replay(groups, tools)
+            self.replay.add(fresh)
+        return groups, fresh
+
+    def gated_group(self, prompt: Prompt, samples: list[Sample]) -> Group:
+        """The group with its failure rate gamma and whether the gate fired."""
+        rewards = [s.reward for s in samples]
+        delta, rho = self.gate.reward_threshold, self.gate.failure_rate_threshold
+        return Group(prompt=prompt, samples=samples, failure_rate=failure_rate(rewards, delta),
+                     gate_fired=gate_fires(rewards, delta, rho, prompt.solution is not None))
+
+    def add_replay(self, groups: list[Group], tools: _StepTools) -> list[Group]:
+        """Each group plus samples replayed from earlier steps (before this step's are added)."""
+        out = []
+        for group in groups:
+            uid = group.prompt.uid
+            rng = random.Random(request_seed(self.seed, tools.step, tools.round, uid, "replay"))
+            past = self.replay.retrieve(uid, self.replay_cfg.samples_per_prompt, rng)
+            out.append(replace(group, samples=group.samples + past))
+        return out

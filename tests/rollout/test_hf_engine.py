@@ -1,0 +1,86 @@
+"""The embedded engine on a tiny random Llama with the SmolLM2 tokenizer."""
+
+import pytest
+import torch
+
+from repo_megatron.rollout.engine import SamplingParams
+from repo_megatron.rollout.hf_engine import HFEngine
+
+from .conftest import tiny_llama
+
+PARAMS = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_tokenizer):
+    texts = ["Compute (23 + 45) * 7.", "Hi", "A much longer prompt, so that the batch is padded."]
+    return [smollm2_tokenizer.encode(t) for t in texts]
+
+
+def test_logprobs_are_those_of_the_sampled_tokens_under_the_tempered_distribution(
+        tiny_engine, prompts):
+    results = tiny_engine.generate(prompts, [PARAMS.with_seed(s) for s in range(len(prompts))])
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([prompt + result.token_ids])
+        with torch.no_grad():
+            logits = tiny_engine.model(input_ids=ids).logits[0]        # [seq, vocab]
+        positions = range(len(prompt) - 1, len(prompt) - 1 + len(result.token_ids))
+        expected = [torch.log_softmax(logits[p] / PARAMS.temperature, -1)[t].item()
+                    for p, t in zip(positions, result.token_ids)]
+        assert result.logprobs == pytest.approx(expected, abs=1e-4)
+        assert result.finish_reason in ("stop", "length") and result.weight_version == 0
+
+
+def test_a_seeded_request_gives_the_same_response_alone_or_in_a_batch(tiny_engine, prompts):
+    batch = tiny_engine.generate(prompts, [PARAMS.with_seed(s) for s in (5, 6, 7)])
+    alone = tiny_engine.generate(prompts[1:2], [PARAMS.with_seed(6)])
+    assert alone[0].token_ids == batch[1].token_ids
+    again = tiny_engine.generate(prompts[1:2], [PARAMS.with_seed(6)])
+    assert again[0].token_ids == alone[0].token_ids
+    other = tiny_engine.generate(prompts[1:2], [PARAMS.with_seed(8)])
+    assert other[0].token_ids != alone[0].token_ids
+
+
+def test_top_k_one_is_greedy(tiny_engine, prompts):
+    greedy = tiny_engine.generate(prompts, [SamplingParams(temperature=0, max_new_tokens=6)] * 3)
+    top1 = tiny_engine.generate(prompts, [SamplingParams(temperature=1.0, top_k=1,
+                                                         max_new_tokens=6, seed=3)] * 3)
+    assert [r.token_ids for r in greedy] == [r.token_ids for r in top1]
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in greedy)
+
+
+def test_stop_token_ids_and_stop_strings_end_the_response(tiny_engine, prompts):
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    (full,) = tiny_engine.generate(prompts[:1], [greedy])
+    stop_id = full.token_ids[3]
+    (by_id,) = tiny_engine.generate(prompts[:1], [SamplingParams(
+        temperature=0, max_new_tokens=10, stop_token_ids=(stop_id,))])
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
+    assert (by_id.finish_reason, by_id.matched_stop) == ("stop", stop_id)
+
+    tokenizer = tiny_engine.tokenizer
+    stop = next(tokenizer.decode(full.token_ids[:n])[-2:] for n in range(2, 10)
+                if tokenizer.decode(full.token_ids[:n]).strip())
+    (by_text,) = tiny_engine.generate(prompts[:1], [SamplingParams(
+        temperature=0, max_new_tokens=10, stop=(stop,))])
+    assert by_text.finish_reason == "stop" and by_text.matched_stop == stop
+    assert stop in by_text.text and stop not in tokenizer.decode(by_text.token_ids[:-1])
+    assert by_text.token_ids == full.token_ids[:len(by_text.token_ids)]
+
+
+def test_update_weights_loads_hf_named_tensors_and_bumps_the_version(smollm2_tokenizer, prompts):
+    engine = HFEngine(tiny_llama(len(smollm2_tokenizer), seed=0), smollm2_tokenizer)
+    other = tiny_llama(len(smollm2_tokenizer), seed=1)
+    greedy = [SamplingParams(temperature=0, max_new_tokens=8)] * 3
+    want = HFEngine(other, smollm2_tokenizer).generate(prompts, greedy)
+    engine.update_weights(other.state_dict().items())
+    assert engine.weight_version == 1
+    got = engine.generate(prompts, greedy)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(r.weight_version == 1 for r in got)
+    engine.update_weights([], version=7)
+    assert engine.weight_version == 7
+    with pytest.raises(KeyError, match="model.nope"):
+        engine.update_weights([("model.nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights([("model.norm.weight", torch.zeros(3))])
