@@ -1,6 +1,7 @@
 """Forward passes of Megatron model chunks through Megatron's pipeline schedules.
 
-Micro-batches are dicts of ``tokens`` [b, s] (long) and, optionally, ``position_ids`` [b, s].
+Micro-batches are dicts of ``tokens`` [b, s] (long) and, optionally, ``position_ids`` [b, s]
+and ``loss_mask`` [b, s] (log-probs are then computed on those positions only).
 Every schedule (no pipelining, 1F1B, interleaved) is driven by
 ``megatron.core.pipeline_parallel.get_forward_backward_func``; results come back on the last
 pipeline stage and are broadcast to the other stages when asked.
@@ -14,6 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..runtime import cpu_compat
+from .logprobs import vocab_parallel_logprobs
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -56,12 +58,10 @@ def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Call
 
 
 def _logprob_loss(batch: dict, temperature: float, logits: torch.Tensor):
-    from megatron.core import tensor_parallel
-
     targets = next_token_targets(batch["tokens"].to(logits.device))
-    # logits: [b, s, vocab/tp]; megatron's cross entropy wants [s, b, vocab/tp]
-    logits = logits.float().transpose(0, 1).contiguous() / temperature
-    logp = -tensor_parallel.vocab_parallel_cross_entropy(logits, targets.t().contiguous()).t()
+    mask = batch.get("loss_mask")
+    logp, _ = vocab_parallel_logprobs(logits, targets, temperature,
+                                      None if mask is None else mask.to(logits.device).bool())
     return logits.new_zeros(()), {"logprobs": logp.detach()}
 
 
@@ -93,7 +93,8 @@ def broadcast_from_last_stage(values: Optional[list[torch.Tensor]],
 def forward_logprobs(model: list, micro_batches: Iterable[dict],
                      temperature: float = 1.0) -> list[torch.Tensor]:
     """Per-token log-probs of the next token, ``[b, s]`` per micro-batch (position t scores
-    tokens[t + 1]; the last position is meaningless), available on every pipeline stage."""
+    tokens[t + 1]; the last position is meaningless; 0 outside ``loss_mask`` when the
+    micro-batch has one), available on every pipeline stage."""
     from megatron.core import parallel_state
 
     micro_batches = list(micro_batches)
