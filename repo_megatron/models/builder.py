@@ -18,6 +18,7 @@ from ..config.model import ModelConfig
 from ..config.parallel import ParallelConfig
 from ..runtime import cpu_compat
 from .architecture import Architecture, RopeScaling, padded_vocab_size
+from .fp8 import check_fp8
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
     from megatron.core.transformer import TransformerConfig
 
     dtype = DTYPES[model_cfg.params_dtype]
+    check_fp8(model_cfg, parallel, arch.num_layers)
     fp8 = {}
     if model_cfg.fp8 is not None:
         bf16_ends = model_cfg.num_layers_at_start_in_bf16 + model_cfg.num_layers_at_end_in_bf16

@@ -1,0 +1,186 @@
+"""``repo-megatron plan CONFIG [key=value ...] [--gpu-memory-gb 80]``: the per-GPU memory of a
+config's layout, as a table, and a non-zero exit with the numbers when it does not fit.
+
+The arithmetic is in :mod:`repo_megatron.plan.memory` (formulas in ``docs/scale_out.md``);
+this module reads the config into a layout and a workload, checks divisibility and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Optional
+
+from ..config import Config, ConfigError, load_config
+from ..models.architecture import Architecture, padded_vocab_size
+from ..models.fp8 import check_fp8, fp8_padded_length
+from ..runtime.distributed import data_parallel_size
+from .memory import GIB, Colocation, Layout, StageMemory, Workload, kv_cache_tokens, plan_stages
+
+PARAMS_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                        help="Memory of one GPU in GiB (default 80)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="Trainer nodes; DP = nodes x GPUs per node / (TP x PP) (default: "
+                             "the fewest nodes that hold one model replica)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--reserve-gb", type=float, default=5.0,
+                        help="GiB kept for the CUDA context, NCCL buffers and allocator "
+                             "fragmentation (default 5)")
+    parser.add_argument("--sglang-mem-fraction", type=float, default=None,
+                        help="SGLang servers share the trainer's GPUs with this "
+                             "--mem-fraction-static (colocated; one server per node with "
+                             "TP = GPUs per node)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # checks heads, KV heads, layers vs layout
+    arch = cfg.architecture()
+    check_fp8(cfg.model, cfg.parallel, arch.num_layers)
+    nodes = args.nodes or math.ceil(cfg.parallel.model_parallel_size / args.gpus_per_node)
+    layout = layout_of(cfg, nodes * args.gpus_per_node)
+    colocation = colocation_of(cfg, args.sglang_mem_fraction, args.gpus_per_node)
+    work = workload_of(cfg, layout)
+    vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                              layout.tensor)
+    gpu_bytes = args.gpu_memory_gb * GIB
+    stages = plan_stages(arch, vocab, layout, work, gpu_bytes, args.reserve_gb * GIB, colocation)
+    print(format_plan(args.config, cfg, arch, vocab, layout, work, stages, gpu_bytes,
+                      args.gpus_per_node, colocation))
+    check_fits(stages, gpu_bytes, layout, work.recompute, args.config)
+    return 0
+
+
+def layout_of(cfg: Config, world_size: int) -> Layout:
+    """The trainer's layout on ``world_size`` GPUs (a ConfigError when TP x PP does not
+    divide it)."""
+    p = cfg.parallel
+    return Layout(tensor=p.tensor_model_parallel_size, pipeline=p.pipeline_model_parallel_size,
+                  virtual=p.virtual_pipeline_model_parallel_size,
+                  data=data_parallel_size(world_size, p), sequence_parallel=p.sequence_parallel,
+                  distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
+
+
+def colocation_of(cfg: Config, mem_fraction: Optional[float], gpus_per_node: int):
+    """SGLang on the trainer's GPUs, or None. Tensor weight sync only works colocated, so it
+    needs the servers' memory fraction to plan."""
+    if mem_fraction is None:
+        if cfg.rollout.sglang.weight_sync == "tensor":
+            raise ConfigError("rollout.sglang.weight_sync=tensor means SGLang is colocated with "
+                              "the trainer: pass --sglang-mem-fraction (the servers' "
+                              "--mem-fraction-static) to plan its memory")
+        return None
+    if not 0 < mem_fraction < 1:
+        raise ConfigError(f"--sglang-mem-fraction={mem_fraction} must be between 0 and 1")
+    return Colocation(mem_fraction_static=mem_fraction, engine_tp=gpus_per_node)
+
+
+def workload_of(cfg: Config, layout: Layout) -> Workload:
+    """Sequence length (longest prompt + response, FP8-padded), micro-batches per DP rank."""
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if cfg.model.fp8 is not None:
+        seq = fp8_padded_length(seq, cfg.model.fp8_recipe, layout.tensor, layout.sequence_parallel)
+    mbs = cfg.algorithm.micro_batch_size
+    global_batch = (cfg.algorithm.global_batch_size
+                    or cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+    return Workload(seq_length=seq, micro_batch_size=mbs,
+                    num_micro_batches=math.ceil(global_batch / (mbs * layout.data)),
+                    recompute=cfg.model.recompute_granularity,
+                    params_bytes=PARAMS_BYTES[cfg.model.params_dtype],
+                    reference_model=cfg.algorithm.kl_coef > 0)
+
+
+def passed_checks(arch: Architecture, layout: Layout) -> str:
+    """What the divisibility checks of :func:`~repo_megatron.config.check_layout` verified."""
+    chunks = layout.pipeline * (layout.virtual or 1)
+    return (f"{arch.num_attention_heads} heads and {arch.num_query_groups} KV heads divisible "
+            f"by TP {layout.tensor}; {arch.num_layers} layers = {chunks} (PP x virtual PP) "
+            f"chunks of {arch.num_layers // chunks}")
+
+
+def format_plan(path: str, cfg: Config, arch: Architecture, vocab: int, layout: Layout,
+                work: Workload, stages: list[StageMemory], gpu_bytes: float, gpus_per_node: int,
+                colocation: Optional[Colocation]) -> str:
+    """The header (model, layout, workload, checks) and one column per stage, in GiB."""
+    world = layout.tensor * layout.pipeline * layout.data
+    features = [f for f, on in (("sequence parallel", layout.sequence_parallel),
+                                ("distributed optimizer", layout.distributed_optimizer)) if on]
+    fp8 = f", fp8 {cfg.model.fp8} ({cfg.model.fp8_recipe})" if cfg.model.fp8 else ""
+    lines = [
+        f"Memory plan of {path}",
+        f"  model     {arch.hf_architecture}: {arch.num_layers} layers, hidden "
+        f"{arch.hidden_size}, FFN {arch.ffn_hidden_size}, {arch.num_attention_heads} heads / "
+        f"{arch.num_query_groups} KV heads",
+        f"  vocab     {arch.vocab_size} padded to {vocab} (a multiple of "
+        f"{cfg.model.make_vocab_size_divisible_by} x TP {layout.tensor})",
+        f"  layout    TP {layout.tensor} x PP {layout.pipeline}"
+        + (f" (virtual {layout.virtual})" if layout.virtual else "")
+        + f" x DP {layout.data} = {world} GPUs ({world // gpus_per_node} x "
+          f"{gpus_per_node}-GPU nodes)" + "".join(f", {f}" for f in features),
+        f"  workload  sequence {work.seq_length} (prompt {cfg.data.max_prompt_tokens} + response "
+        f"{cfg.rollout.max_new_tokens}), micro-batch {work.micro_batch_size}, "
+        f"{work.num_micro_batches} micro-batches per DP rank, recompute "
+        f"{work.recompute or 'none'}, {cfg.model.params_dtype}{fp8}",
+        f"  checks    {passed_checks(arch, layout)}",
+        "",
+    ]
+    dtype = cfg.model.params_dtype
+    rows = [
+        ("parameters (millions)", [s.params / 1e6 for s in stages], "{:.1f}"),
+        (f"weights ({dtype})", [s.weights for s in stages], None),
+        ("gradients (fp32)", [s.gradients for s in stages], None),
+        ("optimizer (fp32 master, Adam m, v)" + (f" / DP {layout.data}"
+                                                 if layout.distributed_optimizer else ""),
+         [s.optimizer for s in stages], None),
+        ("micro-batches in flight", [s.in_flight for s in stages], "{:.2f}"),
+        ("activations", [s.activations for s in stages], None),
+        ("logits + log-probs", [s.logits for s in stages], None),
+    ]
+    if work.reference_model:
+        rows.append(("reference model (KL)", [s.reference for s in stages], None))
+    if colocation:
+        tokens = kv_cache_tokens(arch, stages[0].sglang_kv_cache, colocation.engine_tp)
+        rows += [(f"SGLang weights (TP {colocation.engine_tp})",
+                  [s.sglang_weights for s in stages], None),
+                 (f"SGLang KV cache ({tokens} tokens)", [s.sglang_kv_cache for s in stages], None)]
+    rows += [("reserve (CUDA context, NCCL, allocator)", [s.reserve for s in stages], None),
+             (f"total of {gpu_bytes / GIB:g} GiB", [s.total for s in stages], None)]
+    width = max(len(r[0]) for r in rows) + 2
+    lines.append("per GPU, GiB".ljust(width) + "".join(s.stage.rjust(14) for s in stages))
+    for label, values, form in rows:
+        cells = [(form or "{:.2f}").format(v if form else v / GIB) for v in values]
+        lines.append(label.ljust(width) + "".join(c.rjust(14) for c in cells))
+    peak = max(stages, key=lambda s: s.total)
+    if peak.total <= gpu_bytes:
+        lines.append(f"fits: peak {peak.total / GIB:.1f} GiB on the {peak.stage}, "
+                     f"{(gpu_bytes - peak.total) / GIB:.1f} GiB to spare")
+    return "\n".join(lines)
+
+
+def check_fits(stages: list[StageMemory], gpu_bytes: float, layout: Layout,
+               recompute: Optional[str], source: Optional[str] = None) -> None:
+    """ConfigError with the numbers when the fullest stage exceeds one GPU."""
+    peak = max(stages, key=lambda s: s.total)
+    if peak.total <= gpu_bytes:
+        return
+    parts = ", ".join(f"{name} {getattr(peak, name) / GIB:.1f}"
+                      for name in ("weights", "gradients", "optimizer", "activations", "logits",
+                                   "reference", "sglang_weights", "sglang_kv_cache")
+                      if getattr(peak, name))
+    levers = ["raise parallel.tensor_model_parallel_size or "
+              "parallel.pipeline_model_parallel_size"]
+    levers.append("add nodes (a larger DP shards the optimizer states)"
+                  if layout.distributed_optimizer else
+                  "set optimizer.use_distributed_optimizer=true")
+    if recompute != "full":
+        levers.append("set model.recompute_granularity=full")
+    raise ConfigError(
+        f"parallel layout TP={layout.tensor} x PP={layout.pipeline} x DP={layout.data} does not "
+        f"fit: the {peak.stage} needs {peak.total / GIB:.1f} GiB per GPU ({parts} GiB, plus "
+        f"{peak.reserve / GIB:.1f} reserve) but a GPU has {gpu_bytes / GIB:g} GiB; "
+        + ", or ".join(levers), source)
