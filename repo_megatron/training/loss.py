@@ -1,0 +1,106 @@
+"""The GRPO/RePO loss as a forward step for Megatron's pipeline schedules, exact in any layout.
+
+A training step cuts its global batch into micro-batches (``M`` on each of ``DP`` data-parallel
+ranks) and runs them through ``get_forward_backward_func`` (no pipelining, 1F1B or
+interleaved). The maths of each micro-batch is :func:`repo_megatron.algorithm.compute_policy_loss`.
+
+Normalisation (why the loss and its gradients do not depend on the layout):
+
+1. Before the schedule, :func:`global_normalisers` adds the response-token and sequence
+   counts of every micro-batch of this rank and all-reduces them (SUM) over the DP group.
+2. Each micro-batch's loss ``l_k`` is aggregated with those *global* counts, so that
+   ``sum over all micro-batches of all DP ranks of l_k`` is exactly the loss of the whole
+   global batch, for every ``loss_agg_mode`` (the algorithm library's contract).
+3. Megatron then applies two scalings that we undo exactly, by returning
+   ``l_k * M * DP`` from the loss function (the 2-value convention):
+   ``forward_step_calc_loss`` divides a 2-value loss by ``num_microbatches`` (= ``M``), and
+   ``DistributedDataParallel`` (``calculate_per_token_loss=False``,
+   ``average_in_collective=False``) multiplies every gradient by ``gradient_scaling_factor =
+   1/DP`` before the SUM all-reduce. The resulting gradient is ``sum_k d l_k / d theta``:
+   the gradient of the full-batch loss, as one process computing it at once would get.
+   (With ``M`` and ``DP`` powers of two, the scalings are exact in floating point.)
+
+Megatron's alternative, ``calculate_per_token_loss=True`` with a 3-value loss function, divides
+the gradients by the all-reduced token count in ``finalize_model_grads``; it only expresses
+``token-mean``, not the sequence-mean modes, so it is not used.
+
+The reported loss and metrics are the unscaled ``l_k`` (and the library's metrics, also
+additive), summed over micro-batches and DP ranks by :func:`reduce_metrics` in
+:mod:`repo_megatron.training.train_step`.
+
+A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores ``tokens[t+1]``):
+
+- ``tokens`` (long), optional ``position_ids``;
+- ``loss_mask``: 1 where ``tokens[t+1]`` is a response token (0 on prompt and padding);
+- ``advantages``: ``[b]`` per sequence or ``[b, s]`` per token;
+- ``old_logprobs``: log pi_old recomputed by the trainer (:func:`forward_logprobs`);
+- optional ``ref_logprobs`` (KL), ``is_offpolicy`` (``[b]`` or ``[b, s]``: LUFFY tokens),
+  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable
+
+import torch
+
+from ..algorithm import LossNormalisers, LossParams, compute_policy_loss
+from ..runtime import cpu_compat
+from .forward import model_inputs, next_token_targets
+from .logprobs import vocab_parallel_logprobs
+
+OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs")
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What every micro-batch's loss needs to know about the whole step."""
+    params: LossParams
+    normalisers: LossNormalisers  # global counts: all micro-batches of all DP ranks
+    num_microbatches: int         # micro-batches of this rank in this step (M)
+    data_parallel_size: int       # DP
+    temperature: float = 1.0
+
+    @property
+    def megatron_scale(self) -> int:
+        """Undoes the schedule's 1/M and DDP's 1/DP (module docstring)."""
+        return self.num_microbatches * self.data_parallel_size
+
+
+def global_normalisers(micro_batches: Iterable[dict]) -> LossNormalisers:
+    """Response-token and sequence counts of this rank's micro-batches, summed over the DP
+    group: the denominators of the global batch's loss."""
+    from megatron.core import parallel_state
+
+    local = [LossNormalisers.from_mask(mb["loss_mask"]) for mb in micro_batches]
+    counts = torch.tensor([[float(n.num_tokens), float(n.num_sequences)] for n in local],
+                          dtype=torch.float64, device=cpu_compat.device()).sum(dim=0)  # [2]
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return LossNormalisers(num_tokens=int(counts[0]), num_sequences=int(counts[1]))
+
+
+def policy_loss_func(batch: dict, ctx: LossContext, logits: torch.Tensor):
+    """Megatron loss function of one micro-batch (last pipeline stage).
+
+    ``logits`` [b, s, v/tp]. Returns ``(l_k * M * DP, metrics)``; ``metrics`` holds the
+    unscaled ``loss`` and the library's metrics, detached."""
+    dev = logits.device
+    mask = batch["loss_mask"].to(dev).bool()
+    logp, entropy = vocab_parallel_logprobs(logits, next_token_targets(batch["tokens"].to(dev)),
+                                            ctx.temperature, mask)
+    if ctx.params.entropy_coef == 0:
+        entropy = entropy.detach()  # a metric only: no backward through it
+    optional = {k: batch[k].to(dev) for k in OPTIONAL_INPUTS if batch.get(k) is not None}
+    loss, metrics = compute_policy_loss(
+        logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev), mask,
+        params=ctx.params, normalisers=ctx.normalisers, entropy=entropy, **optional)
+    return loss * ctx.megatron_scale, {"loss": loss.detach(), **metrics}
+
+
+def policy_forward_step(ctx: LossContext, data_iterator, model):
+    """Megatron forward step: run the model chunk on the next micro-batch."""
+    batch = next(data_iterator)
+    tokens, position_ids, attention_mask = model_inputs(batch)
+    return model(tokens, position_ids, attention_mask), partial(policy_loss_func, batch, ctx)
