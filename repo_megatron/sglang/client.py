@@ -1,0 +1,156 @@
+"""Asynchronous HTTP to SGLang servers: a concurrency limit per server, retries with
+exponential backoff on connection errors and 503, and a timeout on every request.
+
+Every error names the server and the endpoint, so a failed step says which machine to look at.
+Retries are for transient faults only: 400 (a bad request, or a server refusing an operation)
+fails at once, and a request that hits its timeout is not retried (a hung server would only
+hang again); the caller decides whether another server should get it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional, Sequence, Union
+
+import httpx
+
+from .protocol import error_message, parse_version
+
+log = logging.getLogger(__name__)
+
+# 503: starting / overloaded / shutting down; 502 and 504: a router whose worker went away.
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+RETRYABLE_ERRORS = (httpx.TransportError,)
+
+
+class SGLangError(RuntimeError):
+    """An SGLang endpoint failed: ``SGLang <server><endpoint>: <what>``."""
+
+    def __init__(self, server: str, endpoint: str, message: str, status: Optional[int] = None):
+        self.server, self.endpoint, self.status = server, endpoint, status
+        code = f"HTTP {status}: " if status is not None else ""
+        super().__init__(f"SGLang {server}{endpoint}: {code}{message}")
+
+
+class SGLangTimeout(SGLangError):
+    """A request got no answer within its timeout."""
+
+
+class SGLangClient:
+    """JSON over HTTP to any number of SGLang servers (workers or an sglang-router).
+
+    ``timeout_s``: per request; ``max_concurrency_per_server``: requests in flight to one
+    server; ``max_retries``: extra attempts after a connection error or a retryable status,
+    sleeping ``backoff_s * 2**attempt`` (at most ``max_backoff_s``) in between.
+    """
+
+    def __init__(self, timeout_s: float = 600.0, max_concurrency_per_server: int = 64,
+                 max_retries: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 8.0):
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency_per_server
+        self.max_retries = max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._http: Optional[httpx.AsyncClient] = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        # created lazily, inside the event loop that will use it
+        if self._http is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            self._http = httpx.AsyncClient(limits=limits, trust_env=False)
+        return self._http
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+
+    async def request(self, server: Union[str, Sequence[str]], endpoint: str, body: Any = None,
+                      *, method: str = "POST", timeout_s: Optional[float] = None,
+                      retries: Optional[int] = None) -> Any:
+        """Send one request, retrying transient faults; returns the JSON answer (the text
+        when it is not JSON). ``server`` may be a list: attempt k goes to ``server[k % n]``,
+        so a dead worker's request moves on to the next one. Raises :class:`SGLangError` /
+        :class:`SGLangTimeout`."""
+        servers = [server] if isinstance(server, str) else list(server)
+        retries = self.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            try:
+                return await self.request_once(servers[attempt % len(servers)], endpoint, body,
+                                               method=method, timeout_s=timeout_s)
+            except SGLangTimeout:
+                raise
+            except SGLangError as e:
+                if attempt == retries or not self.retryable(e):
+                    raise
+                delay = self.backoff(attempt)
+                log.warning("%s; retry %d/%d in %.1f s", e, attempt + 1, retries, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def retryable(error: SGLangError) -> bool:
+        """Connection errors (no status) and 502/503/504 are worth another attempt."""
+        return error.status is None or error.status in RETRYABLE_STATUS
+
+    async def request_once(self, server: str, endpoint: str, body: Any = None, *,
+                           method: str = "POST", timeout_s: Optional[float] = None) -> Any:
+        """One attempt, within the server's concurrency limit and the timeout."""
+        limit = self._limits.setdefault(server, asyncio.Semaphore(self.max_concurrency))
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        async with limit:
+            try:
+                response = await self.http.request(method, server + endpoint, json=body,
+                                                   timeout=timeout)
+            except httpx.TimeoutException as e:
+                raise SGLangTimeout(server, endpoint, f"no answer within {timeout:g} s "
+                                                      f"({type(e).__name__})") from e
+            except RETRYABLE_ERRORS as e:
+                raise SGLangError(server, endpoint, f"{type(e).__name__}: {e}") from e
+        if response.status_code != 200:
+            raise SGLangError(server, endpoint, error_message(response.status_code,
+                                                              response.text),
+                              response.status_code)
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+    async def wait_healthy(self, server: str, timeout_s: float = 600.0,
+                           poll_s: float = 0.5) -> None:
+        """Wait until ``/health_generate`` answers 200 (503 while the server starts)."""
+        deadline = time.monotonic() + timeout_s
+        last: Optional[Exception] = None
+        while time.monotonic() < deadline:
+            try:
+                await self.request_once(server, "/health_generate", method="GET",
+                                        timeout_s=min(30.0, timeout_s))
+                return
+            except SGLangError as e:
+                last = e
+            await asyncio.sleep(poll_s)
+        raise SGLangError(server, "/health_generate", f"not healthy after {timeout_s:g} s "
+                                                      f"(last: {last})")
+
+    async def server_info(self, server: str) -> dict:
+        """``/server_info`` (SGLang >= 0.5.9), falling back to ``/get_server_info``."""
+        try:
+            return await self.request(server, "/server_info", method="GET")
+        except SGLangError as e:
+            if e.status != 404:
+                raise
+        return await self.request(server, "/get_server_info", method="GET")
+
+    async def server_version(self, server: str) -> tuple[int, ...]:
+        """The server's SGLang version, e.g. ``(0, 5, 23)``."""
+        info = await self.server_info(server)
+        if not isinstance(info, dict) or "version" not in info:
+            raise SGLangError(server, "/server_info", "answer has no 'version'")
+        return parse_version(info["version"])
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

@@ -1,0 +1,40 @@
+"""Grouping a stream of named tensors into buckets of bounded size."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .base import Bucket
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                 max_bytes: int) -> Iterator[Bucket]:
+    """Consecutive runs of ``named_tensors`` of at most ``max_bytes`` each, in order; a
+    tensor larger than ``max_bytes`` travels alone. Lazy: a converter that gathers shards on
+    the fly only holds one bucket at a time."""
+    bucket: Bucket = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor_bytes(tensor)
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def split_by_dtype(bucket: Bucket) -> list[Bucket]:
+    """The bucket as same-dtype runs, order kept within each (a flattened tensor has one
+    dtype; SGLang releases before the multi-dtype bucket would promote a mixed concat)."""
+    groups: dict[torch.dtype, Bucket] = {}
+    for name, tensor in bucket:
+        groups.setdefault(tensor.dtype, []).append((name, tensor))
+    return list(groups.values())
