@@ -9,6 +9,32 @@ from .base import ConfigError, knob, section
 
 
 @dataclass
+class SGLangLaunchConfig:
+    """Servers that repo-megatron starts itself (``repo_megatron.sglang.launcher``)."""
+    num_servers: int = knob(0, "SGLang servers to start (0 = use sglang.urls / router_url "
+                               "as they are)", ge=0)
+    mode: str = knob("local", "`local` processes on this node, or `srun` steps of the "
+                              "current SLURM allocation", choices=["local", "srun"])
+    command: list[str] = knob(default_factory=lambda: ["python", "-m", "sglang.launch_server"],
+                              help="Server command; --host/--port are appended")
+    args: list[str] = knob(default_factory=list, help="Extra server arguments (e.g. "
+                                                      "--model-path, --tp-size)")
+    host: str = knob("127.0.0.1", "Address the servers bind (127.0.0.1 = this node only)")
+    base_port: int = knob(30000, "Port of server i is base_port + i", ge=1, le=65535)
+    srun_args: list[str] = knob(default_factory=list, help="Extra srun arguments per server "
+                                                           "(e.g. --nodes=1 --gpus=8)")
+    router: bool = knob(False, "Start sglang-router in front of the servers")
+    router_port: int = knob(29000, "sglang-router port", ge=1, le=65535)
+    router_command: list[str] = knob(
+        default_factory=lambda: ["python", "-m", "sglang_router.launch_router"],
+        help="sglang-router command; --host/--port are appended")
+    router_args: list[str] = knob(default_factory=lambda: ["--policy", "round_robin"],
+                                  help="Extra sglang-router arguments")
+    startup_timeout_s: float = knob(1800.0, "How long a server may take to become healthy",
+                                    gt=0)
+
+
+@dataclass
 class SGLangConfig:
     urls: list[str] = knob(default_factory=list, help="SGLang worker URLs (http://host:port); "
                                                       "empty with no router = embedded engine")
@@ -17,9 +43,22 @@ class SGLangConfig:
     request_timeout_s: float = knob(600.0, "Per-request timeout", gt=0)
     max_concurrency_per_server: int = knob(64, "In-flight /generate requests per server", ge=1)
     max_retries: int = knob(3, "Retries of a request on connection errors and 503", ge=0)
+    retry_backoff_s: float = knob(0.5, "First retry delay; doubles per retry (at most 8 s)",
+                                  gt=0)
+    health_timeout_s: float = knob(600.0, "How long to wait for /health_generate at start",
+                                   gt=0)
     weight_sync: str = knob("disk", "How new weights reach the servers",
                             choices=["disk", "tensor", "distributed"])
-    weight_bucket_mb: int = knob(512, "Bucket size of tensor/distributed weight updates", ge=1)
+    weight_bucket_mb: int = knob(512, "Bucket size of weight updates", ge=1)
+    disk_dir: str = knob("", "disk sync: directory every server can read (empty = a "
+                             "temporary directory, single node only)")
+    distributed_backend: str = knob("nccl", "distributed sync: process-group backend (gloo "
+                                            "for CPU servers)", choices=["nccl", "gloo"])
+    distributed_master_address: str = knob("", "distributed sync: address the servers reach "
+                                               "the trainer at (empty = this host's name)")
+    distributed_master_port: int = knob(0, "distributed sync: rendezvous port (0 = a free "
+                                           "port)", ge=0, le=65535)
+    launch: SGLangLaunchConfig = section(SGLangLaunchConfig, "Servers started by repo-megatron")
 
 
 @dataclass
