@@ -1,8 +1,15 @@
 """Mistral (Llama layout; sliding-window attention is not supported beyond the window)."""
 
+from ...convert.mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
+                               register_weight_mapping)
 from ..architecture import Architecture, llama_like, register_family
 
 
 @register_family("mistral", ["MistralForCausalLM", "mistral"])
 def parse(hf: dict) -> Architecture:
     return llama_like(hf, "mistral")
+
+
+@register_weight_mapping("mistral")
+def weights(arch: Architecture) -> list[ParamMapping]:
+    return [*embedding_and_head(arch), *llama_attention(qkv_bias=False), *llama_mlp()]

@@ -1,0 +1,200 @@
+"""How each model family's Hugging Face tensors map onto Megatron-Core checkpoint tensors.
+
+A :class:`ParamMapping` ties one Megatron checkpoint key (the ``ShardedTensor`` key, which uses
+Transformer Engine names for both layer specs, e.g.
+``decoder.layers.self_attention.linear_qkv.weight``) to the Hugging Face tensors it is made of,
+with the pure transforms both ways (:mod:`.transforms`). Keys under ``decoder.layers.`` are
+stacked over layers in the checkpoint (global shape ``[num_layers, ...]``); their HF names
+hold ``{layer}``, the global layer number. Each family file in ``models/families/`` registers
+its list with :func:`register_weight_mapping`; the builders below are the shared pieces.
+
+The same mappings serve the HF -> Megatron converter, the Megatron -> HF exporter and weight
+sync (:mod:`.weight_sync`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..config.base import ConfigError
+from ..models.architecture import Architecture
+from . import transforms
+
+LAYER_PREFIX = "decoder.layers."
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What transforms need besides the tensors: the architecture and the padded vocabulary
+    of the Megatron side (``padded_vocab_size(vocab, divisible_by, TP)``)."""
+    arch: Architecture
+    padded_vocab_size: int
+
+
+Shape = tuple[int, ...]
+
+
+def _cat_rows(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat(shards, dim=dim)
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """One Megatron checkpoint tensor and the Hugging Face tensors it is made of.
+
+    ``to_megatron(dims, hf_tensors)`` returns row pieces whose concatenation along dim 0 is the
+    Megatron tensor (of one layer, for layer keys): pieces are written as separate checkpoint
+    chunks, so nothing is concatenated in memory. ``to_hf(dims, tensor)`` is the inverse.
+    ``merge_tp(shards, dim)`` rebuilds the global tensor from the TP shards of a parameter."""
+    megatron: str
+    hf: tuple[str, ...]
+    hf_shapes: Callable[[Architecture], tuple[Shape, ...]]
+    to_megatron: Callable[[ModelDims, list[torch.Tensor]], list[torch.Tensor]]
+    to_hf: Callable[[ModelDims, torch.Tensor], tuple[torch.Tensor, ...]]
+    merge_tp: Callable[[list[torch.Tensor], int], torch.Tensor] = field(default=_cat_rows)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.megatron.startswith(LAYER_PREFIX)
+
+    def hf_names(self, layer: Optional[int]) -> tuple[str, ...]:
+        return tuple(name.format(layer=layer) for name in self.hf)
+
+
+# family name -> function(arch) -> the family's mappings
+WEIGHT_MAPPINGS: dict[str, Callable[[Architecture], list[ParamMapping]]] = {}
+
+
+def register_weight_mapping(family: str):
+    """Decorator: register ``fn(arch) -> list[ParamMapping]`` for a family."""
+    def wrap(fn: Callable[[Architecture], list[ParamMapping]]):
+        WEIGHT_MAPPINGS[family] = fn
+        return fn
+    return wrap
+
+
+def mappings_for(arch: Architecture) -> list[ParamMapping]:
+    """The weight mappings of ``arch``'s family; a family without one is a ConfigError."""
+    from ..models import families  # noqa: F401  (registers the mappings)
+
+    if arch.family not in WEIGHT_MAPPINGS:
+        raise ConfigError(f"architecture {arch.hf_architecture} (family {arch.family}) has no "
+                          f"weight mapping (supported: {', '.join(sorted(WEIGHT_MAPPINGS))})")
+    return WEIGHT_MAPPINGS[arch.family](arch)
+
+
+# ---- shared mapping builders (Llama-derived layouts) --------------------------------------
+
+def direct(megatron: str, hf: str, shape: Callable[[Architecture], Shape]) -> ParamMapping:
+    """Same tensor on both sides."""
+    return ParamMapping(megatron, (hf,), lambda a: (shape(a),),
+                        to_megatron=lambda d, ts: [ts[0]], to_hf=lambda d, t: (t,))
+
+
+def vocab_rows(megatron: str, hf: str) -> ParamMapping:
+    """Embedding / output layer: rows padded to the Megatron vocabulary, truncated on export."""
+    return ParamMapping(
+        megatron, (hf,), lambda a: ((a.vocab_size, a.hidden_size),),
+        to_megatron=lambda d, ts: transforms.pad_vocab_rows(ts[0], d.padded_vocab_size),
+        to_hf=lambda d, t: (transforms.truncate_vocab_rows(t, d.arch.vocab_size),))
+
+
+def fused_qkv(megatron: str, q: str, k: str, v: str, bias: bool = False) -> ParamMapping:
+    """Separate q/k/v projections <-> Megatron's per-query-group interleaved ``linear_qkv``."""
+    def shapes(a: Architecture) -> tuple[Shape, ...]:
+        tail = () if bias else (a.hidden_size,)
+        kv = (a.num_query_groups * a.head_dim, *tail)
+        return (a.num_attention_heads * a.head_dim, *tail), kv, kv
+
+    return ParamMapping(
+        megatron, (q, k, v), shapes,
+        to_megatron=lambda d, ts: [transforms.interleave_qkv(*ts, d.arch.num_query_groups)],
+        to_hf=lambda d, t: transforms.split_qkv(t, d.arch.num_attention_heads,
+                                                d.arch.num_query_groups, d.arch.head_dim))
+
+
+def gate_up(megatron: str, gate: str, up: str) -> ParamMapping:
+    """SwiGLU gate and up projections <-> ``linear_fc1 = cat(gate, up)`` (per TP rank
+    ``[gate_i; up_i]``)."""
+    shape = lambda a: (a.ffn_hidden_size, a.hidden_size)  # noqa: E731
+    return ParamMapping(
+        megatron, (gate, up), lambda a: (shape(a), shape(a)),
+        to_megatron=lambda d, ts: [ts[0], ts[1]],
+        to_hf=lambda d, t: transforms.split_gate_up(t),
+        merge_tp=lambda shards, dim: transforms.merge_tp_gate_up(shards))
+
+
+def _hidden(a: Architecture) -> Shape:
+    return (a.hidden_size,)
+
+
+def embedding_and_head(arch: Architecture) -> list[ParamMapping]:
+    """Word embeddings, final norm and (untied models only) the output layer."""
+    out = [vocab_rows("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+           direct("decoder.final_layernorm.weight", "model.norm.weight", _hidden)]
+    if not arch.tie_word_embeddings:
+        out.append(vocab_rows("output_layer.weight", "lm_head.weight"))
+    return out
+
+
+def llama_attention(qkv_bias: bool) -> list[ParamMapping]:
+    """Pre-attention norm, fused QKV (and its bias) and the output projection."""
+    layer = "model.layers.{layer}."
+    qkv = "decoder.layers.self_attention.linear_qkv."
+    names = [layer + f"self_attn.{p}_proj." for p in "qkv"]
+    out = [direct(qkv + "layer_norm_weight", layer + "input_layernorm.weight", _hidden),
+           fused_qkv(qkv + "weight", *(n + "weight" for n in names))]
+    if qkv_bias:
+        out.append(fused_qkv(qkv + "bias", *(n + "bias" for n in names), bias=True))
+    out.append(direct("decoder.layers.self_attention.linear_proj.weight",
+                      layer + "self_attn.o_proj.weight",
+                      lambda a: (a.hidden_size, a.num_attention_heads * a.head_dim)))
+    return out
+
+
+def qk_layernorm() -> list[ParamMapping]:
+    """Per-head RMSNorm of queries and keys (Qwen3)."""
+    head = lambda a: (a.head_dim,)  # noqa: E731
+    return [direct(f"decoder.layers.self_attention.{p}_layernorm.weight",
+                   f"model.layers.{{layer}}.self_attn.{p}_norm.weight", head) for p in "qk"]
+
+
+def llama_mlp() -> list[ParamMapping]:
+    """Pre-MLP norm, SwiGLU fc1 (gate, up) and fc2 (down)."""
+    layer = "model.layers.{layer}."
+    return [direct("decoder.layers.mlp.linear_fc1.layer_norm_weight",
+                   layer + "post_attention_layernorm.weight", _hidden),
+            gate_up("decoder.layers.mlp.linear_fc1.weight", layer + "mlp.gate_proj.weight",
+                    layer + "mlp.up_proj.weight"),
+            direct("decoder.layers.mlp.linear_fc2.weight", layer + "mlp.down_proj.weight",
+                   lambda a: (a.hidden_size, a.ffn_hidden_size))]
+
+
+def extra_state_keys(mappings: list[ParamMapping]) -> list[str]:
+    """``_extra_state`` objects of the linear layers, which Megatron saves (``None`` in the
+    local spec) and a strict load expects."""
+    modules = {m.megatron.rsplit(".", 1)[0] for m in mappings}
+    return sorted(f"{mod}._extra_state" for mod in modules
+                  if mod.rsplit(".", 1)[-1].startswith("linear_"))
+
+
+def tensor_order(mappings: list[ParamMapping], num_layers: int
+                 ) -> list[tuple[ParamMapping, Optional[int]]]:
+    """(mapping, layer) pairs in Hugging Face's file order: embeddings, layers 0..L-1, then
+    the final norm and output layer."""
+    first = [(m, None) for m in mappings if m.megatron.startswith("embedding.")]
+    layers = [(m, layer) for layer in range(num_layers) for m in mappings if m.per_layer]
+    last = [(m, None) for m in mappings
+            if not m.per_layer and not m.megatron.startswith("embedding.")]
+    return first + layers + last
+
+
+def megatron_shape(mapping: ParamMapping, dims: ModelDims, dtype: torch.dtype) -> Shape:
+    """Shape of ``mapping``'s Megatron tensor (one layer's, for layer keys), derived from
+    the HF shapes by running ``to_megatron`` on meta tensors."""
+    metas = [torch.empty(s, dtype=dtype, device="meta") for s in mapping.hf_shapes(dims.arch)]
+    pieces = mapping.to_megatron(dims, metas)
+    return (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
