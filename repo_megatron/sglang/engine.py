@@ -133,13 +133,16 @@ class SGLangEngine(RolloutEngine):
         """All requests in flight at once (bounded per server by the client); the first
         failure cancels the rest."""
         targets = [self.cfg.router_url] if self.cfg.router_url else list(self.cfg.urls)
-        async with asyncio.TaskGroup() as group:
-            tasks = []
-            for ids, p in zip(prompts, params):
-                start = self._next % len(targets)
-                self._next += 1
-                tasks.append(group.create_task(
-                    self.generate_one(targets[start:] + targets[:start], list(ids), p)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = []
+                for ids, p in zip(prompts, params):
+                    start = self._next % len(targets)
+                    self._next += 1
+                    tasks.append(group.create_task(
+                        self.generate_one(targets[start:] + targets[:start], list(ids), p)))
+        except BaseExceptionGroup as failures:
+            raise failures.exceptions[0] from None      # the first failure, as it was raised
         return [task.result() for task in tasks]
 
     async def generate_one(self, servers: list[str], input_ids: list[int],

@@ -1,0 +1,102 @@
+"""Servers for the SGLang tests: free loopback ports, an in-process uvicorn server, and a
+scripted fake worker (503s, hangs) for fault tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+def free_ports(n: int) -> int:
+    """A base port p with p, p+1, ..., p+n-1 free on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            base = sock.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, port: int) -> Iterator[str]:
+    """Run an ASGI app on 127.0.0.1:port in a thread; yields its URL; always stops it."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"test server on port {port} did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = server.force_exit = True    # do not wait for hung requests
+        thread.join(timeout=10)
+
+
+def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health_generate", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not healthy after {timeout_s} s")
+
+
+GENERATED = {"text": "ok", "output_ids": [7, 2],
+             "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                           "output_token_logprobs": [[-0.5, 7, None], [-0.25, 2, None]],
+                           "weight_version": "default"}}
+
+
+class FakeWorker:
+    """A worker whose ``/generate`` answers ``script(attempt)``: an int status (with an
+    SGLang error body), ``"hang"`` (never answers), or ``"ok"`` (a fixed generation)."""
+
+    def __init__(self, script: Callable[[int], object]):
+        self.script, self.calls = script, 0
+
+    async def generate(self, request: Request) -> Response:
+        self.calls += 1
+        action = self.script(self.calls)
+        if action == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(action, int):
+            return JSONResponse({"error": {"message": f"scripted {action}"}}, status_code=action)
+        return JSONResponse(GENERATED)
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def info(self, request: Request) -> Response:
+        return JSONResponse({"version": "0.5.23", "tp_size": 1, "weight_version": "default"})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/generate", self.generate, methods=["POST"]),
+                                 Route("/health_generate", self.health),
+                                 Route("/server_info", self.info)])
