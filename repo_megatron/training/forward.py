@@ -40,6 +40,26 @@ def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
 
 
+def pad_to_length(batch: dict, length: int) -> dict:
+    """``batch`` with every ``[b, s]`` tensor right-padded with zeros to ``length``. The padding
+    is masked out of the loss, and causal attention keeps the real positions unchanged."""
+    b, s = batch["tokens"].shape
+    return {k: torch.cat([v, v.new_zeros(b, length - s)], dim=1)
+            if torch.is_tensor(v) and v.shape == (b, s) else v for k, v in batch.items()}
+
+
+def needs_equal_lengths(model: list) -> bool:
+    """Whether the micro-batches of one schedule run must share a sequence length.
+
+    With ``variable_seq_lengths`` megatron exchanges the activation and gradient shapes with
+    four p2p ops posted in the same order on both ranks; under the interleaved schedule with
+    PP=2 the previous and the next stage are the same rank, so the two shapes arrive swapped
+    whenever they differ (then the data transfer fails)."""
+    from megatron.core import parallel_state
+
+    return len(model) > 1 and parallel_state.get_pipeline_model_parallel_world_size() == 2
+
+
 def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Callable,
                  forward_only: bool) -> list:
     """Run Megatron's schedule over ``micro_batches``; returns the loss function outputs
@@ -48,6 +68,8 @@ def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Call
 
     seq = max(mb["tokens"].shape[1] for mb in micro_batches)
     mbs = max(mb["tokens"].shape[0] for mb in micro_batches)
+    if needs_equal_lengths(model):
+        micro_batches = [pad_to_length(mb, seq) for mb in micro_batches]
     iters: object = iter(micro_batches)
     if len(model) > 1:  # interleaved: each model chunk reads the same micro-batches
         iters = [iter(micro_batches) for _ in model]
@@ -103,5 +125,6 @@ def forward_logprobs(model: list, micro_batches: Iterable[dict],
     out = run_schedule(model, micro_batches, partial(_logprob_forward_step, temperature),
                        forward_only=True)
     last = parallel_state.is_pipeline_last_stage()
-    values = [o["logprobs"] for o in out] if last else None
+    values = ([o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(out, micro_batches)]
+              if last else None)
     return broadcast_from_last_stage(values, [mb["tokens"].shape for mb in micro_batches])
