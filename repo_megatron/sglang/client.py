@@ -109,7 +109,7 @@ class SGLangClient:
                                                       f"({type(e).__name__})") from e
             except RETRYABLE_ERRORS as e:
                 raise SGLangError(server, endpoint, f"{type(e).__name__}: {e}") from e
-        if response.status_code != 200:
+        if not 200 <= response.status_code < 300:
             raise SGLangError(server, endpoint, error_message(response.status_code,
                                                               response.text),
                               response.status_code)
