@@ -4,7 +4,8 @@
 #
 # Every training setting comes from the YAML config: `read_settings CONFIG [key=value ...]`
 # sets REPO_TP, REPO_PP, REPO_VPP, REPO_MODEL_PARALLEL, REPO_HF_PATH, REPO_LOAD,
-# REPO_VOCAB_DIVISIBLE_BY, REPO_RUN_DIR, REPO_WEIGHT_SYNC and REPO_ROUTER_PORT from
+# REPO_VOCAB_DIVISIBLE_BY, REPO_RUN_DIR, REPO_WEIGHT_SYNC, REPO_ROUTER_PORT and the array
+# REPO_SERVER_ARGS (rollout.sglang.launch.args) from
 # `python -m repo_megatron.plan.slurm`. What stays here is how the job is laid out on
 # the cluster, each overridable from the environment at submission:
 #   REPO_DIR         the repository (default: the directory sbatch was called from)

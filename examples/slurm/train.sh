@@ -5,8 +5,9 @@
 # Disaggregated (rollout.sglang.weight_sync = distributed or disk): the first
 # N - ROLLOUT_NODES nodes train, the last ROLLOUT_NODES nodes each run one SGLang server with
 # TP = GPUs per node. Colocated (weight_sync = tensor, which needs shared GPUs): every node
-# runs a server and trainer ranks on the same GPUs; the servers keep SGLANG_MEM_FRACTION of
-# each GPU. sglang-router runs on the first trainer node and the trainer talks to it only.
+# runs a server and trainer ranks on the same GPUs; the servers' share of each GPU is the
+# --mem-fraction-static in rollout.sglang.launch.args, which every server gets. sglang-router
+# runs on the first trainer node and the trainer talks to it only.
 set -euo pipefail
 # shellcheck source=common.sh
 source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}/examples/slurm/common.sh"
@@ -17,15 +18,11 @@ OVERRIDES=("$@")
 read_settings "$CONFIG" "${OVERRIDES[@]}"
 
 mapfile -t HOSTS < <(job_hosts)
-PLAN_ARGS=()
 SERVER_ARGS=(--model-path "$REPO_HF_PATH" --tp "$GPUS_PER_NODE" --host 0.0.0.0
-             --port "$SGLANG_PORT")
+             --port "$SGLANG_PORT" "${REPO_SERVER_ARGS[@]}")
 if [[ $REPO_WEIGHT_SYNC == tensor ]]; then
-    : "${SGLANG_MEM_FRACTION:?colocated SGLang (weight_sync=tensor) needs SGLANG_MEM_FRACTION}"
     TRAIN_HOSTS=("${HOSTS[@]}")
     ROLLOUT_HOSTS=("${HOSTS[@]}")
-    PLAN_ARGS=(--sglang-mem-fraction "$SGLANG_MEM_FRACTION")
-    SERVER_ARGS+=(--mem-fraction-static "$SGLANG_MEM_FRACTION")
 else
     : "${ROLLOUT_NODES:?set ROLLOUT_NODES, the nodes of the SGLang pool}"
     if ((ROLLOUT_NODES >= ${#HOSTS[@]})); then
@@ -39,7 +36,7 @@ TRAIN_NODES=${#TRAIN_HOSTS[@]}
 
 # Pre-flight: divisibility and per-GPU memory of this layout, before any GPU is touched.
 "$PYTHON" -m repo_megatron.cli plan "$CONFIG" "${OVERRIDES[@]}" --nodes "$TRAIN_NODES" \
-    --gpus-per-node "$GPUS_PER_NODE" "${PLAN_ARGS[@]}"
+    --gpus-per-node "$GPUS_PER_NODE"
 
 LOG_DIR=$REPO_RUN_DIR/slurm-${SLURM_JOB_ID}
 mkdir -p "$LOG_DIR"

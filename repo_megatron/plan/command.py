@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fragmentation (default 5)")
     parser.add_argument("--sglang-mem-fraction", type=float, default=None,
                         help="SGLang servers share the trainer's GPUs with this "
-                             "--mem-fraction-static (colocated; one server per node with "
-                             "TP = GPUs per node)")
+                             "--mem-fraction-static (one server per node with TP = GPUs per "
+                             "node); with weight_sync=tensor the default is the one in "
+                             "rollout.sglang.launch.args")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,17 +67,31 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
                   distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
 
 
+def sglang_mem_fraction(server_args: list[str]) -> Optional[float]:
+    """The value of ``--mem-fraction-static`` in SGLang server arguments, if present."""
+    for i, arg in enumerate(server_args):
+        if arg.startswith("--mem-fraction-static="):
+            return float(arg.split("=", 1)[1])
+        if arg == "--mem-fraction-static" and i + 1 < len(server_args):
+            return float(server_args[i + 1])
+    return None
+
+
 def colocation_of(cfg: Config, mem_fraction: Optional[float], gpus_per_node: int):
-    """SGLang on the trainer's GPUs, or None. Tensor weight sync only works colocated, so it
-    needs the servers' memory fraction to plan."""
-    if mem_fraction is None:
-        if cfg.rollout.sglang.weight_sync == "tensor":
-            raise ConfigError("rollout.sglang.weight_sync=tensor means SGLang is colocated with "
-                              "the trainer: pass --sglang-mem-fraction (the servers' "
-                              "--mem-fraction-static) to plan its memory")
+    """SGLang on the trainer's GPUs, or None: with ``--sglang-mem-fraction``, or with tensor
+    weight sync (which only works colocated), taking the fraction from the servers' arguments
+    ``rollout.sglang.launch.args``."""
+    if mem_fraction is None and cfg.rollout.sglang.weight_sync != "tensor":
         return None
+    if mem_fraction is None:
+        mem_fraction = sglang_mem_fraction(cfg.rollout.sglang.launch.args)
+    if mem_fraction is None:
+        raise ConfigError("rollout.sglang.weight_sync=tensor means SGLang is colocated with "
+                          "the trainer: set --mem-fraction-static in "
+                          "rollout.sglang.launch.args (or pass --sglang-mem-fraction) to plan "
+                          "its memory")
     if not 0 < mem_fraction < 1:
-        raise ConfigError(f"--sglang-mem-fraction={mem_fraction} must be between 0 and 1")
+        raise ConfigError(f"SGLang --mem-fraction-static={mem_fraction} must be between 0 and 1")
     return Colocation(mem_fraction_static=mem_fraction, engine_tp=gpus_per_node)
 
 

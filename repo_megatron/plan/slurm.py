@@ -2,7 +2,8 @@
 in ``examples/slurm/`` need, read from the config, as shell assignments for ``eval``.
 
 The scripts hold no training setting of their own: TP, PP, the model directory, the
-checkpoint to load, the router port and the weight-sync strategy all come from here, so the
+checkpoint to load, the router port, the weight-sync strategy and the servers' extra
+arguments (``rollout.sglang.launch.args``, a bash array) all come from here, so the
 YAML (plus the same command-line overrides the trainer gets) stays the one source of truth.
 A bad config fails here, before any node starts.
 """
@@ -33,9 +34,9 @@ def router_port(router_url: Optional[str]) -> int:
 
 
 def launch_settings(cfg: Config) -> dict[str, str]:
-    """``REPO_*`` name -> value for the launch scripts."""
+    """``REPO_*`` name -> shell-quoted value (or array) for the launch scripts."""
     p = cfg.parallel
-    return {
+    values = {
         "REPO_TP": str(p.tensor_model_parallel_size),
         "REPO_PP": str(p.pipeline_model_parallel_size),
         "REPO_VPP": str(p.virtual_pipeline_model_parallel_size or ""),
@@ -47,6 +48,10 @@ def launch_settings(cfg: Config) -> dict[str, str]:
         "REPO_WEIGHT_SYNC": cfg.rollout.sglang.weight_sync,
         "REPO_ROUTER_PORT": str(router_port(cfg.rollout.sglang.router_url)),
     }
+    settings = {name: shlex.quote(value) for name, value in values.items()}
+    settings["REPO_SERVER_ARGS"] = "(" + " ".join(map(shlex.quote,
+                                                      cfg.rollout.sglang.launch.args)) + ")"
+    return settings
 
 
 def main(argv: Sequence[str]) -> int:
@@ -59,7 +64,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"ConfigError: {e}", file=sys.stderr)
         return 2
     for name, value in settings.items():
-        print(f"{name}={shlex.quote(value)}")
+        print(f"{name}={value}")
     return 0
 
 

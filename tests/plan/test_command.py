@@ -22,7 +22,7 @@ def in_repository_root(monkeypatch):
 @pytest.mark.parametrize("name,args", [
     ("llama3_70b_repo.yaml", ["--nodes", "4"]),
     ("qwen25_72b_repo.yaml", ["--nodes", "8"]),
-    ("llama3_70b_repo_colocated.yaml", ["--nodes", "8", "--sglang-mem-fraction", "0.35"]),
+    ("llama3_70b_repo_colocated.yaml", ["--nodes", "8"]),
 ])
 def test_shipped_70b_configs_fit_80gb_gpus(name, args, capsys):
     assert main(["plan", str(CONFIGS / name), "--gpu-memory-gb", "80", *args]) == 0
@@ -60,9 +60,20 @@ def test_node_count_must_hold_whole_replicas(capsys):
     assert "= 32 does not divide the world size 48" in capsys.readouterr().err
 
 
+def test_colocated_plan_counts_the_servers_memory_fraction(capsys):
+    for args, fraction in (([], 0.35), (["--sglang-mem-fraction", "0.3"], 0.3),
+                           (["rollout.sglang.launch.args=[--mem-fraction-static=0.25]"], 0.25)):
+        assert main(["plan", str(CONFIGS / "llama3_70b_repo_colocated.yaml"), *args]) == 0
+        out = capsys.readouterr().out
+        weights, kv = (float(line.split()[-1]) for line in out.splitlines()
+                       if line.startswith(("SGLang weights", "SGLang KV cache")))
+        assert weights + kv == pytest.approx(fraction * 80, abs=0.02)
+
+
 def test_tensor_weight_sync_needs_the_sglang_memory_fraction(capsys):
-    assert main(["plan", str(CONFIGS / "llama3_70b_repo_colocated.yaml"), "--nodes", "8"]) == 2
-    assert "pass --sglang-mem-fraction" in capsys.readouterr().err
+    assert main(["plan", str(CONFIGS / "llama3_70b_repo_colocated.yaml"),
+                 "rollout.sglang.launch.args=[]"]) == 2
+    assert "set --mem-fraction-static in rollout.sglang.launch.args" in capsys.readouterr().err
 
 
 def test_fp8_delayed_with_bf16_layers_is_rejected_before_megatron(capsys):

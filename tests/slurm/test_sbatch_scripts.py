@@ -148,10 +148,10 @@ def test_qwen_job_takes_tp_pp_and_dp_from_config_and_node_count(tmp_path):
 
 def test_colocated_job_shares_every_node(tmp_path):
     proc, records = render(tmp_path, "llama3_70b_repo_colocated.sbatch",
-                           f"run_dir={tmp_path}/run", nodes=8,
-                           env={"SGLANG_MEM_FRACTION": "0.3"})
+                           f"run_dir={tmp_path}/run",
+                           'rollout.sglang.launch.args=[--mem-fraction-static, "0.3"]', nodes=8)
     assert proc.returncode == 0, proc.stderr
-    assert "SGLang KV cache" in proc.stdout
+    assert "SGLang KV cache" in proc.stdout  # the plan counted the servers' share
     all_hosts = "--nodelist=" + ",".join(f"gpu{i:03d}" for i in range(1, 9))
     server = step_running(records, "sglang.launch_server")
     assert {"--overlap", "--nodes=8", all_hosts} <= options(server["argv"])
