@@ -104,13 +104,22 @@ class ImportSummary:
 def materialize_gguf(hf_path: Optional[str], gguf_file: str, directory: str) -> None:
     """Dequantize a GGUF model through transformers into a safetensors model directory (the
     GGUF tensors are quantized, so this step holds the model in memory, unlike the rest)."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models.architecture import resolve_gguf
 
     src, name = resolve_gguf(hf_path, gguf_file)
     log.info("Dequantizing %s/%s through transformers", src, name)
-    AutoModelForCausalLM.from_pretrained(src, gguf_file=name).save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
+    # transformers refuses save_pretrained on a GGUF-loaded model: write what it would.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # save_pretrained would set it
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
     AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(directory)
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -115,8 +116,10 @@ def write_torch_dist(directory: str, groups: list[ChunkGroup], object_keys: list
     torch.save([None], buf)  # Megatron stores a list of the rank's objects for each key
     objects = {name: buf.getvalue() for name in object_keys}
     writer = FileSystemWriter(directory, single_file_per_rank=True, thread_count=1)
-    dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(groups, objects, on_chunk),
-             no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(groups, objects, on_chunk),
+                 no_dist=True)
     torch.save({}, os.path.join(directory, "common.pt"))
     with open(os.path.join(directory, "metadata.json"), "w") as f:
         json.dump(MEGATRON_METADATA, f)
