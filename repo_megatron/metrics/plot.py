@@ -10,15 +10,16 @@ from .writer import read_rows
 
 # Panel title -> metric keys drawn on it (missing keys are skipped; a panel with none is not drawn)
 PANELS = {
-    "reward": ["rollout/reward_mean", "rollout/reward_onpolicy_mean", "rollout/reward_injected_mean"],
+    "reward": ["rollout/reward_onpolicy_mean", "rollout/reward_injected_mean",
+               "rollout/reward_rephrase_mean"],
     "hard-set solve rate": ["eval/solve_rate"],
     "gate / injection rate": ["rollout/gate_rate", "rollout/injection_rate",
-                              "rollout/verified_rephrase_rate"],
-    "KL": ["train/kl", "train/approx_kl"],
+                              "rollout/rephrase_verified_rate"],
+    "KL": ["train/kl", "train/ppo_kl", "train/logprob_mismatch_mean"],
     "entropy": ["train/entropy"],
     "gradient norm": ["train/grad_norm"],
-    "clip fraction": ["train/clip_frac_low", "train/clip_frac_high"],
-    "response length": ["rollout/response_length_mean"],
+    "clip fraction": ["train/clipfrac_low", "train/clipfrac_high", "train/clipfrac_dual"],
+    "response length": ["rollout/response_length_mean", "rollout/injected_length_mean"],
 }
 
 

@@ -77,7 +77,7 @@ class MetricsWriter:
                                          dir=run_dir, resume="allow")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
         row = {"step": step, **metrics}
         with open(os.path.join(self.run_dir, METRICS_FILE), "a") as f:

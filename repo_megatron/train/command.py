@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import load_config
 
@@ -17,16 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="Build the config's parallel layout with a scaled-down model on gloo "
                              "and run one step")
+    parser.add_argument("--dry-run-dp", type=int, default=1, metavar="N",
+                        help="Data-parallel size of the dry run (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    try:
-        from .loop import train
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.loop":
-            raise
-        print(f"{args.config}: configuration is valid; training is not implemented yet in this "
-              "version (the trainer lands with the training-loop issue)", file=sys.stderr)
-        return 2
-    return train(cfg, resume=args.resume, dry_run=args.dry_run)
+    from .loop import train
+    if args.dry_run:
+        from .dry_run import dry_run
+        return dry_run(cfg, data_parallel_size=args.dry_run_dp)
+    return train(cfg, resume=args.resume)

@@ -10,7 +10,7 @@ from repo_megatron.metrics.writer import MetricsWriter, read_rows, truncate_afte
 def test_rows_tensorboard_and_truncation(tmp_path):
     w = MetricsWriter(str(tmp_path), tensorboard=True)
     for step in (1, 2, 3):
-        w.write(step, {"rollout/reward_mean": step / 10, "train/grad_norm": float("nan"),
+        w.write(step, {"rollout/reward_onpolicy_mean": step / 10, "train/grad_norm": float("nan"),
                        "note": "text"})
     w.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -31,7 +31,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
 def test_plot_draws_a_png(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 4):
-            f.write(json.dumps({"step": step, "rollout/reward_mean": 0.1 * step,
+            f.write(json.dumps({"step": step, "rollout/reward_onpolicy_mean": 0.1 * step,
                                 "train/entropy": 1.0 / step}) + "\n")
     out = plot_run(str(tmp_path))
     with open(out, "rb") as f:

@@ -1,0 +1,139 @@
+"""From rollout groups to the trainer's micro-batches (plain torch, no Megatron).
+
+Every rank builds the same global batch from the same groups, then takes its data-parallel
+slice and cuts it into micro-batches in the format of :mod:`repo_megatron.training.loss`.
+A sequence is ``prompt_ids + response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace
+too); position ``t`` scores ``tokens[t + 1]``, so response token ``j`` of a prompt of length
+``P`` is scored at position ``P - 1 + j``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..algorithm import compute_advantages
+from ..rollout.types import Group, Sample
+
+def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> list[list[float]]:
+    """Advantages of every sample of every group (``estimator`` from the registry).
+
+    Replayed samples are normalised apart from the fresh ones (Replay-Enhanced PO); a LUFFY
+    expert trace or a RePO rephrase is part of its group like any rollout."""
+    rewards = torch.tensor([s.reward for g in groups for s in g.samples], dtype=torch.float64)
+    ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples])
+    replay = torch.tensor([s.is_replay for g in groups for s in g.samples])
+    adv = compute_advantages(rewards, ids, estimator=estimator, eps=eps,
+                             is_offpolicy=replay if bool(replay.any()) else None).tolist()
+    out, k = [], 0
+    for g in groups:
+        out.append(adv[k:k + len(g.samples)])
+        k += len(g.samples)
+    return out
+
+
+def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[float]],
+                       pad_id: int) -> dict[str, torch.Tensor]:
+    """The step's sequences, right-padded: ``tokens``/``loss_mask``/``behaviour_logprobs``
+    ``[N, S]`` and per-sequence ``advantages``, ``rewards`` and flags ``[N]``.
+
+    ``behaviour_logprobs`` holds the sampling policy's log-probs where they are valid
+    (``has_behaviour``): on-policy rollouts and replayed samples. Rephrased traces were sampled
+    under another prompt and LUFFY's expert trace was not sampled at all: zeros, flagged
+    invalid, so nothing can use them as old log-probs."""
+    samples: list[Sample] = [s for g in groups for s in g.samples]
+    flat_adv = [a for adv in advantages for a in adv]
+    if len(flat_adv) != len(samples):
+        raise ValueError(f"{len(flat_adv)} advantages for {len(samples)} samples")
+    length = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    n = len(samples)
+    tokens = torch.full((n, length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, length)
+    behaviour = torch.zeros(n, length)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        tokens[i, :p + r] = torch.tensor(list(s.prompt_ids) + list(s.response_ids))
+        loss_mask[i, p - 1:p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        if s.logprobs_valid:
+            behaviour[i, p - 1:p - 1 + r] = torch.tensor(s.behaviour_logprobs)
+    return {
+        "tokens": tokens, "loss_mask": loss_mask, "behaviour_logprobs": behaviour,
+        "advantages": torch.tensor(flat_adv, dtype=torch.float32),
+        "rewards": torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        "is_offpolicy": torch.tensor([s.is_offpolicy and not s.is_replay for s in samples]),
+        "is_replay": torch.tensor([s.is_replay for s in samples]),
+        "is_rephrased": torch.tensor([s.is_rephrased for s in samples]),
+        "has_behaviour": torch.tensor([s.logprobs_valid for s in samples]),
+        "lengths": torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples]),
+    }
+
+
+def num_sequences(batch: dict) -> int:
+    return batch["tokens"].shape[0]
+
+
+def select(batch: dict, index: torch.Tensor | slice) -> dict:
+    """Rows ``index`` of every tensor of ``batch``."""
+    return {k: v[index] for k, v in batch.items()}
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+    """``batch`` with ``rows`` fully masked rows appended (they count nowhere in the loss)."""
+    if rows <= 0:
+        return batch
+    return {k: torch.cat([v, v.new_zeros((rows, *v.shape[1:]))]) for k, v in batch.items()}
+
+
+def data_parallel_slice(batch: dict, rank: int, size: int, micro_batch_size: int,
+                        multiple_of: int = 1) -> dict:
+    """This DP rank's contiguous share of ``batch``, padded with masked rows so that every
+    rank holds the same number of micro-batches, a multiple of ``multiple_of`` (the
+    interleaved schedule's pipeline size)."""
+    n = num_sequences(batch)
+    per_rank = math.ceil(n / size)
+    micro = math.ceil(per_rank / micro_batch_size)
+    micro = math.ceil(micro / multiple_of) * multiple_of
+    per_rank = micro * micro_batch_size
+    start = min(rank * per_rank, n)
+    mine = select(batch, slice(start, min(start + per_rank, n)))
+    return pad_rows(mine, per_rank - num_sequences(mine))
+
+
+def micro_batches(batch: dict, micro_batch_size: int,
+                  keys: Sequence[str] = ("tokens", "loss_mask", "advantages")) -> list[dict]:
+    """Cut ``batch`` into micro-batches of ``keys``, each trimmed to its longest sequence."""
+    out = []
+    for start in range(0, num_sequences(batch), micro_batch_size):
+        mb = select(batch, slice(start, start + micro_batch_size))
+        # padding rows have length 0; a sequence needs >= 2 positions to score a token
+        length = min(max(2, int(mb["lengths"].max())), mb["tokens"].shape[1])
+        out.append({k: (v[:, :length] if v.dim() == 2 else v) for k, v in mb.items() if k in keys})
+    return out
+
+
+def mismatch_metrics(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                     loss_mask: torch.Tensor, onpolicy: torch.Tensor) -> dict[str, float]:
+    """Train/rollout log-prob mismatch over on-policy samples with valid behaviour log-probs
+    (never rephrased, expert or replayed ones): sums and max of ``|old - behaviour|``, and the
+    token count, for the caller to reduce across ranks."""
+    mask = loss_mask.bool() & onpolicy[:, None]
+    diff = (old_logprobs - behaviour_logprobs).abs()[mask]
+    return {"sum": float(diff.sum()), "max": float(diff.max()) if diff.numel() else 0.0,
+            "tokens": float(diff.numel())}
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                                 loss_mask: torch.Tensor, onpolicy: torch.Tensor,
+                                 cap: Optional[float]) -> torch.Tensor:
+    """Per-token ``min(pi_old / pi_behaviour, cap)`` on on-policy tokens (1 elsewhere): the
+    truncated importance sampling correction of the rollout engine's sampling mismatch. PPO's
+    clipped objective is linear in a positive per-token weight, so it is applied by scaling
+    the advantages."""
+    weights = torch.ones_like(old_logprobs)
+    if cap is None:
+        return weights
+    mask = loss_mask.bool() & onpolicy[:, None]
+    ratio = torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap)
+    return torch.where(mask, ratio, weights)

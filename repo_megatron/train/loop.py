@@ -1,0 +1,54 @@
+"""The training loop: rollout -> reward -> gate -> rephrase -> inject -> advantages -> train ->
+sync -> checkpoint. Each phase is one call into the module that owns it (see session.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm import tqdm
+
+from ..config import Config
+from ..runtime.failpoints import failpoint
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, resume: bool = False) -> int:
+    session = Session(cfg)
+    try:
+        start = session.restore() if resume else 0
+        session.sync_weights()                                  # engine := Megatron's weights
+        if start == 0:
+            session.writer.write(0, session.evaluate())
+        bar = tqdm(range(start + 1, cfg.train_steps + 1), initial=start, total=cfg.train_steps,
+                   desc="RePO", disable=not (session.is_rank0 and cfg.logging.progress_bar))
+        for step in bar:
+            t0 = time.perf_counter()
+            bar.set_postfix_str("rollout")
+            groups, metrics = session.rollout(step)             # sample, reward, gate, rephrase, inject
+            failpoint("after_rollout", step)
+            if groups:
+                bar.set_postfix_str("train")
+                prepared = session.prepare(groups)              # advantages, old/ref log-probs under q
+                metrics.update(session.update(prepared))        # ppo_epochs x micro-batched steps
+                bar.set_postfix_str("sync")
+                session.sync_weights()                          # Megatron -> rollout engine
+            last = step == cfg.train_steps
+            every = cfg.data.eval_interval
+            if last or (every and step % every == 0):
+                metrics.update(session.evaluate())
+            metrics["time/step_s"] = time.perf_counter() - t0
+            session.writer.write(step, metrics)
+            bar.set_postfix(reward=f"{metrics.get('rollout/reward_onpolicy_mean', 0):.2f}",
+                            inject=f"{metrics.get('rollout/injection_rate', 0):.2f}")
+            interval = cfg.checkpoint.save_interval
+            if last or (interval and step % interval == 0):
+                session.save(step)
+            export = cfg.checkpoint.hf_export_interval
+            if (last and cfg.checkpoint.hf_export_at_end) or (export and step % export == 0):
+                session.export_hf(step)
+        return 0
+    finally:
+        session.close()

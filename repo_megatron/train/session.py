@@ -1,0 +1,373 @@
+"""Everything one training run holds, built from the config, with one method per phase.
+
+The loop (:mod:`.loop`) calls these in order each step: :meth:`Session.rollout` (rank 0 runs the
+RePO stage on the rollout engine; the groups are broadcast), :meth:`Session.prepare` (advantages,
+the DP slice, micro-batches, old and reference log-probs recomputed by Megatron under the
+ORIGINAL prompts), :meth:`Session.update` (``ppo_epochs`` optimizer steps),
+:meth:`Session.sync_weights` (Megatron -> rollout engine), :meth:`Session.save`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Optional
+
+import torch
+
+from ..algorithm import LossParams
+from ..checkpoint.manager import CheckpointManager, latest_checkpoint
+from ..checkpoint.model_io import load_model, save_model, sharded_model_state
+from ..config import Config
+from ..metrics.writer import MetricsWriter, truncate_after
+from ..models.architecture import padded_vocab_size
+from ..models.builder import build_model
+from ..runtime import distributed
+from ..training.forward import forward_logprobs
+from ..training.train_step import PolicyTrainer, build_reference_model
+from . import batch as B
+from .engine_sync import gather_hf_weights
+from .prompts import PromptSampler
+
+log = logging.getLogger(__name__)
+
+LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _broadcast(obj):
+    """``obj`` of rank 0 on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def converted_checkpoint(cfg: Config, arch) -> str:
+    """The torch_dist checkpoint of ``model.hf_path`` / ``model.gguf_file`` for this run's
+    vocabulary padding, converted on first use into ``model.cache_dir`` (atomically: a
+    temporary directory renamed into place) and reused afterwards."""
+    from ..convert import convert_hf_to_megatron
+
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    source = os.path.abspath(m.hf_path) if m.hf_path else ""
+    name = os.path.basename(source.rstrip("/")) or os.path.splitext(m.gguf_file or "model")[0]
+    key = hashlib.sha1(f"{source}|{m.gguf_file}".encode()).hexdigest()[:10]
+    vocab = padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by, tp)
+    out = os.path.join(os.path.expanduser(m.cache_dir), f"{name}-{key}-vocab{vocab}")
+    if _rank() == 0 and not os.path.isdir(out):
+        log.info("Converting %s to Megatron torch_dist (first use) -> %s", m.gguf_file or source, out)
+        tmp = out + f".tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        convert_hf_to_megatron(m.hf_path, tmp, tp=tp, gguf_file=m.gguf_file,
+                               make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+        os.rename(tmp, out)
+    torch.distributed.barrier()
+    return out
+
+
+@dataclass
+class PreparedBatch:
+    """One rollout step's training data on this rank: lists of micro-batches, one list per
+    optimizer step, plus the step's mismatch metrics."""
+    minibatches: list[list[dict]]
+    metrics: dict = field(default_factory=dict)
+
+
+class Session:
+    """``rollout=False`` builds only the trainer side (the dry run feeds synthetic groups)."""
+
+    def __init__(self, cfg: Config, rollout: bool = True):
+        self.cfg = cfg
+        self.env = distributed.initialize(cfg.parallel, cfg.seed)
+        from megatron.core import parallel_state as ps
+        self.ps = ps
+        self.is_rank0 = _rank() == 0
+        self.arch = cfg.architecture()
+        self.run_dir = cfg.run_dir
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint.directory or os.path.join(cfg.run_dir, "checkpoints"),
+            cfg.checkpoint.keep_last)
+        self.checkpoints.remove_incomplete()
+
+        self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
+        init = self._initial_weights()
+        self.trainer = PolicyTrainer(
+            self.chunks, cfg.optimizer,
+            LossParams.from_config(cfg.algorithm, max_new_tokens=cfg.rollout.max_new_tokens),
+            total_steps=cfg.train_steps * cfg.algorithm.ppo_epochs * self._minibatches_per_step(),
+            temperature=self.temperature)
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = build_reference_model(self.arch, cfg.model, cfg.parallel, init)
+        self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
+                                    tensorboard=cfg.logging.tensorboard,
+                                    wandb_project=cfg.logging.wandb_project)
+        self.rollout_side = RolloutSide(cfg) if (self.is_rank0 and rollout) else None
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    @property
+    def temperature(self) -> float:
+        # The engine's log-probs are under the temperature-scaled distribution; greedy = 1.
+        return self.cfg.rollout.temperature or 1.0
+
+    def _minibatches_per_step(self) -> int:
+        gbs = self.cfg.algorithm.global_batch_size
+        sequences = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+        return 1 if gbs is None else math.ceil(sequences / gbs)
+
+    def _initial_weights(self) -> Optional[str]:
+        """Load the initial weights into the model; returns their torch_dist directory (the
+        reference policy's too)."""
+        m = self.cfg.model
+        if m.load:
+            path = m.load
+        elif m.random_init:
+            path = os.path.join(self.run_dir, "initial_weights")
+            if not os.path.isdir(path):  # keep the random start: the reference policy
+                save_model(self.chunks, path + ".tmp")
+                if self.is_rank0:
+                    os.rename(path + ".tmp", path)
+                torch.distributed.barrier()
+        else:
+            path = converted_checkpoint(self.cfg, self.arch)
+        load_model(self.chunks, path)
+        return path
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _sharded_state(self, loading: bool) -> dict:
+        model_state = sharded_model_state(self.chunks)
+        merged = {k: v for d in model_state.values() for k, v in d.items()}
+        return {**model_state,
+                "optimizer": self.trainer.optimizer.sharded_state_dict(merged, is_loading=loading)}
+
+    def save(self, step: int) -> str:
+        trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict()}
+        if self.rollout_side is not None:
+            trainer_state.update(self.rollout_side.state())
+        return self.checkpoints.save(step, self._sharded_state(loading=False), trainer_state)
+
+    def restore(self) -> int:
+        """Load the newest complete checkpoint; returns its step (0 if there is none)."""
+        found = latest_checkpoint(self.checkpoints.directory)
+        if found is None:
+            if self.is_rank0:
+                log.warning("--resume: no complete checkpoint in %s; starting from step 0",
+                            self.checkpoints.directory)
+            return 0
+        step, path = found
+        loaded, state = self.checkpoints.load(path, self._sharded_state(loading=True))
+        for i, chunk in enumerate(self.chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+        self.trainer.optimizer.load_state_dict(loaded["optimizer"])
+        self.trainer.scheduler.load_state_dict(state["scheduler"])
+        if self.rollout_side is not None:
+            self.rollout_side.load_state(state)
+        if self.is_rank0:
+            truncate_after(self.run_dir, step)
+            log.info("Resumed from %s (step %d)", path, step)
+        return step
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def rollout(self, step: int):
+        """Groups (and rollout metrics) of this step, identical on every rank."""
+        payload = self.rollout_side.rollout(step) if self.rollout_side is not None else None
+        return _broadcast(payload)
+
+    def prepare(self, groups) -> PreparedBatch:
+        cfg, ps = self.cfg, self.ps
+        alg = cfg.algorithm
+        adv = B.group_advantages(groups, alg.advantage_estimator, alg.advantage_eps)
+        full = B.build_global_batch(groups, adv, pad_id=0)
+        gbs = alg.global_batch_size or B.num_sequences(full)
+        interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
+        keys = list(LOSS_KEYS)
+        if alg.injection == "luffy":
+            keys.append("is_offpolicy")
+        if alg.replay.enabled:
+            keys += ["is_replay", "behaviour_logprobs"]
+        if self.reference is not None:
+            keys.append("ref_logprobs")
+        mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
+        minibatches = []
+        for start in range(0, B.num_sequences(full), gbs):
+            part = B.select(full, slice(start, start + gbs))
+            shard = B.data_parallel_slice(
+                part, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                alg.micro_batch_size,
+                multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
+            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
+            olds = self.trainer.compute_logprobs(mbs)
+            refs = (forward_logprobs(self.reference, mbs, self.temperature)
+                    if self.reference is not None else [None] * len(mbs))
+            for mb, old, ref in zip(mbs, olds, refs):
+                mb["old_logprobs"], mb["ref_logprobs"] = old, ref
+                onpolicy = mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
+                m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], onpolicy)
+                mismatch = {"sum": mismatch["sum"] + m["sum"], "max": max(mismatch["max"], m["max"]),
+                            "tokens": mismatch["tokens"] + m["tokens"]}
+                weights = B.truncated_importance_weights(old, mb["behaviour_logprobs"],
+                                                         mb["loss_mask"], onpolicy, alg.tis_cap)
+                if alg.tis_cap is not None:
+                    mb["advantages"] = mb["advantages"][:, None] * weights
+            minibatches.append([{k: mb[k] for k in keys} for mb in mbs])
+        return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))
+
+    def _reduce_mismatch(self, m: dict) -> dict:
+        # Every DP rank holds other sequences; TP/PP ranks of one DP rank hold the same ones.
+        t = torch.tensor([m["sum"], m["tokens"]], dtype=torch.float64)
+        mx = torch.tensor([m["max"]], dtype=torch.float64)
+        group = self.ps.get_data_parallel_group()
+        torch.distributed.all_reduce(t, group=group)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=group)
+        if t[1] == 0:
+            return {}
+        return {"train/logprob_mismatch_mean": float(t[0] / t[1]),
+                "train/logprob_mismatch_max": float(mx[0])}
+
+    def update(self, prepared: PreparedBatch) -> dict:
+        """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
+        results = [self.trainer.train_step(mbs) for _ in range(self.cfg.algorithm.ppo_epochs)
+                   for mbs in prepared.minibatches]
+        metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in results[0].metrics}
+        metrics.update({
+            "train/loss": fmean(r.loss for r in results),
+            "train/grad_norm": max(r.grad_norm for r in results),
+            "train/lr": results[-1].lr,
+            "train/optimizer_steps": float(len(results)),
+            "train/skipped_updates": float(sum(not r.update_successful for r in results)),
+        })
+        return {**metrics, **prepared.metrics}
+
+    def sync_weights(self) -> None:
+        """Megatron's weights -> the rollout engine (a new weight version)."""
+        weights = gather_hf_weights(self.chunks, self.arch)
+        if self.rollout_side is not None:
+            self.rollout_side.engine.update_weights(weights.items())
+        torch.distributed.barrier()
+
+    def export_hf(self, step: int) -> None:
+        """Hugging Face safetensors, config and tokenizer of the current weights, in
+        ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
+        weights = gather_hf_weights(self.chunks, self.arch)
+        if self.rollout_side is not None:
+            out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
+            self.rollout_side.export(weights, out)
+        torch.distributed.barrier()
+
+    def evaluate(self) -> dict:
+        return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.rollout_side is not None:
+            self.rollout_side.close()
+        distributed.teardown()
+
+
+class RolloutSide:
+    """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
+
+    def __init__(self, cfg: Config):
+        from ..data import ChatFormatter, load_prompts, load_tokenizer
+        from ..rewards import RewardRunner
+        from ..rollout.stage import RolloutStage
+
+        self.cfg = cfg
+        tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
+        self.formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template,
+                                       cfg.data.system_prompt)
+        self.sampler = PromptSampler(load_prompts(cfg.data, self.formatter), cfg.seed,
+                                     cfg.data.shuffle)
+        self.eval_prompts = (load_prompts(cfg.data, self.formatter, cfg.data.eval_path)
+                             [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
+        self.hf_config = hf_config(cfg)
+        self.engine = build_engine(cfg, tokenizer, self.hf_config)
+        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s)
+        self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
+                                  cfg.algorithm, seed=cfg.seed)
+
+    def rollout(self, step: int):
+        n = self.cfg.rollout.prompts_per_step
+        batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
+        return batch.groups, batch.metrics
+
+    def evaluate(self) -> dict:
+        """Solve rate of greedy answers on the held-out prompts (the hard-set solve rate)."""
+        from ..rewards.base import RewardRequest
+        from ..rollout.stage import sampling_params
+
+        if not self.eval_prompts:
+            return {}
+        params = sampling_params(self.cfg.rollout)
+        greedy = type(params)(**{**params.__dict__, "temperature": 0.0, "seed": 0})
+        results = self.engine.generate([list(p.prompt_ids) for p in self.eval_prompts],
+                                       [greedy] * len(self.eval_prompts))
+        scores = self.rewards.score([RewardRequest(r.text, p.answer, p.question)
+                                     for p, r in zip(self.eval_prompts, results)])
+        threshold = self.cfg.algorithm.repo.reward_threshold
+        return {"eval/solve_rate": fmean(s.value >= threshold for s in scores),
+                "eval/prompts": float(len(scores))}
+
+    def export(self, weights: dict, out: str) -> None:
+        from ..convert.safetensors_io import PlannedTensor, write_safetensors
+
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        planned = [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in weights.items()]
+        write_safetensors(tmp, planned, iter(weights.items()), max_shard_bytes=4 << 30)
+        self.hf_config.save_pretrained(tmp)
+        self.formatter.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+        log.info("Exported Hugging Face weights to %s", out)
+
+    def state(self) -> dict:
+        return {"sampler": self.sampler.state(), "replay": self.stage.replay}
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load_state(state["sampler"])
+        self.stage.replay = state.get("replay")
+
+    def close(self) -> None:
+        self.rewards.close()
+
+
+def hf_config(cfg: Config):
+    """The model's transformers config, with ``model.architecture_overrides`` applied."""
+    from transformers import AutoConfig
+
+    from ..models.architecture import load_hf_config_dict
+
+    hf = load_hf_config_dict(cfg.model.hf_path, cfg.model.gguf_file)
+    hf.update(cfg.model.architecture_overrides)
+    hf.pop("transformers_version", None)
+    return AutoConfig.for_model(hf.pop("model_type"), **hf)
+
+
+def build_engine(cfg: Config, tokenizer, config):
+    """The rollout engine the config asks for: SGLang servers, or the embedded CPU engine
+    (a transformers model of the same architecture whose weights the first sync sets)."""
+    sg = cfg.rollout.sglang
+    engine = cfg.rollout.engine
+    if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url)):
+        from ..sglang import engine_from_config
+        return engine_from_config(cfg, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    from ..rollout.hf_engine import HFEngine
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
