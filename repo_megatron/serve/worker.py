@@ -20,6 +20,8 @@ from ..rollout.hf_engine import HFEngine
 
 log = logging.getLogger(__name__)
 
+BATCH_WINDOW_S = 0.01
+
 
 @dataclass
 class Request:
@@ -104,6 +106,8 @@ class EngineWorker:
     async def _batch_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # requests sent together arrive over many connections: let them join one batch
+            await asyncio.sleep(BATCH_WINDOW_S)
             self._wake.clear()
             while self.queue and not self.paused:
                 batch, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
