@@ -20,7 +20,8 @@ Under TP=2 the naive path would hold ~12 GiB per rank; to fit two ranks on one m
 ranks take turns for its compute after the all-gather (each rank is timed on its own turn).
 
 Also reported (not in the targets): our forward + backward peak extra memory, beyond the
-``[T, V/tp]`` gradient of the logits that any method must produce.
+``[T, V/tp]`` gradient of the logits that any method must produce; the largest difference
+between the two paths; and the error of each against float64 on the first 64 tokens.
 Prints a table, then ONE JSON line with the headline figures.
 """
 
@@ -118,12 +119,20 @@ def worker(tokens: int, vocab: int, out_dir: str) -> None:
             del del_full
         torch.distributed.barrier()
     grad, _, fwd_bwd_mib = measure(lambda: ours_forward_backward(logits, targets))
+    # Accuracy of both against float64 on the first tokens (the same bf16 logits).
+    head = gather_from_tensor_model_parallel_region(logits[:64]).double()     # [64, V]
+    logp64_all = torch.log_softmax(head, dim=-1)
+    logp64 = logp64_all.gather(-1, targets[:64, None])[:, 0]
+    entropy64 = -(logp64_all.exp() * logp64_all).sum(-1)
     grad_mib = grad.numel() * grad.element_size() / 2**20
     result = {
         "rank": rank, "ours_s": ours_s, "naive_s": naive_s, "ours_peak_mib": ours_mib,
         "naive_peak_mib": naive_mib, "ours_fwd_bwd_peak_mib_beyond_grad": fwd_bwd_mib - grad_mib,
         "max_abs_diff_logp": (logp - ref_logp).abs().max().item(),
         "max_abs_diff_entropy": (entropy - ref_entropy).abs().max().item(),
+        **{f"{name}_err_vs_fp64_{what}": (value[:64] - exact).abs().max().item()
+           for name, lp, h in (("ours", logp, entropy), ("naive", ref_logp, ref_entropy))
+           for what, value, exact in (("logp", lp, logp64), ("entropy", h, entropy64))},
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -167,7 +176,7 @@ def main() -> None:
               f"{r['ours_fwd_bwd_peak_mib_beyond_grad']:12.0f}")
     headline = {"benchmark": "logprobs", "tokens": args.tokens, "vocab": args.vocab,
                 "logits_dtype": "bf16",
-                **{f"{name}_{k}": round(v, 4) for name, r in results.items() for k, v in r.items()},
+                **{f"{name}_{k}": float(f"{v:.4g}") for name, r in results.items() for k, v in r.items()},
                 "targets_met": all(r["memory_ratio"] <= 1 / 8 and r["time_ratio"] <= 1.0
                                    for r in results.values())}
     print(json.dumps(headline))
