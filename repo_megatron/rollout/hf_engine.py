@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .engine import GenerationResult, RolloutEngine, SamplingParams
-from .sampling import sample_token
+from .sampling import sample_tokens
 
 
 def load_hf_model(hf_path: Optional[str], gguf_file: Optional[str] = None,
@@ -129,12 +129,12 @@ class HFEngine(RolloutEngine):
                          use_cache=True, logits_to_keep=1)
         next_positions = positions[:, -1:]
         for _ in range(max(p.max_new_tokens for p in params)):
-            logits = out.logits[:, -1, :]                          # [n, vocab]
+            active = [row for row in range(n) if finished[row] is None]
+            picked, picked_logprobs = sample_tokens(
+                out.logits[active, -1, :], [params[r] for r in active],             # [a, vocab]
+                [generators[r] for r in active])
             next_ids = torch.full((n, 1), self.pad_id, dtype=torch.long)
-            for row in range(n):
-                if finished[row] is not None:
-                    continue
-                token, logprob = sample_token(logits[row], params[row], generators[row])
+            for row, token, logprob in zip(active, picked, picked_logprobs):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
                 next_ids[row, 0] = token

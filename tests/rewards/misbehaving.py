@@ -6,7 +6,7 @@ import time
 
 def by_cue(response: str, answer: str, question: str):
     if response == "hang":
-        time.sleep(3600)
+        time.sleep(60)      # long enough to time out; short-lived if orphaned
     if response == "raise":
         raise ValueError("cannot grade")
     if response == "die":

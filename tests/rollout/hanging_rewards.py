@@ -5,7 +5,7 @@ import time
 
 def misbehaving(response: str, answer: str, question: str):
     if "HANG" in response:
-        time.sleep(3600)
+        time.sleep(60)      # long enough to time out; short-lived if orphaned
     if "RAISE" in response:
         raise RuntimeError("reward bug")
     return float(answer in response), "contains the answer"
