@@ -132,7 +132,9 @@ def convert_hf_to_megatron(hf_dir: Optional[str], out: str, tp: int = 1, pp: int
     ``tp`` fixes the vocabulary padding (``padded_vocab_size(vocab, divisible_by, tp)``);
     ``tp``, ``pp`` and ``vpp`` are checked against the architecture."""
     if gguf_file is not None:
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+        parent = os.path.dirname(os.path.abspath(out))  # the dequantized copy goes beside out
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent) as tmp:
             materialize_gguf(hf_dir, gguf_file, tmp)
             return convert_hf_to_megatron(tmp, out, tp, pp, vpp, make_vocab_size_divisible_by,
                                           progress=progress)
@@ -146,9 +148,11 @@ def convert_hf_to_megatron(hf_dir: Optional[str], out: str, tp: int = 1, pp: int
     objects = [sharded_object_key(key, layer, arch.num_layers)
                for key in extra_state_keys(mappings) for layer in range(arch.num_layers)]
     total = sum(c.nbytes for g in groups for c in g.chunks)
+    # Read one group ahead of the writer while two fit in 2x the largest HF tensor.
+    largest = max(source.meta(n).nbytes for n in source.files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-megatron",
               disable=not progress) as bar:
-        write_torch_dist(out, groups, objects, on_chunk=bar.update)
+        write_torch_dist(out, groups, objects, budget=2 * largest, on_chunk=bar.update)
     copy_model_files(hf_dir, os.path.join(out, HF_FILES_DIR))
     with open(os.path.join(out, CONVERT_INFO), "w") as f:
         json.dump({"hf_architecture": arch.hf_architecture, "vocab_size": arch.vocab_size,

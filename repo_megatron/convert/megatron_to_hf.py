@@ -9,6 +9,7 @@ tokenizer files come from the checkpoint's ``hf/`` directory (written at import)
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -20,6 +21,7 @@ from ..config.base import ConfigError
 from ..models.architecture import read_architecture
 from .hf_to_megatron import HF_FILES_DIR
 from .mapping import ModelDims, mappings_for, megatron_shape, tensor_order
+from .reading import prefetched
 from .safetensors_io import PlannedTensor, copy_model_files, write_safetensors
 from .torch_dist_io import TorchDistReader
 
@@ -82,9 +84,19 @@ def convert_megatron_to_hf(megatron_dir: str, out: str, hf_config_dir: Optional[
                for name, shape in zip(m.hf_names(layer), m.hf_shapes(arch))]
     total = sum(t.nbytes for t in planned)
 
+    def region_bytes(item) -> int:
+        m, layer = item
+        shape = reader.global_shape(m.megatron)[1 if layer is not None else 0:]
+        return math.prod(shape) * reader.tensors[m.megatron].properties.dtype.itemsize
+
     def tensors(bar) -> Iterator[tuple[str, torch.Tensor]]:
-        for m, layer in order:
-            hf = m.to_hf(dims, reader.read(m.megatron, layer))
+        # Read one region ahead of the writer while two fit in 2x the largest region.
+        budget = 2 * max(region_bytes(item) for item in order)
+        regions = prefetched(order, lambda item: reader.read(item[0].megatron, item[1]),
+                             region_bytes, budget)
+        for (m, layer), region in zip(order, regions):
+            hf = m.to_hf(dims, region)
+            del region
             for name, t in zip(m.hf_names(layer), hf):
                 t = t if dtype is None else t.to(dtype)
                 bar.update(t.nbytes)

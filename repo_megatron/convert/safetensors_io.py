@@ -1,13 +1,13 @@
-"""Hugging Face safetensors checkpoints, read memory-mapped and written as a stream.
+"""Hugging Face safetensors checkpoints, read and written tensor by tensor.
 
 :class:`SafetensorsCheckpoint` maps tensor names to the shard holding them (``*.index.json``
-or a single ``model.safetensors``); ``get`` returns a tensor backed by the file's pages, not a
-copy. :func:`write_safetensors` writes shards tensor by tensor: the header is computed from
+or a single ``model.safetensors``) and reads one tensor at a time. :func:`write_safetensors` writes shards tensor by tensor: the header is computed from
 the planned names, dtypes and shapes, so no shard is ever assembled in memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
-
 from ..config.base import ConfigError
+from .reading import pread_into
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -30,7 +29,11 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsCheckpoint:
-    """The tensors of a Hugging Face model directory, opened lazily (memory-mapped)."""
+    """The tensors of a Hugging Face model directory, read one at a time.
+
+    Only the shard headers are read up front; :meth:`get` reads one tensor into its own
+    buffer with large sequential reads (faster than faulting in a memory map on a cold page
+    cache), so memory holds the tensors in use and nothing else."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -39,26 +42,55 @@ class SafetensorsCheckpoint:
             with open(index) as f:
                 self.files: dict[str, str] = json.load(f)["weight_map"]
         elif os.path.exists(os.path.join(directory, SINGLE_NAME)):
-            with safe_open(os.path.join(directory, SINGLE_NAME), framework="pt") as f:
-                self.files = {name: SINGLE_NAME for name in f.keys()}
+            self.files = {name: SINGLE_NAME for name in self._header(SINGLE_NAME)[0]}
         else:
             raise ConfigError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors "
                               "checkpoints are read)")
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
-    def _open(self, name: str):
+    def _header(self, file: str) -> tuple[dict, int]:
+        """(entries, offset of the data section) of one shard."""
+        path = os.path.join(self.directory, file)
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            entries = json.loads(f.read(size))
+        entries.pop("__metadata__", None)
+        return entries, 8 + size
+
+    def _entry(self, name: str) -> tuple[str, dict, int]:
         file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.directory, file), framework="pt")
-        return self._handles[file]
+        if file not in self._headers:
+            self._headers[file] = self._header(file)
+        entries, data_start = self._headers[file]
+        if name not in entries:
+            raise ConfigError(f"{self.directory}/{file}: tensor {name} is listed in the index "
+                              "but not in the file")
+        return file, entries[name], data_start
 
     def meta(self, name: str) -> torch.Tensor:
         """A ``meta`` tensor with the shape and dtype of ``name`` (reads no data)."""
-        piece = self._open(name).get_slice(name)
-        return torch.empty(piece.get_shape(), dtype=_DTYPES[piece.get_dtype()], device="meta")
+        _, entry, _ = self._entry(name)
+        return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(name).get_tensor(name)
+        file, entry, data_start = self._entry(name)
+        out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if end - begin != out.nbytes:
+            raise ConfigError(f"{self.directory}/{file}: tensor {name} has {end - begin} bytes "
+                              f"for shape {entry['shape']} {entry['dtype']}")
+        fd = os.open(os.path.join(self.directory, file), os.O_RDONLY)
+        try:
+            pread_into(fd, _bytes(out), data_start + begin)
+        finally:
+            os.close(fd)
+        return out
+
+
+def _bytes(tensor: torch.Tensor):
+    """A writable byte view of a contiguous CPU tensor's memory (through ctypes rather than
+    numpy, which would pin the storage's size: the DCP planner frees storages it wrote)."""
+    return (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
 
 
 @dataclass(frozen=True)
@@ -115,8 +147,8 @@ def write_safetensors(directory: str, planned: list[PlannedTensor],
                         or tensor.dtype != expected.dtype:
                     raise AssertionError(f"{name} {tuple(tensor.shape)} {tensor.dtype} written "
                                          f"where {expected} was planned")
-                # Raw bytes of the tensor, without a copy (bf16 has no numpy dtype: view as u8).
-                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+                data = tensor.contiguous()  # held: the byte view does not keep it alive
+                f.write(_bytes(data))
                 weight_map[name] = file
             f.flush()
             os.fsync(f.fileno())

@@ -3,8 +3,8 @@
 A ``torch_dist`` checkpoint is a PyTorch Distributed Checkpoint (DCP) directory of global
 tensors stored as chunks, plus Megatron's ``metadata.json`` and ``common.pt``.
 :func:`write_torch_dist` saves through DCP's own ``FileSystemWriter`` with a planner that
-computes each chunk only when the writer asks for it (``resolve_data``), so memory holds one
-chunk group at a time. :class:`TorchDistReader` reads any region of a key from whatever chunks
+computes each chunk only when the writer asks for it (``resolve_data``), so memory holds the
+chunk group being written and at most one read ahead. :class:`TorchDistReader` reads any region of a key from whatever chunks
 a checkpoint holds (ours, or Megatron's own TP/PP-sharded saves).
 """
 
@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, Wri
                                                   WriteItemType)
 
 from ..config.base import ConfigError
+from .reading import pread_into, prefetched
 
 # What megatron.core.dist_checkpointing.save writes next to the DCP files.
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -64,17 +65,21 @@ def sharded_object_key(key: str, offset: int, count: int) -> str:
 class _LazySavePlanner(DefaultSavePlanner):
     """A save plan made from chunk descriptions; data is computed in ``resolve_data``.
 
-    DCP's writer sorts items by size, so a group's chunks may be asked for apart: a group is
-    computed at its first request and its remaining chunks wait in ``_pending``."""
+    Groups are computed in the order the writer asks for their chunks, one group ahead of
+    it within ``budget`` bytes (:func:`~.reading.prefetched`); a group's chunks wait in
+    ``_pending`` until written."""
 
     def __init__(self, groups: list[ChunkGroup], objects: dict[str, bytes],
-                 on_chunk: Callable[[int], None]):
+                 on_chunk: Callable[[int], None], budget: int):
         super().__init__()
         self._groups = groups
         self._objects = objects
         self._on_chunk = on_chunk
+        self._budget = budget
         self._where: dict[MetadataIndex, tuple[int, int]] = {}
         self._pending: dict[int, dict[int, torch.Tensor]] = {}
+        self._stream: Optional[Iterator[tuple[int, list[torch.Tensor]]]] = None
+        self._written: Optional[torch.Tensor] = None
 
     def create_local_plan(self) -> SavePlan:
         items = [WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO)
@@ -90,47 +95,80 @@ class _LazySavePlanner(DefaultSavePlanner):
         self.plan = SavePlan(items, planner_data={})
         return self.plan
 
+    def _write_order(self) -> list[int]:
+        """Groups in the order of the final plan, which a one-thread writer follows (any
+        other order stays correct: groups computed early wait in ``_pending``)."""
+        return list(dict.fromkeys(self._where[i.index][0] for i in self.plan.items
+                                  if i.type != WriteItemType.BYTE_IO))
+
+    def _compute(self, g: int) -> tuple[int, list[torch.Tensor]]:
+        group = self._groups[g]
+        return g, [t.reshape(ch.sizes).contiguous() for t, ch in zip(group.compute(), group.chunks)]
+
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
+        if self._stream is None:
+            nbytes = lambda g: sum(c.nbytes for c in self._groups[g].chunks)  # noqa: E731
+            self._stream = prefetched(self._write_order(), self._compute, nbytes, self._budget)
         g, c = self._where[write_item.index]
-        if g not in self._pending:
-            group = self._groups[g]
-            tensors = group.compute()
-            self._pending[g] = {i: t.reshape(ch.sizes).contiguous()
-                                for i, (t, ch) in enumerate(zip(tensors, group.chunks))}
+        while g not in self._pending:
+            done, tensors = next(self._stream)
+            self._pending[done] = dict(enumerate(tensors))
         tensor = self._pending[g].pop(c)
         if not self._pending[g]:
             del self._pending[g]
+        self._release_written()
+        self._written = tensor
         self._on_chunk(tensor.nbytes)
         return tensor
 
+    def _release_written(self) -> None:
+        """Free the chunk handed out before: the writer asks for the next one only once it is
+        written, but keeps a reference to every tensor it wrote until the file is closed
+        (for its safetensors format), which would hold the whole model in memory."""
+        if self._written is None:
+            return
+        storage = self._written.untyped_storage()
+        in_use = {t.untyped_storage().data_ptr() for p in self._pending.values() for t in p.values()}
+        if storage.data_ptr() not in in_use:
+            storage.resize_(0)
+        self._written = None
+
 
 def write_torch_dist(directory: str, groups: list[ChunkGroup], object_keys: list[str],
-                     on_chunk: Callable[[int], None] = lambda nbytes: None) -> None:
+                     budget: int, on_chunk: Callable[[int], None] = lambda nbytes: None) -> None:
     """Write a Megatron ``torch_dist`` checkpoint of ``groups`` into ``directory`` in this
-    process (no process group needed). ``object_keys`` are DCP names of ``ShardedObject``
-    entries saved as ``None`` (the local spec's ``_extra_state``)."""
+    process (no process group needed), holding at most ``budget`` bytes of computed chunks
+    (and at least one group). ``object_keys`` are DCP names of ``ShardedObject`` entries
+    saved as ``None`` (the local spec's ``_extra_state``)."""
     os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
     torch.save([None], buf)  # Megatron stores a list of the rank's objects for each key
     objects = {name: buf.getvalue() for name in object_keys}
     writer = FileSystemWriter(directory, single_file_per_rank=True, thread_count=1)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(groups, objects, on_chunk),
-                 no_dist=True)
+    crc32 = torch.serialization.get_crc32_options()
+    # torch.save's CRC32 of every record costs as much CPU as the write itself here; the
+    # loaders (torch.load, DCP) do not check it.
+    torch.serialization.set_crc32_options(False)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in one process": yes
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_save({}, storage_writer=writer,
+                     planner=_LazySavePlanner(groups, objects, on_chunk, budget), no_dist=True)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
     torch.save({}, os.path.join(directory, "common.pt"))
     with open(os.path.join(directory, "metadata.json"), "w") as f:
         json.dump(MEGATRON_METADATA, f)
 
 
 class _FileSlice(io.RawIOBase):
-    """A read-only window ``[offset, offset + length)`` of an open file, for ``torch.load``
-    (which reads through ``readinto``, without an intermediate copy)."""
+    """A read-only window ``[offset, offset + length)`` of a file, for ``torch.load`` (which
+    reads through ``readinto``: straight into the tensor, in large blocks)."""
 
-    def __init__(self, f, offset: int, length: int):
-        self._f, self._start, self._len, self._pos = f, offset, length, 0
+    def __init__(self, fd: int, offset: int, length: int):
+        self._fd, self._start, self._len, self._pos = fd, offset, length, 0
 
     def readable(self) -> bool:
         return True
@@ -147,11 +185,10 @@ class _FileSlice(io.RawIOBase):
         return self._pos
 
     def readinto(self, b) -> int:
-        n = min(len(b), self._len - self._pos)
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(b)[:n])
-        self._pos += got
-        return got
+        n = min(len(memoryview(b).cast("B")), self._len - self._pos)
+        pread_into(self._fd, memoryview(b).cast("B")[:n], self._start + self._pos)
+        self._pos += n
+        return n
 
 
 class TorchDistReader:
@@ -173,9 +210,12 @@ class TorchDistReader:
 
     def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
         info = self._storage[MetadataIndex(key, chunk.offsets)]
-        with open(os.path.join(self.directory, info.relative_path), "rb") as f:
-            return torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu",
+        fd = os.open(os.path.join(self.directory, info.relative_path), os.O_RDONLY)
+        try:
+            return torch.load(_FileSlice(fd, info.offset, info.length), map_location="cpu",
                               weights_only=True)
+        finally:
+            os.close(fd)
 
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """The global tensor ``key``, or its slice ``[layer]`` (layer-stacked keys)."""
