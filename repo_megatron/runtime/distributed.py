@@ -64,6 +64,10 @@ def read_launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
             env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
+    # One process, no launcher: any free port (two single-process runs must not collide).
+    if "MASTER_PORT" not in env:
+        from .launch import free_port
+        port = free_port()
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

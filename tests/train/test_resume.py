@@ -15,17 +15,20 @@ from tests.train.conftest import tiny_run_config
 
 def _run(cfg_path, *extra, failpoint=None):
     env = {**os.environ, "REPO_MEGATRON_FAILPOINT": failpoint or ""}
-    proc = subprocess.Popen([sys.executable, "-m", "repo_megatron.cli", "train", cfg_path, *extra],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        try:  # reward workers of a killed trainer must not outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return proc.returncode, out
+    # Output to a file, not a pipe: helper processes of a killed trainer may still hold it.
+    with open(cfg_path + ".log", "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "repo_megatron.cli", "train", cfg_path, *extra],
+            env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:  # helper processes of a killed trainer must not outlive the test
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        return proc.returncode, log.read()[-5000:]
 
 
 def test_sigkill_mid_save_and_mid_step_then_resume(tiny_chat_model, tmp_path):
