@@ -1,7 +1,7 @@
 """The embedded rollout engine: a transformers causal LM in the trainer process (CPU is fine).
 
 Batched sampling with a KV cache: prompts are left-padded into one batch, prefilled once, then
-decoded one token per step for every row. Each request samples with its own
+decoded one token per step; finished rows leave the batch (and the cache) as they stop. Each request samples with its own
 ``torch.Generator`` seeded from ``SamplingParams.seed``, so a request's response does not
 depend on the other requests in its batch (up to float rounding of the padded batch).
 """
@@ -127,25 +127,28 @@ class HFEngine(RolloutEngine):
 
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        next_positions = positions[:, -1:]
-        for _ in range(max(p.max_new_tokens for p in params)):
-            active = [row for row in range(n) if finished[row] is None]
+        cache, last_positions = out.past_key_values, positions[:, -1:]
+        live = list(range(n))                     # the request behind each row of the batch
+        while True:
             picked, picked_logprobs = sample_tokens(
-                out.logits[active, -1, :], [params[r] for r in active],             # [a, vocab]
-                [generators[r] for r in active])
-            next_ids = torch.full((n, 1), self.pad_id, dtype=torch.long)
-            for row, token, logprob in zip(active, picked, picked_logprobs):
+                out.logits[:, -1, :], [params[r] for r in live],                  # [live, vocab]
+                [generators[r] for r in live])
+            for row, token, logprob in zip(live, picked, picked_logprobs):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
-                next_ids[row, 0] = token
                 finished[row] = self._finish(tokens[row], params[row])
-            if all(f is not None for f in finished):
+            keep = [i for i, row in enumerate(live) if finished[row] is None]
+            if not keep:
                 break
-            # finished rows keep decoding padding; their outputs are never read
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-            next_positions = next_positions + 1
-            out = self.model(input_ids=next_ids, attention_mask=mask, position_ids=next_positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+            if len(keep) < len(live):             # finished rows leave the batch and the cache
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                mask, last_positions = mask[index], last_positions[index]
+                live, picked = [live[i] for i in keep], [picked[i] for i in keep]
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            last_positions = last_positions + 1
+            out = self.model(input_ids=torch.tensor(picked)[:, None], attention_mask=mask,
+                             position_ids=last_positions, past_key_values=cache, use_cache=True)
         return [GenerationResult(token_ids=tokens[row],
                                  text=self.tokenizer.decode(tokens[row], skip_special_tokens=True),
                                  logprobs=logprobs[row], finish_reason=finished[row][0],

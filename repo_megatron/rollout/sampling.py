@@ -30,6 +30,18 @@ def nucleus_mask(sorted_probs: torch.Tensor, top_k: torch.Tensor,
     return (rank < top_k[:, None]) & ((mass_before < top_p[:, None]) | (rank == 0))
 
 
+def truncation_mask(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Which tokens survive each row's top-k and top-p, in vocabulary order. probs: [n, vocab]."""
+    vocab = probs.shape[-1]
+    if not any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    keep_sorted = nucleus_mask(sorted_probs, top_k, top_p)
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator]) -> tuple[list[int], list[float]]:
     """The next token of each row and its log-prob under :func:`sampling_logprobs` (the
@@ -38,15 +50,13 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
     logprobs = sampling_logprobs(logits, temperatures)                        # [n, vocab]
     uniform = torch.stack([torch.rand((), generator=g) for g in generators])  # [n]
-    # always in descending order, so a row's token never depends on its batch mates' params
-    probs, order = torch.sort(logprobs.exp(), dim=-1, descending=True)       # [n, vocab]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    keep = nucleus_mask(probs, top_k, top_p)
-    cdf = (probs * keep).cumsum(-1)
-    # right=True: the first token whose cdf exceeds u * total, never one of zero probability
+    probs = logprobs.exp()
+    keep = truncation_mask(probs, params)
+    # the CDF runs in vocabulary order: float noise in the logits (another batch, another
+    # padding) then moves a row's pick only if u lands within that noise of a boundary
+    cdf = (probs * keep).cumsum(-1)                                           # [n, vocab]
     picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
-    picked = torch.minimum(picked, keep.sum(-1) - 1)   # u * total rounding up to the total
-    tokens = order.gather(1, picked[:, None])[:, 0]
+    last_kept = torch.where(keep, torch.arange(vocab), -1).max(-1).values
+    tokens = torch.minimum(picked, last_kept)     # u * total rounding up to the total
     tokens = torch.where(temperatures > 0, tokens, logprobs.argmax(-1))
     return tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist()
