@@ -294,7 +294,8 @@ class RolloutSide:
                              [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
         self.hf_config = hf_config(cfg)
         self.engine = build_engine(cfg, tokenizer, self.hf_config)
-        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s)
+        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
+                                    cfg.data.reward_workers)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
 
@@ -343,6 +344,8 @@ class RolloutSide:
 
     def close(self) -> None:
         self.rewards.close()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
 
 def hf_config(cfg: Config):
@@ -363,8 +366,8 @@ def build_engine(cfg: Config, tokenizer, config):
     sg = cfg.rollout.sglang
     engine = cfg.rollout.engine
     if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url)):
-        from ..sglang import engine_from_config
-        return engine_from_config(cfg, tokenizer)
+        from ..sglang import SGLangEngine
+        return SGLangEngine(sg)
     from transformers import AutoModelForCausalLM
 
     from ..rollout.hf_engine import HFEngine
