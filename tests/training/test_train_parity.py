@@ -1,7 +1,7 @@
 """Two optimizer steps give the same loss, gradient norm and parameters in every Megatron
 layout (TP=2, PP=2, DP=2 with the distributed optimizer, TP2xPP2, PP2xVPP2) as at TP=1, for
 every loss aggregation mode: 4 micro-batches of ragged responses (one fully masked sequence),
-KL to a reference, entropy bonus, gradient clipping, Adam.
+KL to a frozen reference model, entropy bonus, gradient clipping, Adam.
 
 Weights start identical through a torch_dist checkpoint saved by the TP=1 run. Parameters
 after the steps are compared by saving a torch_dist checkpoint in each layout and reading
@@ -30,6 +30,7 @@ LAYOUTS = {  # name: (TP, PP, VPP, world size, distributed optimizer)
 }
 NUM_MICRO_BATCHES, MICRO_BATCH_SIZE, VOCAB = 4, 2, 1000
 CLIP_GRAD = 0.5
+TEMPERATURE = 0.9  # the policy's sampling temperature: log-probs of pi / T
 # Adam's first step is lr * g / (|g| + eps): with a tiny eps, gradient entries that are ~0 up
 # to rounding become +-lr, so any two summation orders would disagree by lr. An eps above the
 # rounding noise keeps the update a continuous function of the gradient.
@@ -72,7 +73,8 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.train_step import PolicyTrainer
+    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.training.train_step import PolicyTrainer, build_reference_model
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp)
@@ -85,23 +87,31 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
     results = {}
     for mode in MODES:
         name = "tied" if mode in TIED else "untied"
-        chunks = build_model(read_architecture(os.path.join(root, name)),
-                             ModelConfig(transformer_impl="local"), parallel)
+        arch, model_cfg = read_architecture(os.path.join(root, name)), ModelConfig(
+            transformer_impl="local")
+        chunks = build_model(arch, model_cfg, parallel)
         init = os.path.join(root, "init", name)
         if reference and not os.path.exists(init):
             save_model(chunks, init)
         load_model(chunks, init)
+        reference_model = build_reference_model(arch, model_cfg, parallel, init)
         trainer = PolicyTrainer(
             chunks, OptimizerConfig(lr=1e-2, clip_grad=CLIP_GRAD, adam_eps=ADAM_EPS,
                                     use_distributed_optimizer=distributed_optimizer),
             LossParams(loss_agg_mode=mode, loss_norm_length=16, kl_coef=0.1, entropy_coef=0.01,
-                       dual_clip=3.0), total_steps=2, temperature=0.9)
+                       dual_clip=3.0), total_steps=2, temperature=TEMPERATURE)
         old = trainer.compute_logprobs(micro_batches)
-        batch = [{**mb, "old_logprobs": o, "ref_logprobs": o + mb["ref_noise"]}
-                 for mb, o in zip(micro_batches, old)]
+        ref = forward_logprobs(reference_model, micro_batches, TEMPERATURE)
+        # noise: the policy starts at the reference, so KL would vanish at the first step
+        batch = [{**mb, "old_logprobs": o, "ref_logprobs": r + mb["ref_noise"]}
+                 for mb, o, r in zip(micro_batches, old, ref)]
         steps = [trainer.train_step(batch) for _ in range(2)]
         save_model(chunks, os.path.join(root, layout, mode))
-        results[mode] = [(s.loss, s.grad_norm, s.metrics) for s in steps]
+        ref_after = forward_logprobs(reference_model, micro_batches, TEMPERATURE)
+        results[mode] = {
+            "steps": [(s.loss, s.grad_norm, s.metrics) for s in steps],
+            "reference_vs_old": max((r - o).abs().max().item() for r, o in zip(ref, old)),
+            "reference_drift": max((a - r).abs().max().item() for a, r in zip(ref_after, ref))}
     return results
 
 
@@ -127,7 +137,7 @@ def reference(tmp_path_factory):
 def test_reference_run_is_not_trivial(reference):
     root, ref = reference
     for mode in MODES:
-        (loss1, norm1, metrics1), (loss2, norm2, metrics2) = ref[mode]
+        (loss1, norm1, metrics1), (loss2, norm2, metrics2) = ref[mode]["steps"]
         assert norm1 > CLIP_GRAD, "the gradient norm should exceed the clip (clipping is exercised)"
         assert loss1 != loss2 and metrics2["clipfrac_low"] + metrics2["clipfrac_high"] > 0
         assert metrics1["kl"] > 0 and metrics1["entropy"] > 0
@@ -145,8 +155,10 @@ def test_layout_training_equals_tp1(reference, layout):
                               timeout=900)
     for mode in MODES:
         for rank, res in enumerate(results):
+            assert res[mode]["reference_vs_old"] < 1e-6, "reference model != initial policy"
+            assert res[mode]["reference_drift"] == 0, "the reference model must stay frozen"
             for step, ((loss, norm, metrics), (ref_loss, ref_norm, ref_metrics)) in enumerate(
-                    zip(res[mode], ref[mode]), start=1):
+                    zip(res[mode]["steps"], ref[mode]["steps"]), start=1):
                 where = f"{layout} {mode} rank {rank} step {step}"
                 assert abs(loss - ref_loss) < 1e-5, f"{where}: loss {loss} vs {ref_loss}"
                 assert abs(norm - ref_norm) < 1e-5, f"{where}: grad norm {norm} vs {ref_norm}"
