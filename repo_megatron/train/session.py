@@ -104,7 +104,7 @@ class Session:
             self.chunks, cfg.optimizer,
             LossParams.from_config(cfg.algorithm, max_new_tokens=cfg.rollout.max_new_tokens),
             total_steps=cfg.train_steps * cfg.algorithm.ppo_epochs * self._minibatches_per_step(),
-            temperature=self.temperature)
+            temperature=self.temperature, vocab_size=self.arch.vocab_size)
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
             self.reference = build_reference_model(self.arch, cfg.model, cfg.parallel, init)
@@ -209,7 +209,7 @@ class Session:
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
             mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
             olds = self.trainer.compute_logprobs(mbs)
-            refs = (forward_logprobs(self.reference, mbs, self.temperature)
+            refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
             for mb, old, ref in zip(mbs, olds, refs):
                 mb["old_logprobs"], mb["ref_logprobs"] = old, ref

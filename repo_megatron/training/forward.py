@@ -79,18 +79,20 @@ def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Call
         seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
 
 
-def _logprob_loss(batch: dict, temperature: float, logits: torch.Tensor):
+def _logprob_loss(batch: dict, temperature: float, vocab_size: Optional[int],
+                  logits: torch.Tensor):
     targets = next_token_targets(batch["tokens"].to(logits.device))
     mask = batch.get("loss_mask")
     logp, _ = vocab_parallel_logprobs(logits, targets, temperature,
-                                      None if mask is None else mask.to(logits.device).bool())
+                                      None if mask is None else mask.to(logits.device).bool(),
+                                      vocab_size=vocab_size)
     return logits.new_zeros(()), {"logprobs": logp.detach()}
 
 
-def _logprob_forward_step(temperature: float, data_iterator, model):
+def _logprob_forward_step(temperature: float, vocab_size: Optional[int], data_iterator, model):
     batch = next(data_iterator)
     tokens, pos, mask = model_inputs(batch)
-    return model(tokens, pos, mask), partial(_logprob_loss, batch, temperature)
+    return model(tokens, pos, mask), partial(_logprob_loss, batch, temperature, vocab_size)
 
 
 def broadcast_from_last_stage(values: Optional[list[torch.Tensor]],
@@ -112,18 +114,19 @@ def broadcast_from_last_stage(values: Optional[list[torch.Tensor]],
 
 
 @torch.no_grad()
-def forward_logprobs(model: list, micro_batches: Iterable[dict],
-                     temperature: float = 1.0) -> list[torch.Tensor]:
+def forward_logprobs(model: list, micro_batches: Iterable[dict], temperature: float = 1.0,
+                     vocab_size: Optional[int] = None) -> list[torch.Tensor]:
     """Per-token log-probs of the next token, ``[b, s]`` per micro-batch (position t scores
     tokens[t + 1]; the last position is meaningless; 0 outside ``loss_mask`` when the
-    micro-batch has one), available on every pipeline stage."""
+    micro-batch has one), available on every pipeline stage. ``vocab_size``: the real
+    vocabulary (the padding past it gets no probability); None when the model has no padding."""
     from megatron.core import parallel_state
 
     micro_batches = list(micro_batches)
     for m in model:
         m.eval()
-    out = run_schedule(model, micro_batches, partial(_logprob_forward_step, temperature),
-                       forward_only=True)
+    out = run_schedule(model, micro_batches,
+                       partial(_logprob_forward_step, temperature, vocab_size), forward_only=True)
     last = parallel_state.is_pipeline_last_stage()
     values = ([o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(out, micro_batches)]
               if last else None)

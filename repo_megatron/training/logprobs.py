@@ -47,10 +47,21 @@ def _tp_group_info() -> tuple[object, int, int]:
             parallel_state.get_tensor_model_parallel_world_size())
 
 
-def _scaled_chunk(logits: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 ``logits[rows] / temperature`` as a fresh tensor (megatron's stages work in place)."""
+# Logit given to vocabulary padding: exp() of it is exactly 0, and 0 * it stays finite.
+PADDING_LOGIT = -1e30
+
+
+def _scaled_chunk(logits: torch.Tensor, rows: torch.Tensor, temperature: float,
+                  valid: int) -> torch.Tensor:
+    """fp32 ``logits[rows] / temperature`` as a fresh tensor (megatron's stages work in place),
+    with the local columns from ``valid`` on (vocabulary padding) set to :data:`PADDING_LOGIT`:
+    padding rows of the output layer are not tokens and must not take probability mass."""
     z = logits.index_select(0, rows).float()                                 # [c, v/tp]
-    return z.div_(temperature) if temperature != 1.0 else z
+    if temperature != 1.0:
+        z.div_(temperature)
+    if valid < z.size(-1):
+        z[:, valid:] = PADDING_LOGIT
+    return z
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_end: int):
@@ -116,18 +127,21 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     zeros on the other rows. The backward recomputes each chunk instead of storing it."""
 
     @staticmethod
-    def forward(ctx, logits, targets, rows, temperature, chunk):
+    def forward(ctx, logits, targets, rows, temperature, chunk, vocab_size):
         group, tp_rank, tp_size = _tp_group_info()
+        v_local = logits.size(-1)
+        valid = v_local if vocab_size is None else \
+            min(max(vocab_size - tp_rank * v_local, 0), v_local)  # real tokens of this slice
         logp = logits.new_zeros(logits.size(0), dtype=torch.float32)         # [n]
         entropy = torch.zeros_like(logp)
         z_max, log_sum_exp = torch.zeros_like(logp), torch.zeros_like(logp)
         with torch.no_grad():
             for rows_c in rows.split(chunk):
-                z = _scaled_chunk(logits, rows_c, temperature)
+                z = _scaled_chunk(logits, rows_c, temperature, valid)
                 logp[rows_c], entropy[rows_c], z_max[rows_c], log_sum_exp[rows_c] = \
                     _chunk_forward(z, targets[rows_c], group, tp_rank, tp_size)
         ctx.save_for_backward(logits, targets, rows, z_max, log_sum_exp, entropy)
-        ctx.temperature, ctx.chunk, ctx.tp = temperature, chunk, (tp_rank, tp_size)
+        ctx.temperature, ctx.chunk, ctx.tp, ctx.valid = temperature, chunk, (tp_rank, tp_size), valid
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -136,9 +150,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logits, targets, rows, z_max, log_sum_exp, entropy = ctx.saved_tensors
         grad = torch.zeros_like(logits)                                      # [n, v/tp]
         if grad_logp is None and grad_entropy is None:
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         for rows_c in rows.split(ctx.chunk):
-            z = _scaled_chunk(logits, rows_c, ctx.temperature)
+            z = _scaled_chunk(logits, rows_c, ctx.temperature, ctx.valid)
             grad_c = _chunk_grad(
                 z, targets[rows_c], z_max[rows_c], log_sum_exp[rows_c], entropy[rows_c],
                 None if grad_logp is None else grad_logp[rows_c].float(),
@@ -146,18 +160,20 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             if ctx.temperature != 1.0:
                 grad_c.div_(ctx.temperature)
             grad.index_copy_(0, rows_c, grad_c.to(grad.dtype))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
                             temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
-                            chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                            chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                            vocab_size: Optional[int] = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``targets`` and entropies of the next-token distributions, differentiable.
 
     Inputs: ``logits`` [b, s, v/tp] (this TP rank's vocabulary slice, any float dtype; the
     maths runs in fp32), ``targets`` [b, s] global token ids, ``mask`` [b, s] (only these
-    positions are computed; None = all). Outputs: ``(logprobs, entropy)``, fp32 [b, s],
+    positions are computed; None = all), ``vocab_size`` the real vocabulary (columns past it
+    are Megatron's padding and get no probability; None = no padding). Outputs: ``(logprobs, entropy)``, fp32 [b, s],
     identical on every TP rank, 0 outside ``mask``.
     """
     b, s, v_local = logits.shape
@@ -166,5 +182,5 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
             else mask.reshape(-1).nonzero().squeeze(1))
     logp, entropy = _VocabParallelLogProbs.apply(
         logits.reshape(b * s, v_local), flat_targets, rows, float(temperature),
-        tokens_per_chunk(v_local, chunk_bytes))
+        tokens_per_chunk(v_local, chunk_bytes), vocab_size)
     return logp.view(b, s), entropy.view(b, s)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -62,6 +62,7 @@ class LossContext:
     num_microbatches: int         # micro-batches of this rank in this step (M)
     data_parallel_size: int       # DP
     temperature: float = 1.0
+    vocab_size: Optional[int] = None  # real vocabulary; Megatron's padding past it is masked
 
     @property
     def megatron_scale(self) -> int:
@@ -89,7 +90,7 @@ def policy_loss_func(batch: dict, ctx: LossContext, logits: torch.Tensor):
     dev = logits.device
     mask = batch["loss_mask"].to(dev).bool()
     logp, entropy = vocab_parallel_logprobs(logits, next_token_targets(batch["tokens"].to(dev)),
-                                            ctx.temperature, mask)
+                                            ctx.temperature, mask, vocab_size=ctx.vocab_size)
     if ctx.params.entropy_coef == 0:
         entropy = entropy.detach()  # a metric only: no backward through it
     optional = {k: batch[k].to(dev) for k in OPTIONAL_INPUTS if batch.get(k) is not None}

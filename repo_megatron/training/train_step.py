@@ -119,13 +119,15 @@ class PolicyTrainer:
     slice), in the format of :mod:`repo_megatron.training.loss`."""
 
     def __init__(self, chunks: list, optimizer_cfg: OptimizerConfig, loss_params: LossParams,
-                 total_steps: int, temperature: float = 1.0):
+                 total_steps: int, temperature: float = 1.0,
+                 vocab_size: Optional[int] = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.model = wrap_model(chunks, optimizer_cfg.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.model, optimizer_cfg)
         self.scheduler = build_lr_scheduler(self.optimizer, optimizer_cfg, total_steps)
         self.loss_params, self.temperature = loss_params, temperature
+        self.vocab_size = vocab_size  # the real vocabulary: logits past it are padding
         self.clip_grad = optimizer_cfg.clip_grad
         config = self.model[0].config
         config.finalize_model_grads_func = finalize_model_grads
@@ -141,7 +143,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad()
         ctx = LossContext(self.loss_params, global_normalisers(micro_batches),
                           len(micro_batches), parallel_state.get_data_parallel_world_size(),
-                          self.temperature)
+                          self.temperature, self.vocab_size)
         outputs = run_schedule(self.model, micro_batches, partial(policy_forward_step, ctx),
                                forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -156,7 +158,7 @@ class PolicyTrainer:
 
     def compute_logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
         """Old log-probs ``[b, s]`` per micro-batch under the current weights (forward only)."""
-        return forward_logprobs(self.model, micro_batches, self.temperature)
+        return forward_logprobs(self.model, micro_batches, self.temperature, self.vocab_size)
 
 
 def build_reference_model(arch, model_cfg: ModelConfig, parallel: ParallelConfig,

@@ -7,6 +7,7 @@ import torch
 from tests.distributed import run_distributed
 
 VOCAB, TEMPERATURE = 96, 0.7
+REAL_VOCAB = 76  # the last 20 columns play Megatron's vocabulary padding (rank 1: 28 real)
 
 
 def _inputs():
@@ -54,6 +55,13 @@ def _tp2_logprobs():
         (g.float() * value)[mask].sum().backward()
         out[name] = value.detach()
         out[f"grad_{name}"] = local.grad
+    # vocabulary padding: columns >= REAL_VOCAB take no probability mass and get no gradient
+    local = shard.clone().requires_grad_(True)
+    real_targets = targets % REAL_VOCAB
+    logp, entropy = vocab_parallel_logprobs(local, real_targets, TEMPERATURE, mask, chunk_bytes,
+                                            vocab_size=REAL_VOCAB)
+    (grad_logp.float() * logp + grad_entropy.float() * entropy)[mask].sum().backward()
+    out["padded"] = (logp.detach(), entropy.detach(), local.grad)
     # megatron's own cross entropy on the same shard (its full [s, b, v/tp] path)
     out["megatron_logp"] = -tensor_parallel.vocab_parallel_cross_entropy(
         (shard / TEMPERATURE).transpose(0, 1).contiguous(), targets.t().contiguous()).t()
@@ -104,3 +112,21 @@ def test_bf16_logits_give_fp32_logprobs_and_bf16_gradients(tp2_results):
         assert (logp_dtype, grad_dtype) == (torch.float32, torch.bfloat16)
         assert (logp - out["logp"])[mask].abs().max() < 0.05  # bf16 rounding of the logits
         assert (entropy - out["entropy"])[mask].abs().max() < 0.05
+
+
+def test_vocabulary_padding_gets_no_probability(tp2_results):
+    logits, targets, mask, grad_logp, grad_entropy = _inputs()
+    real = logits[..., :REAL_VOCAB].clone().requires_grad_(True)
+    logp_all = torch.log_softmax(real / TEMPERATURE, dim=-1)
+    logp = logp_all.gather(-1, (targets % REAL_VOCAB)[..., None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    (grad_logp * logp + grad_entropy * entropy)[mask].sum().backward()
+    for rank, out in tp2_results:
+        got_logp, got_entropy, got_grad = out["padded"]
+        assert (got_logp.double() - logp.detach())[mask].abs().max() < 1e-6, rank
+        assert (got_entropy.double() - entropy.detach())[mask].abs().max() < 1e-6, rank
+        lo = rank * VOCAB // 2
+        expected = torch.zeros(3, 7, VOCAB // 2, dtype=torch.float64)
+        width = max(0, min(REAL_VOCAB - lo, VOCAB // 2))
+        expected[..., :width] = real.grad[..., lo:lo + width]
+        assert (got_grad.double() - expected).abs().max() < 1e-6, rank
