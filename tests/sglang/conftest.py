@@ -46,7 +46,9 @@ def pool(model_dir, tmp_path_factory):
         args=["--model", model_dir, "--threads", "1", "--batch-size", "16"],
         base_port=base, router=True, router_port=base + 2,
         router_command=[sys.executable, "-m", "sglang_router.launch_router"],
-        router_args=["--policy", "round_robin", "--log-level", "warn"],
+        # a loaded CI machine can be slow to answer health checks: do not evict on one miss
+        router_args=["--policy", "round_robin", "--log-level", "warn",
+                     "--health-failure-threshold", "10", "--health-check-timeout-secs", "30"],
         startup_timeout_s=240)
     launcher = ServerLauncher(cfg, log_dir=str(tmp_path_factory.mktemp("server_logs")))
     try:

@@ -30,7 +30,8 @@ PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
 
 
 def engine_through(pool, **overrides) -> SGLangEngine:
-    settings = {"request_timeout_s": 120.0, "retry_backoff_s": 0.2, **overrides}
+    settings = {"request_timeout_s": 300.0, "retry_backoff_s": 0.5, "max_retries": 6,
+                **overrides}
     return SGLangEngine(SGLangConfig(router_url=pool.router_url, **settings))
 
 
@@ -97,7 +98,7 @@ def test_weight_update_changes_generations_on_every_worker(pool, model_dir, tmp_
 def test_a_worker_killed_mid_rollout_costs_retries_not_the_step(pool):
     victim = pool.processes[1]
     prompts, params = PROMPTS * 6, [SamplingParams(max_new_tokens=24, seed=s) for s in range(24)]
-    with engine_through(pool, max_retries=6) as engine:
+    with engine_through(pool) as engine:
         outcome = {}
         rollout = threading.Thread(target=lambda: outcome.update(
             results=engine.generate(prompts, params)))
