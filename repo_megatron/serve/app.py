@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import time
 import uuid
@@ -38,7 +37,6 @@ from ..sglang.weight_sync import flattened_bucket
 from ..sglang.weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from .worker import EngineWorker, Request
 
-log = logging.getLogger(__name__)
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
 

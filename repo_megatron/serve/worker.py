@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..rollout.engine import GenerationResult, SamplingParams
+from ..rollout.engine import SamplingParams
 from ..rollout.hf_engine import HFEngine
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,3 @@ class EngineWorker:
                     else:
                         request.done.set_result(outcome)
 
-
-def is_result(outcome: object) -> bool:
-    return isinstance(outcome, GenerationResult)

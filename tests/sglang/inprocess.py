@@ -21,6 +21,16 @@ def load_tiny_engine(model_dir: str, batch_size: int = 16):
                     AutoTokenizer.from_pretrained(model_dir), batch_size=batch_size)
 
 
+def perturbed(model_dir: str, seed: int):
+    """Every parameter of the tiny model plus noise: weights that sample differently."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    model = load_tiny_engine(model_dir).model
+    return [(name, p.detach() + torch.randn(p.shape, generator=generator))
+            for name, p in model.named_parameters()]
+
+
 @contextlib.contextmanager
 def serve_model(model_dir: str, version: str = "0.5.23",
                 load: Optional[Callable] = None, wait: bool = True) -> Iterator[tuple[str, SGLangServer]]:

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from repo_megatron.config.algorithm import AlgorithmConfig, RePOConfig
 from repo_megatron.config.data import DataConfig
@@ -21,7 +20,7 @@ from repo_megatron.rollout.engine import SamplingParams
 from repo_megatron.sglang import SGLangEngine
 from tests.rollout.fakes import InProcessScorer
 
-from .inprocess import load_tiny_engine
+from .inprocess import load_tiny_engine, perturbed
 
 TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data",
                      "arith_train.jsonl")
@@ -41,13 +40,6 @@ def repo_step(engine, formatter):
                          AlgorithmConfig(injection="repo",
                                          repo=RePOConfig(require_verified=False)), seed=1234)
     return stage.run(load_prompts(DataConfig(path=TRAIN), formatter)[:2], step=0)
-
-
-def perturbed(model_dir, seed):
-    generator = torch.Generator().manual_seed(seed)
-    model = load_tiny_engine(model_dir).model
-    return [(name, p.detach() + torch.randn(p.shape, generator=generator))
-            for name, p in model.named_parameters()]
 
 
 def served_versions(pool):

@@ -5,24 +5,15 @@ import threading
 import time
 
 import httpx
-import pytest
-import torch
 
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.rollout.engine import SamplingParams
 from repo_megatron.sglang import SGLangEngine
 
-from .inprocess import load_tiny_engine, serve_model
+from .inprocess import load_tiny_engine, perturbed, serve_model
+from .servers import wait_healthy
 
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=5, seed=11)
-
-
-def perturbed(model_dir: str, seed: int):
-    """Every parameter of the tiny model plus noise: weights that sample differently."""
-    generator = torch.Generator().manual_seed(seed)
-    model = load_tiny_engine(model_dir).model
-    return [(name, p.detach() + torch.randn(p.shape, generator=generator))
-            for name, p in model.named_parameters()]
 
 
 def test_batch_answers_a_list_and_errors_have_sglang_shape(model_dir):
@@ -48,7 +39,6 @@ def test_health_is_503_until_the_model_is_loaded(model_dir):
     with serve_model(model_dir, load=slow_load, wait=False) as (url, _):
         assert httpx.get(url + "/health_generate").status_code == 503
         loaded.set()
-        from .servers import wait_healthy
         wait_healthy(url)
 
 
