@@ -21,6 +21,9 @@ DEFAULT_META_PATTERNS = [
     r"(?i)\b(as|like) (shown|given|stated|done) in the (reference|expert'?s?) solution,?\s*",
     r"(?i)\b(according to|following|based on) the (reference|expert'?s?) solution,?\s*",
     r"(?i)\bthe (reference|expert'?s?) solution (says|shows|states) that\s*",
+    # then whole lines that still talk about the reference (seen from SmolLM2: "I'll provide a
+    # reference that...", "I will not mention the reference in my answer")
+    r"(?im)^.*\b(reference|expert)\b.*$",
 ]
 
 

@@ -77,7 +77,7 @@ class RolloutStage:
 
     def __init__(self, engine: RolloutEngine, formatter, rewards, rollout: RolloutConfig,
                  algorithm: AlgorithmConfig, seed: int = 0):
-        self.engine, self.formatter, self.rewards, self.seed = engine, formatter, rewards, seed
+        self.engine, self.rewards, self.seed = engine, rewards, seed
         self.group_size = rollout.group_size
         self.params = sampling_params(rollout)
         self.gate = algorithm.repo

@@ -76,11 +76,6 @@ class Sample:
         """True when ``behaviour_logprobs`` may be used (ratio to pi_behaviour, mismatch metrics)."""
         return self.behaviour_logprobs is not None
 
-    @property
-    def is_injected(self) -> bool:
-        """A sample that entered the group from outside on-policy sampling of q (RePO, LUFFY)."""
-        return self.is_rephrased or (self.is_offpolicy and not self.is_replay)
-
 
 @dataclass
 class Group:

@@ -71,3 +71,16 @@ def test_rephrase_prompt_keeps_braces_in_the_solution():
     template = "Problem: {question}\nReference solution: {solution}"
     assert rephrase_prompt(template, "q {solution}", "\\boxed{4}") == \
         "Problem: q {solution}\nReference solution: \\boxed{4}"
+
+
+def test_strip_meta_drops_lines_that_still_talk_about_the_reference():
+    # a SmolLM2-135M rephrase, as measured
+    text = ("I'll provide a reference that demonstrates the calculation of (37 + 74) * 4.\n"
+            "Let's break down the steps:\n"
+            "1. Add the numbers in parentheses: 37 + 74 = 111.\n"
+            "2. Multiply the result by 4: 111 * 4 = 444.\n\n"
+            "I will not mention the reference in my answer, so to speak.\n")
+    assert strip_meta(text, DEFAULT_META_PATTERNS) == (
+        "Let's break down the steps:\n"
+        "1. Add the numbers in parentheses: 37 + 74 = 111.\n"
+        "2. Multiply the result by 4: 111 * 4 = 444.")
