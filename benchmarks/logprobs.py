@@ -115,8 +115,7 @@ def worker(tokens: int, vocab: int, out_dir: str) -> None:
         if turn == rank:
             (ref_logp, ref_entropy), naive_s, naive_mib = measure(lambda: naive(logits, targets))
         else:  # take part in the all-gather only
-            del_full = gather_from_tensor_model_parallel_region(logits)
-            del del_full
+            gather_from_tensor_model_parallel_region(logits)
         torch.distributed.barrier()
     grad, _, fwd_bwd_mib = measure(lambda: ours_forward_backward(logits, targets))
     # Accuracy of both against float64 on the first tokens (the same bf16 logits).

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,9 @@ import httpx
 
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.rollout.engine import SamplingParams
+from repo_megatron.runtime.launch import free_port
 from repo_megatron.sglang import SGLangEngine
+from repo_megatron.sglang.client import SGLangClient
 from repo_megatron.sglang.protocol import generate_body
 
 
@@ -57,22 +58,9 @@ def canned_server(port: int, new_tokens: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health_generate", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not become healthy")
+    """Block until the server answers /health_generate (the client's own wait)."""
+    asyncio.run(SGLangClient().wait_healthy(url, timeout_s))
 
 
 async def raw_round(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> float:

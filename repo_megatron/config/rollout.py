@@ -79,6 +79,7 @@ class RolloutConfig:
     sglang: SGLangConfig = section(SGLangConfig, "SGLang servers and weight sync")
 
     def validate(self, path: str) -> None:
-        if self.engine == "sglang" and not (self.sglang.urls or self.sglang.router_url):
-            raise ConfigError(f"{path}.engine=sglang needs {path}.sglang.urls or "
-                              f"{path}.sglang.router_url")
+        sg = self.sglang
+        if self.engine == "sglang" and not (sg.urls or sg.router_url or sg.launch.num_servers):
+            raise ConfigError(f"{path}.engine=sglang needs {path}.sglang.urls, "
+                              f"{path}.sglang.router_url or {path}.sglang.launch.num_servers")

@@ -49,6 +49,12 @@ class GenerationResult:
     matched_stop: Optional[object] = None  # the stop string or token id that ended it
 
 
+def check_requests(prompts: Sequence, params: Sequence) -> None:
+    """Every engine's ``generate`` precondition: one sampling-params entry per prompt."""
+    if len(prompts) != len(params):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
+
+
 class RolloutEngine(abc.ABC):
     """Samples responses for batches of tokenised prompts and accepts new weights."""
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .engine import GenerationResult, RolloutEngine, SamplingParams
+from .engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
 from .sampling import sample_tokens
 
 
@@ -72,8 +72,7 @@ class HFEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
-        if len(prompts) != len(params):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
+        check_requests(prompts, params)
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..config.rollout import SGLangConfig
-from ..rollout.engine import GenerationResult, RolloutEngine, SamplingParams
+from ..rollout.engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
 from .client import SGLangClient, SGLangError
 from .protocol import (generate_body, generation_result, needs_weight_update_session,
                        parse_version, parse_weight_version)
@@ -124,8 +124,7 @@ class SGLangEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
-        if len(prompts) != len(params):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
+        check_requests(prompts, params)
         return self.run(self.generate_async(prompts, params))
 
     async def generate_async(self, prompts: Sequence[Sequence[int]],

@@ -293,11 +293,35 @@ class RolloutSide:
         self.eval_prompts = (load_prompts(cfg.data, self.formatter, cfg.data.eval_path)
                              [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
         self.hf_config = hf_config(cfg)
-        self.engine = build_engine(cfg, tokenizer, self.hf_config)
+        self.servers = None  # SGLang servers this run started (rollout.sglang.launch)
+        if cfg.rollout.sglang.launch.num_servers > 0:
+            cfg = self._launch_servers(cfg)
+        try:
+            self.engine = build_engine(cfg, tokenizer, self.hf_config)
+        except BaseException:
+            if self.servers is not None:
+                self.servers.stop()
+            raise
         self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
                                     cfg.data.reward_workers)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
+
+    def _launch_servers(self, cfg: Config) -> Config:
+        """Start ``rollout.sglang.launch`` servers (and router); the config pointing at them."""
+        import dataclasses
+
+        from ..sglang.launcher import ServerLauncher
+
+        sg = cfg.rollout.sglang
+        self.servers = ServerLauncher(sg.launch, log_dir=os.path.join(cfg.run_dir, "servers"))
+        try:
+            urls, router_url = self.servers.start()
+        except BaseException:
+            self.servers.stop()
+            raise
+        sg = dataclasses.replace(sg, urls=urls, router_url=router_url)
+        return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, sglang=sg))
 
     def rollout(self, step: int):
         n = self.cfg.rollout.prompts_per_step
@@ -346,6 +370,8 @@ class RolloutSide:
         self.rewards.close()
         if hasattr(self.engine, "close"):
             self.engine.close()
+        if self.servers is not None:
+            self.servers.stop()
 
 
 def hf_config(cfg: Config):
@@ -365,7 +391,8 @@ def build_engine(cfg: Config, tokenizer, config):
     (a transformers model of the same architecture whose weights the first sync sets)."""
     sg = cfg.rollout.sglang
     engine = cfg.rollout.engine
-    if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url)):
+    if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url
+                                                    or sg.launch.num_servers)):
         from ..sglang import SGLangEngine
         return SGLangEngine(sg)
     from transformers import AutoModelForCausalLM

@@ -1,11 +1,5 @@
 """The RePO stage over a scripted engine: gate, rephrase, verify, inject, schedules, metrics."""
 
-import random
-
-import pytest
-
-from repo_megatron.rollout.types import Sample
-
 from .fakes import FORMATTER, is_rephrase_prompt, make_stage, prompt
 
 HARD = prompt("hard", "Compute (23 + 45) * 7.", "476",

@@ -10,12 +10,13 @@ import threading
 import time
 from typing import Callable, Iterator
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from repo_megatron.sglang.client import SGLangClient
 
 
 def free_ports(n: int) -> int:
@@ -57,15 +58,8 @@ def serve_in_thread(app, port: int) -> Iterator[str]:
 
 
 def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health_generate", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not healthy after {timeout_s} s")
+    """Block until ``url`` answers /health_generate (the client's own wait)."""
+    asyncio.run(SGLangClient().wait_healthy(url, timeout_s))
 
 
 GENERATED = {"text": "ok", "output_ids": [7, 2],

@@ -1,10 +1,8 @@
 """The whole loop runs end to end on CPU: single process, TP=2 and PP=2 (gloo), dry runs."""
 
-import json
 import os
 
 import pytest
-import yaml
 
 from repo_megatron.config import config_from_dict
 from repo_megatron.metrics.writer import read_rows
@@ -30,6 +28,8 @@ def test_two_steps_in_a_parallel_layout(tiny_chat_model, tmp_path, layout):
     for row in rows[1:]:
         assert row["train/optimizer_steps"] == 1.0
         assert row["rollout/groups"] == 2.0
+        # the engine samples with exactly the weights Megatron trains (synced every step)
+        assert row["train/logprob_mismatch_mean"] < 1e-4, row
     ckpts = os.listdir(tmp_path / "run" / "checkpoints")
     assert ckpts == ["step_000002"]
     export = tmp_path / "run" / "hf" / "step_000002"
@@ -59,3 +59,29 @@ def test_dry_run_of_a_tp2_pp2_layout(tiny_chat_model, tmp_path, capsys):
     losses = {ln.split("loss ")[1].split(",")[0] for ln in lines}
     assert len(losses) == 1, "every rank must report the same full-batch loss"
     assert "dry run passed" in out
+
+
+def test_training_through_sglang_protocol_workers(tmp_path):
+    """The loop with `repo-megatron serve` workers it launches itself: weights reach the
+    servers (disk sync), and their log-probs agree with Megatron's recomputation."""
+    import importlib.util
+    import sys
+
+    from tests.helpers import write_tiny_chat_model
+    from tests.sglang.servers import free_ports
+
+    if importlib.util.find_spec("starlette") is None:
+        pytest.skip("needs starlette/uvicorn")
+    model_dir = write_tiny_chat_model(str(tmp_path / "model"), with_weights=True)
+    cfg = tiny_run_config(model_dir, str(tmp_path / "run"), rollout={
+        "engine": "sglang", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8,
+        "sglang": {"weight_sync": "disk", "disk_dir": str(tmp_path / "sync"),
+                   "launch": {"num_servers": 1, "base_port": free_ports(1),
+                              "command": [sys.executable, "-m", "repo_megatron.cli", "serve"],
+                              "args": ["--model", model_dir, "--threads", "1"],
+                              "startup_timeout_s": 240}}})
+    assert run_distributed(_train, 1, cfg, timeout=600) == [0]
+    rows = read_rows(str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["train/logprob_mismatch_mean"] < 1e-4, row
