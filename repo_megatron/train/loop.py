@@ -9,6 +9,8 @@ import time
 from tqdm import tqdm
 
 from ..config import Config
+from ..metrics.plot import plot_run
+from ..metrics.writer import read_rows
 from ..runtime.failpoints import failpoint
 from .session import Session
 
@@ -49,6 +51,8 @@ def train(cfg: Config, resume: bool = False) -> int:
             export = cfg.checkpoint.hf_export_interval
             if (last and cfg.checkpoint.hf_export_at_end) or (export and step % export == 0):
                 session.export_hf(step)
+        if session.is_rank0 and read_rows(cfg.run_dir):
+            log.info("Curves: %s", plot_run(cfg.run_dir))
         return 0
     finally:
         session.close()

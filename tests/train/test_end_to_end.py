@@ -30,6 +30,7 @@ def test_two_steps_in_a_parallel_layout(tiny_chat_model, tmp_path, layout):
         assert row["rollout/groups"] == 2.0
         # the engine samples with exactly the weights Megatron trains (synced every step)
         assert row["train/logprob_mismatch_mean"] < 1e-4, row
+    assert os.path.getsize(tmp_path / "run" / "metrics.png") > 5000
     ckpts = os.listdir(tmp_path / "run" / "checkpoints")
     assert ckpts == ["step_000002"]
     export = tmp_path / "run" / "hf" / "step_000002"
