@@ -66,10 +66,6 @@ class HFEngine(RolloutEngine):
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self._version = 0
 
-    @property
-    def weight_version(self) -> int:
-        return self._version
-
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
         check_requests(prompts, params)

@@ -118,10 +118,6 @@ class SGLangEngine(RolloutEngine):
         self.run(self.post_all("/abort_request", {"abort_all": True}))
 
     # -- RolloutEngine ----------------------------------------------------------------------
-    @property
-    def weight_version(self) -> int:
-        return self._version
-
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
         check_requests(prompts, params)
