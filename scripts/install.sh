@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# Every install runs under scripts/constraints.txt: no dependency may replace the torch pin.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" -c scripts/constraints.txt; }
 # torch first and pinned: on CPU machines torch==2.13.0 is a CPU build; an unpinned torch
 # (asked for by any dependency) would pull a multi-GB CUDA build.
 pip install "torch==2.13.0"
