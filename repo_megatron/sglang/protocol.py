@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 from ..rollout.engine import GenerationResult, SamplingParams
 
-# SGLang renamed /get_server_info to /server_info in 0.5.9 and requires tensor/distributed
-# weight updates inside /begin_weight_update ... /end_weight_update from 0.5.22 on.
+# SGLang renamed /get_server_info to /server_info in 0.5.9. Its PyPI wheels refuse tensor and
+# distributed weight updates outside /begin_weight_update ... /end_weight_update from 0.5.21 on
+# (forks carry the endpoints under older numbers: the client detects them, `serve` emulates
+# this version's behaviour).
 SERVER_INFO_RENAMED = (0, 5, 9)
-WEIGHT_UPDATE_SESSION = (0, 5, 22)
+WEIGHT_UPDATE_SESSION = (0, 5, 21)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -25,11 +27,6 @@ def parse_version(text: str) -> tuple[int, ...]:
     if match is None:
         raise ValueError(f"not an SGLang version: {text!r}")
     return tuple(int(part) for part in match.group(1).split("."))
-
-
-def needs_weight_update_session(version: tuple[int, ...]) -> bool:
-    """Whether this server refuses tensor/distributed updates outside begin/end."""
-    return version >= WEIGHT_UPDATE_SESSION
 
 
 def sampling_params_json(params: SamplingParams) -> dict[str, Any]:
