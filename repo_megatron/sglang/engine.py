@@ -26,7 +26,8 @@ import torch
 from ..config.rollout import SGLangConfig
 from ..rollout.engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
 from .client import LoopThread, SGLangError
-from .protocol import generate_body, generation_result, parse_version, parse_weight_version
+from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
+                       parse_weight_version)
 from .router import router_workers
 from .weight_sync.buckets import iter_buckets
 from .weight_sync.sender import StageSender, make_client
@@ -122,19 +123,19 @@ class SGLangEngine(RolloutEngine):
         (``/release_memory_occupation``); the next update or generation resumes it."""
         if not self.cfg.releases_memory or self.memory_released:
             return
-        self.run(self.post_all("/release_memory_occupation", {}))
+        self.run(self.post_all("/release_memory_occupation", memory_body()))
         self.memory_released = True
 
     async def resume_memory(self) -> None:
         """Everything :meth:`release_memory` freed back (before generating)."""
         if self.memory_released:
-            await self.post_all("/resume_memory_occupation", {})
+            await self.post_all("/resume_memory_occupation", memory_body())
             self.memory_released = False
 
     def abort(self) -> None:
         """Abort every request running on the workers (``/abort_request abort_all``); their
         callers get ``finish_reason == "abort"``, which :meth:`generate` raises as an error."""
-        self.run(self.post_all("/abort_request", {"abort_all": True}))
+        self.run(self.post_all("/abort_request", ABORT_ALL))
 
     # -- RolloutEngine ----------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],

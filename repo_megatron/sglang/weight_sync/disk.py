@@ -15,6 +15,7 @@ import shutil
 
 from safetensors.torch import save_file
 
+from ..protocol import disk_update_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 
 INDEX = "model.safetensors.index.json"
@@ -76,7 +77,7 @@ class DiskStrategy(WeightSyncStrategy):
         directory = version_dir(target.plan.disk_dir, target.plan.version)
         weight_map = {name: shard for stage in stage_results for name, shard in stage.items()}
         write_index(directory, weight_map)
-        await target.post_all("/update_weights_from_disk", {"model_path": directory})
+        await target.post_all("/update_weights_from_disk", disk_update_body(directory))
         for name in os.listdir(target.plan.disk_dir):          # earlier updates' directories
             path = os.path.join(target.plan.disk_dir, name)
             if name.startswith("weights_v") and path != directory:

@@ -13,6 +13,7 @@ import logging
 import socket
 
 from ...runtime import cpu_compat
+from ..protocol import destroy_group_body, distributed_update_body, init_group_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .process_group import broadcast_tensors, destroy, init_weight_update_group
 
@@ -58,11 +59,9 @@ class DistributedStrategy(WeightSyncStrategy):
                 else free_port())
         offsets, world_size = rank_offsets(target.workers, target.tp_size)
         name = group_name(self.stage)
-        joins = [target.client.request(worker, "/init_weights_update_group", {
-            "master_address": address, "master_port": port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": name,
-            "backend": self.cfg.distributed_backend}, retries=0)
-            for worker, rank_offset in zip(target.workers, offsets)]
+        joins = [target.client.request(worker, "/init_weights_update_group", init_group_body(
+            address, port, rank_offset, world_size, name, self.cfg.distributed_backend),
+            retries=0) for worker, rank_offset in zip(target.workers, offsets)]
         host = asyncio.to_thread(init_weight_update_group, self.cfg.distributed_backend,
                                  address, port, world_size, 0, name)
         self.group, *_ = await asyncio.gather(host, *joins)
@@ -71,10 +70,8 @@ class DistributedStrategy(WeightSyncStrategy):
     async def push(self, target: SyncTarget, bucket: Bucket) -> None:
         device = cpu_compat.device() if self.cfg.distributed_backend == "nccl" else "cpu"
         tensors = [tensor.detach().to(device).contiguous() for _, tensor in bucket]
-        body = {"names": [name for name, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
-                "shapes": [list(t.shape) for t in tensors],
-                "group_name": group_name(self.stage), "flush_cache": False}
+        body = distributed_update_body([name for name, _ in bucket], [t.dtype for t in tensors],
+                                       [t.shape for t in tensors], group_name(self.stage))
         # the workers block in the broadcast until rank 0 sends, so announce first
         announced = [asyncio.ensure_future(target.client.request(
             worker, "/update_weights_from_distributed", body, retries=0))
@@ -89,7 +86,7 @@ class DistributedStrategy(WeightSyncStrategy):
         name, members, group = group_name(self.stage), self.members, self.group
         self.group, self.members = None, []
         answers = await asyncio.gather(*(target.client.request(
-            worker, "/destroy_weights_update_group", {"group_name": name}, retries=0)
+            worker, "/destroy_weights_update_group", destroy_group_body(name), retries=0)
             for worker in members), return_exceptions=True)
         for worker, answer in zip(members, answers):
             if isinstance(answer, Exception):     # a dead worker has no group left to destroy

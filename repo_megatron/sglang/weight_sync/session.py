@@ -22,8 +22,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from .base import SyncPlan, SyncTarget
 from ..client import SGLangError
+from ..protocol import EMPTY, memory_body, pause_body, weight_version_body
+from .base import SyncPlan, SyncTarget
 
 if TYPE_CHECKING:
     from ..engine import SGLangEngine
@@ -39,7 +40,7 @@ async def open_sessions(target: SyncTarget) -> list[str]:
     the worker has no sessions and takes updates without)."""
     async def begin(worker: str) -> bool:
         try:
-            await target.client.request(worker, "/begin_weight_update", {})
+            await target.client.request(worker, "/begin_weight_update", EMPTY)
         except SGLangError as e:
             if e.status == 404:
                 return False
@@ -54,8 +55,8 @@ async def begin(engine: "SGLangEngine", target: SyncTarget) -> list[str]:
     """Everything before the first bucket; returns the workers with an open session."""
     cfg = target.plan.cfg
     if engine.memory_released:
-        await target.post_all("/resume_memory_occupation", {"tags": WEIGHTS})
-    await target.post_all("/pause_generation", {"mode": cfg.pause_mode})
+        await target.post_all("/resume_memory_occupation", memory_body(WEIGHTS))
+    await target.post_all("/pause_generation", pause_body(cfg.pause_mode))
     engine.pauses += 1                           # requests aborted from here on are retried
     strategy = engine.sender.strategy
     return await open_sessions(target) if strategy.in_session else []
@@ -70,12 +71,11 @@ async def finish(engine: "SGLangEngine", target: SyncTarget, stage_results: list
     if cfg.pause_mode != "in_place":     # paused in place, SGLang keeps its KV cache in use
         await asyncio.gather(*(target.client.retry_while_busy(
             w, "/flush_cache", timeout_s=cfg.flush_cache_timeout_s) for w in target.workers))
-    await target.post_all("/update_weight_version", {"new_version": str(target.plan.version),
-                                                     "abort_all_requests": False})
+    await target.post_all("/update_weight_version", weight_version_body(target.plan.version))
 
 
 async def close_sessions(target: SyncTarget, sessions: list[str]) -> None:
-    await asyncio.gather(*(target.client.request(w, "/end_weight_update", {})
+    await asyncio.gather(*(target.client.request(w, "/end_weight_update", EMPTY)
                            for w in sessions))
 
 
@@ -83,10 +83,10 @@ async def resume(engine: "SGLangEngine", target: SyncTarget) -> None:
     """After success or failure: memory back, sessions closed, generation continued."""
     try:
         if engine.memory_released:
-            await target.post_all("/resume_memory_occupation", {"tags": KV_CACHE_AND_GRAPHS})
+            await target.post_all("/resume_memory_occupation", memory_body(KV_CACHE_AND_GRAPHS))
             engine.memory_released = False
     finally:
-        await target.post_all("/continue_generation", {})
+        await target.post_all("/continue_generation", EMPTY)
 
 
 def plan_update(engine: "SGLangEngine", version: int) -> SyncPlan:

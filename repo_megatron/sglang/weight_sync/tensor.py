@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..protocol import tensor_update_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .flattened_bucket import bucket_payloads
 
@@ -32,6 +33,5 @@ class TensorStrategy(WeightSyncStrategy):
 
     async def post(self, target: SyncTarget, worker: str, entries: list[str]) -> None:
         """One flattened bucket to ``worker``: ``entries[i]`` for its TP rank i."""
-        await target.client.request(worker, "/update_weights_from_tensor", {
-            "serialized_named_tensors": entries, "load_format": "flattened_bucket",
-            "flush_cache": False})
+        await target.client.request(worker, "/update_weights_from_tensor",
+                                    tensor_update_body(entries))
