@@ -138,3 +138,86 @@ def test_disk_sync_writes_every_stage_shards_within_two_buckets(tmp_path):
         shards | {"model.safetensors.index.json"}
     assert "lm_head.weight" in weight_map and "model.embed_tokens.weight" in weight_map
     assert len(weight_map) == 16 * 9 + 3
+
+
+def _colocated_sync(cfg_dict: dict, worker_tp: int, workers: int) -> dict:
+    """Rank 0 serves ``workers`` recording workers of engine TP ``worker_tp`` and plans a
+    tensor (colocated) sync; every rank streams. Rank 0 returns what each worker received."""
+    import dataclasses
+
+    import torch
+
+    from repo_megatron.models.builder import build_model
+    from repo_megatron.runtime import distributed
+    from repo_megatron.sglang import SGLangEngine
+    from repo_megatron.sglang.weight_sync.flattened_bucket import deserialize, reconstruct
+    from repo_megatron.train.engine_sync import WeightStreamer
+    from tests.sglang.servers import RecordingWorker, free_ports, serve_in_thread
+
+    cfg = config_from_dict(cfg_dict)
+    distributed.initialize(cfg.parallel, cfg.seed)
+    arch = cfg.architecture()
+    chunks = build_model(arch, cfg.model, cfg.parallel)
+    streamer = WeightStreamer(chunks, arch, cfg.rollout.sglang)
+    rank = torch.distributed.get_rank()
+    urls = [None] * workers
+    recorders, servers, engine = [], [], None
+    if rank == 0:
+        base = free_ports(workers)
+        for i in range(workers):
+            recorders.append(RecordingWorker(tp_size=worker_tp))
+            servers.append(serve_in_thread(recorders[-1].app(), base + i))
+            urls[i] = servers[-1].__enter__()
+        engine = SGLangEngine(dataclasses.replace(cfg.rollout.sglang, urls=urls))
+    try:
+        streamer.sync(engine)
+        streamer.sync(engine)
+        if rank != 0:
+            return {}
+        received = {}
+        for url, recorder in zip(urls, recorders):
+            bodies = [b for e, b in recorder.calls if e == "/update_weights_from_tensor"]
+            per_rank = [dict() for _ in range(worker_tp)]
+            for body in bodies[:len(bodies) // 2]:               # the first sync
+                assert len(body["serialized_named_tensors"]) == worker_tp
+                for i, entry in enumerate(body["serialized_named_tensors"]):
+                    per_rank[i].update(reconstruct(deserialize(entry)))
+            received[url] = {"ranks": per_rank, "version": engine.weight_version,
+                             "endpoints": recorder.endpoints()}
+        return received
+    finally:
+        if rank == 0:
+            engine.close()
+            for server in servers:
+                server.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("layout,worker_tp,workers", [
+    ({"tensor_model_parallel_size": 2}, 2, 1),      # one engine of TP 2 on the two ranks
+    ({"pipeline_model_parallel_size": 2}, 1, 2),    # two engines; stage 1 sends to stage 0
+], ids=["tp2-one-engine", "pp2-two-engines"])
+def test_colocated_sync_gives_each_engine_tp_rank_its_own_complete_entry(
+        tmp_path, layout, worker_tp, workers):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = write_tiny_llama(str(tmp_path / "model"), num_layers=2, vocab_size=512)
+    cfg = tiny_run_config(model, str(tmp_path / "run"), parallel=layout,
+                          rollout={"sglang": {"weight_sync": "tensor", "weight_bucket_mb": 1}})
+    (received, _) = run_distributed(_colocated_sync, 2, cfg, worker_tp, workers, timeout=600)
+    hf = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+              .named_parameters())
+    assert len(received) == workers
+    for url, got in received.items():
+        assert got["version"] == 2
+        assert got["endpoints"].count("/continue_generation") == 2
+        first = got["ranks"][0]
+        assert set(first) == set(hf), url
+        for name, tensor in first.items():
+            assert tuple(tensor.shape) == tuple(hf[name].shape), name
+        for other in got["ranks"][1:]:         # every TP rank's entry holds the same weights
+            assert set(other) == set(first)
+            assert all(torch.equal(other[n], first[n]) for n in first)
+    if workers == 2:                           # both engines got identical weights
+        a, b = (got["ranks"][0] for got in received.values())
+        assert all(torch.equal(a[n], b[n]) for n in a)
