@@ -23,24 +23,30 @@ def big_llama(directory: str) -> str:
                             head_dim=64)
 
 
+def _megatron_streamer(cfg_dict: dict):
+    """(config, model chunks, WeightStreamer) of this rank, torch.distributed started."""
+    from repo_megatron.models.builder import build_model
+    from repo_megatron.runtime import distributed
+    from repo_megatron.train.engine_sync import WeightStreamer
+
+    cfg = config_from_dict(cfg_dict)
+    distributed.initialize(cfg.parallel, cfg.seed)
+    arch = cfg.architecture()
+    chunks = build_model(arch, cfg.model, cfg.parallel)
+    return cfg, chunks, WeightStreamer(chunks, arch, cfg.rollout.sglang)
+
+
 def _sync_and_measure(cfg_dict: dict, engine_kind: str) -> dict:
     """On every rank: build the Megatron model, start a peak, sync once; the figures."""
     import gc
 
     import torch
 
-    from repo_megatron.models.builder import build_model
-    from repo_megatron.runtime import distributed
     from repo_megatron.runtime.rss import (peak_rss_bytes, reset_peak_rss, return_freed_memory,
                                            rss_bytes)
-    from repo_megatron.train.engine_sync import WeightStreamer
 
     return_freed_memory()          # resident memory = live tensors (see its docstring)
-    cfg = config_from_dict(cfg_dict)
-    distributed.initialize(cfg.parallel, cfg.seed)
-    arch = cfg.architecture()
-    chunks = build_model(arch, cfg.model, cfg.parallel)
-    streamer = WeightStreamer(chunks, arch, cfg.rollout.sglang)
+    cfg, chunks, streamer = _megatron_streamer(cfg_dict)
     rank = torch.distributed.get_rank()
     engine, server = None, None
     if rank == 0:
@@ -147,18 +153,11 @@ def _colocated_sync(cfg_dict: dict, worker_tp: int, workers: int) -> dict:
 
     import torch
 
-    from repo_megatron.models.builder import build_model
-    from repo_megatron.runtime import distributed
     from repo_megatron.sglang import SGLangEngine
     from repo_megatron.sglang.weight_sync.flattened_bucket import deserialize, reconstruct
-    from repo_megatron.train.engine_sync import WeightStreamer
     from tests.sglang.servers import RecordingWorker, free_ports, serve_in_thread
 
-    cfg = config_from_dict(cfg_dict)
-    distributed.initialize(cfg.parallel, cfg.seed)
-    arch = cfg.architecture()
-    chunks = build_model(arch, cfg.model, cfg.parallel)
-    streamer = WeightStreamer(chunks, arch, cfg.rollout.sglang)
+    cfg, _, streamer = _megatron_streamer(cfg_dict)
     rank = torch.distributed.get_rank()
     urls = [None] * workers
     recorders, servers, engine = [], [], None

@@ -50,9 +50,9 @@ class SyncTarget:
     def tp_size(self, worker: str) -> int:
         return self.plan.tp_sizes.get(worker, 1)
 
-    async def post_all(self, endpoint: str, body: Any = None, retries: int | None = None) -> list:
+    async def post_all(self, endpoint: str, body: Any = None) -> list:
         """POST the same body to every worker; fails if any worker fails."""
-        return await asyncio.gather(*(self.client.request(w, endpoint, body, retries=retries)
+        return await asyncio.gather(*(self.client.request(w, endpoint, body)
                                       for w in self.workers))
 
 
