@@ -126,6 +126,7 @@ class PausingWorker(RecordingWorker):
     def __init__(self):
         super().__init__()
         self.paused, self.continued = threading.Event(), threading.Event()
+        self.started = threading.Event()
         self.generations = 0
 
     async def post(self, request):
@@ -138,6 +139,7 @@ class PausingWorker(RecordingWorker):
     async def generate(self, request):
         import asyncio
         self.generations += 1
+        self.started.set()
         if self.generations == 1:
             while not self.paused.is_set():
                 await asyncio.sleep(0.01)
@@ -163,6 +165,7 @@ def test_a_request_aborted_by_the_pause_is_sent_again_and_answered_with_new_weig
         rollout = threading.Thread(target=lambda: outcome.update(
             result=engine.generate([[1, 2]], [SamplingParams(seed=1)])))
         rollout.start()
+        assert worker.started.wait(30)           # the request runs when the pause comes
         engine.update_weights(WEIGHTS)
         rollout.join(timeout=60)
     assert outcome["result"][0].token_ids == [7, 2]
