@@ -69,6 +69,11 @@ class RolloutEngine(abc.ABC):
         """Load Hugging Face-named tensors (all or a subset of the model's) and set the weight
         version (default: the current one + 1)."""
 
+    def release_memory(self) -> None:
+        """Free what the engine holds on the trainer's GPUs while the trainer trains (a
+        colocated SGLang server); the next update or generation takes it back. Default:
+        nothing to free."""
+
     _version: int = 0  # implementations bump it when they load new weights
 
     @property

@@ -31,7 +31,7 @@ from ..runtime import distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
-from .engine_sync import gather_hf_weights
+from .engine_sync import WeightStreamer, gather_hf_weights
 from .prompts import PromptSampler
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class Session:
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
         self.rollout_side = RolloutSide(cfg) if (self.is_rank0 and rollout) else None
+        self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -251,16 +252,15 @@ class Session:
         return {**metrics, **prepared.metrics}
 
     def sync_weights(self) -> None:
-        """Megatron's weights -> the rollout engine (a new weight version)."""
-        weights = gather_hf_weights(self.chunks, self.arch)
-        if self.rollout_side is not None:
-            self.rollout_side.engine.update_weights(weights.items())
-        torch.distributed.barrier()
+        """Megatron's weights -> the rollout engine (a new weight version), streamed by every
+        pipeline stage (:mod:`.engine_sync`)."""
+        self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
+                                  else None)
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
         ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
-        weights = gather_hf_weights(self.chunks, self.arch)
+        weights = gather_hf_weights(self.weight_streamer)
         if self.rollout_side is not None:
             out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
             self.rollout_side.export(weights, out)
@@ -270,6 +270,7 @@ class Session:
         return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
+        self.weight_streamer.close()
         self.writer.close()
         if self.rollout_side is not None:
             self.rollout_side.close()
@@ -326,6 +327,7 @@ class RolloutSide:
     def rollout(self, step: int):
         n = self.cfg.rollout.prompts_per_step
         batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
+        self.engine.release_memory()          # colocated servers free their GPU for training
         return batch.groups, batch.metrics
 
     def evaluate(self) -> dict:
