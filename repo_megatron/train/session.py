@@ -77,9 +77,27 @@ def converted_checkpoint(cfg: Config, arch) -> str:
 @dataclass
 class PreparedBatch:
     """One rollout step's training data on this rank: lists of micro-batches, one list per
-    optimizer step, plus the step's mismatch metrics."""
+    optimizer step, plus the step's mismatch metrics. ``deferred`` holds the full
+    micro-batches when old log-probs come from the training forward itself (one optimizer
+    step): their mismatch metrics are measured by :meth:`Session.update`."""
     minibatches: list[list[dict]]
     metrics: dict = field(default_factory=dict)
+    deferred: Optional[list[dict]] = None
+
+
+def _onpolicy(mb: dict) -> torch.Tensor:
+    """[b] sequences sampled from pi(. | q) with their behaviour log-probs."""
+    return mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
+
+
+def _add_mismatch(total: dict, mb: dict, old: torch.Tensor) -> dict:
+    """``total`` plus the train/rollout mismatch of micro-batch ``mb`` under ``old``."""
+    m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb))
+    return {"sum": total["sum"] + m["sum"], "max": max(total["max"], m["max"]),
+            "tokens": total["tokens"] + m["tokens"]}
+
+
+NO_MISMATCH = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
 
 
 class Session:
@@ -199,7 +217,12 @@ class Session:
             keys += ["is_replay", "behaviour_logprobs"]
         if self.reference is not None:
             keys.append("ref_logprobs")
-        mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
+        num_minibatches = math.ceil(B.num_sequences(full) / gbs)
+        # One optimizer step on this batch and no TIS weights: the old policy is the policy of
+        # the training forward itself, so its detached log-probs serve and the separate
+        # forward is skipped (train_step takes them when old_logprobs is None).
+        reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
+        mismatch = dict(NO_MISMATCH)
         minibatches = []
         for start in range(0, B.num_sequences(full), gbs):
             part = B.select(full, slice(start, start + gbs))
@@ -208,20 +231,21 @@ class Session:
                 alg.micro_batch_size,
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
             mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
-            olds = self.trainer.compute_logprobs(mbs)
+            olds = [None] * len(mbs) if reuse else self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
             for mb, old, ref in zip(mbs, olds, refs):
                 mb["old_logprobs"], mb["ref_logprobs"] = old, ref
-                onpolicy = mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
-                m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], onpolicy)
-                mismatch = {"sum": mismatch["sum"] + m["sum"], "max": max(mismatch["max"], m["max"]),
-                            "tokens": mismatch["tokens"] + m["tokens"]}
-                weights = B.truncated_importance_weights(old, mb["behaviour_logprobs"],
-                                                         mb["loss_mask"], onpolicy, alg.tis_cap)
+                if old is None:
+                    continue
+                mismatch = _add_mismatch(mismatch, mb, old)
                 if alg.tis_cap is not None:
+                    weights = B.truncated_importance_weights(
+                        old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb), alg.tis_cap)
                     mb["advantages"] = mb["advantages"][:, None] * weights
             minibatches.append([{k: mb[k] for k in keys} for mb in mbs])
+        if reuse:
+            return PreparedBatch(minibatches, deferred=mbs)
         return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))
 
     def _reduce_mismatch(self, m: dict) -> dict:
@@ -240,6 +264,12 @@ class Session:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
         results = [self.trainer.train_step(mbs) for _ in range(self.cfg.algorithm.ppo_epochs)
                    for mbs in prepared.minibatches]
+        mismatch = {}
+        if prepared.deferred is not None:   # old log-probs came from the (only) step's forward
+            total = dict(NO_MISMATCH)
+            for mb, old in zip(prepared.deferred, results[0].logprobs):
+                total = _add_mismatch(total, mb, old)
+            mismatch = self._reduce_mismatch(total)
         metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in results[0].metrics}
         metrics.update({
             "train/loss": fmean(r.loss for r in results),
@@ -248,7 +278,7 @@ class Session:
             "train/optimizer_steps": float(len(results)),
             "train/skipped_updates": float(sum(not r.update_successful for r in results)),
         })
-        return {**metrics, **prepared.metrics}
+        return {**metrics, **prepared.metrics, **mismatch}
 
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine (a new weight version)."""
