@@ -24,7 +24,7 @@ from ..algorithm import LossParams
 from ..checkpoint.manager import CheckpointManager, latest_checkpoint
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
-from ..metrics.writer import MetricsWriter, truncate_after
+from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
 from ..runtime import distributed
@@ -182,6 +182,7 @@ class Session:
             if self.is_rank0:
                 log.warning("--resume: no complete checkpoint in %s; starting from step 0",
                             self.checkpoints.directory)
+                truncate_after(self.run_dir, 0)  # the killed run's steps are redone
             return 0
         step, path = found
         loaded, state = self.checkpoints.load(path, self._sharded_state(loading=True))
@@ -296,6 +297,12 @@ class Session:
             self.rollout_side.export(weights, out)
         torch.distributed.barrier()
 
+    def initial_eval_recorded(self) -> bool:
+        """Whether the run directory holds the step-0 eval already (a resumed run killed
+        before its first checkpoint); the same answer on every rank."""
+        rows = read_rows(self.run_dir) if self.is_rank0 else []
+        return _broadcast(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
+
     def evaluate(self) -> dict:
         return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
@@ -315,6 +322,9 @@ class RolloutSide:
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
+        # started first: the workers import the reward while the engine is built
+        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
+                                    cfg.data.reward_workers)
         tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
         self.formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template,
                                        cfg.data.system_prompt)
@@ -329,11 +339,10 @@ class RolloutSide:
         try:
             self.engine = build_engine(cfg, tokenizer, self.hf_config)
         except BaseException:
+            self.rewards.close()
             if self.servers is not None:
                 self.servers.stop()
             raise
-        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
 
@@ -357,6 +366,12 @@ class RolloutSide:
         n = self.cfg.rollout.prompts_per_step
         batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
         return batch.groups, batch.metrics
+
+    def initial_eval_recorded(self) -> bool:
+        """Whether the run directory holds the step-0 eval already (a resumed run killed
+        before its first checkpoint); the same answer on every rank."""
+        rows = read_rows(self.run_dir) if self.is_rank0 else []
+        return _broadcast(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
         """Solve rate of greedy answers on the held-out prompts (the hard-set solve rate)."""
