@@ -213,6 +213,9 @@ def run_trl(args) -> dict:
     tokenizer, dataset = trl_dataset(args.steps)
     directory, name = resolve_gguf(None, "smollm2")
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # the GGUF weights are de-quantised to fp32 on load, but transformers still flags the model
+    # as quantised and its Trainer refuses to train it: drop the flag (it is a plain fp32 model)
+    model.hf_quantizer.remove_quantization_config(model)
     math = resolve_reward("math")
 
     def math_reward(prompts, completions, answer, question, **_):
