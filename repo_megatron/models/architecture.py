@@ -132,9 +132,8 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
 def load_hf_config_dict(hf_path: str, gguf_file: Optional[str] = None) -> dict:
     """The HF config dict of a model directory (config.json) or of a GGUF file."""
     if gguf_file is not None:
-        from transformers import AutoConfig
-        directory, name = resolve_gguf(hf_path, gguf_file)
-        return AutoConfig.from_pretrained(directory, gguf_file=name).to_dict()
+        from .gguf_cache import gguf_config_dict
+        return gguf_config_dict(*resolve_gguf(hf_path, gguf_file))
     path = os.path.join(hf_path, "config.json") if os.path.isdir(hf_path) else hf_path
     if not os.path.exists(path):
         raise ConfigError(f"model.hf_path={hf_path}: no config.json there")
