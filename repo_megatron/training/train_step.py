@@ -26,7 +26,7 @@ from ..config.model import ModelConfig
 from ..config.optimizer import OptimizerConfig
 from ..config.parallel import ParallelConfig
 from .forward import broadcast_from_last_stage, forward_logprobs, run_schedule
-from .loss import LossContext, global_normalisers, policy_forward_step
+from .loss import FORWARD_LOGPROBS, LossContext, global_normalisers, policy_forward_step
 
 
 @dataclass
@@ -37,6 +37,9 @@ class StepResult:
     lr: float            # learning rate used by this step
     update_successful: bool
     metrics: dict        # full-batch values of the loss library's metrics (clip fractions, ...)
+    # micro-batches given without old log-probs: the log-probs [b, s] of this step's forward,
+    # which served as the old ones (as compute_logprobs would have returned them)
+    logprobs: Optional[list[torch.Tensor]] = None
 
 
 def wrap_model(chunks: list, use_distributed_optimizer: bool) -> list:
@@ -134,7 +137,12 @@ class PolicyTrainer:
         config.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling; 1 otherwise
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward/backward over ``micro_batches`` and one optimizer step."""
+        """Forward/backward over ``micro_batches`` and one optimizer step.
+
+        Micro-batches without ``old_logprobs`` (all of them or none) take the detached
+        log-probs of this forward as the old ones: exact when this is the only optimizer step
+        on the batch, and it saves :meth:`compute_logprobs`' forward. They come back in
+        ``StepResult.logprobs``."""
         from megatron.core import parallel_state
 
         for chunk in self.model:
@@ -152,9 +160,16 @@ class PolicyTrainer:
             grad_norm = self.optimizer.get_grad_norm()
         if ok:
             self.scheduler.step(increment=1)
+        forward = [o.pop(FORWARD_LOGPROBS) for o in outputs if FORWARD_LOGPROBS in o]
+        logprobs = None
+        if micro_batches[0].get("old_logprobs") is None:
+            last = parallel_state.is_pipeline_last_stage()
+            logprobs = broadcast_from_last_stage(
+                [lp[:, :mb["tokens"].shape[1]] for lp, mb in zip(forward, micro_batches)]
+                if last else None, [mb["tokens"].shape for mb in micro_batches])
         metrics = reduce_metrics(outputs)
         return StepResult(loss=metrics.pop("loss"), grad_norm=float(grad_norm or 0.0), lr=lr,
-                          update_successful=bool(ok), metrics=metrics)
+                          update_successful=bool(ok), metrics=metrics, logprobs=logprobs)
 
     def compute_logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
         """Old log-probs ``[b, s]`` per micro-batch under the current weights (forward only)."""

@@ -56,8 +56,10 @@ async def begin(engine: "SGLangEngine", target: SyncTarget) -> list[str]:
     cfg = target.plan.cfg
     if engine.memory_released:
         await target.post_all("/resume_memory_occupation", memory_body(WEIGHTS))
+    # Counted before the request goes out: a worker may answer its aborted requests before it
+    # answers the pause, and every request aborted from here on is retried.
+    engine.pauses += 1
     await target.post_all("/pause_generation", pause_body(cfg.pause_mode))
-    engine.pauses += 1                           # requests aborted from here on are retried
     strategy = engine.sender.strategy
     return await open_sessions(target) if strategy.in_session else []
 
