@@ -35,7 +35,9 @@ A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores 
 - ``advantages``: ``[b]`` per sequence or ``[b, s]`` per token;
 - ``old_logprobs``: log pi_old recomputed by the trainer (:func:`forward_logprobs`);
 - optional ``ref_logprobs`` (KL), ``is_offpolicy`` (``[b]`` or ``[b, s]``: LUFFY tokens),
-  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``.
+  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``, ``provenance`` (``[b]``
+  codes of :data:`repo_megatron.algorithm.provenance.PROVENANCES`: per-provenance metric sums,
+  additive like the others).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from ..runtime import cpu_compat
 from .forward import model_inputs, next_token_targets
 from .logprobs import vocab_parallel_logprobs
 
-OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs")
+OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs",
+                   "provenance")
 
 
 @dataclass(frozen=True)
