@@ -70,7 +70,12 @@ def converted_checkpoint(cfg: Config, arch) -> str:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         convert_hf_to_megatron(m.hf_path, tmp, tp=tp, gguf_file=m.gguf_file,
                                make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # a concurrent run converted the same model first: use theirs
+            if not os.path.isdir(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
     return out
 

@@ -15,8 +15,7 @@ from ..metrics.plot import plot_run
 from ..metrics.writer import read_rows
 
 RESCUE = {"repo": "a verified rephrase of the reference solution (RePO)",
-          "luffy": "the expert's solution itself (LUFFY)",
-          "none": "nothing: plain GRPO injects no sample"}
+          "luffy": "the expert's solution itself (LUFFY)"}
 
 
 def _values(rows: list[dict], key: str) -> list[float]:
@@ -38,9 +37,12 @@ def summary_text(rows: list[dict], injection: str, plot: Optional[str]) -> str:
         f"Run summary ({len(steps)} steps, {groups:.0f} groups of rollouts):",
         f"  {failed:.0f} groups failed entirely (every rollout wrong). Plain GRPO gives such a "
         "group zero advantage: no gradient, nothing learned from it.",
-        f"  {rescued:.0f} of those {failed:.0f} got a correct sample injected: "
-        f"{RESCUE.get(injection, injection)}, so they did train the policy.",
-        f"  held-out solve rate (greedy): {_before_after(_values(rows, 'eval/solve_rate'))}",
+        (f"  {rescued:.0f} of those {failed:.0f} got a correct sample injected, "
+         f"{RESCUE.get(injection, injection)}, so they did train the policy."
+         if injection != "none" else
+         "  This run is plain GRPO (algorithm.injection: none): nothing was injected into them."),
+        f"  solve rate on the eval prompts (greedy, data.eval_path), before -> after: "
+        f"{_before_after(_values(rows, 'eval/solve_rate'))}",
         f"  on-policy reward (sampled, first step -> last step): {_before_after(reward)}",
     ]
     if plot:

@@ -16,8 +16,8 @@ def test_summary_counts_failed_and_rescued_groups_and_says_what_grpo_would_do():
     text = summary_text(ROWS, "repo", "runs/x/metrics.png")
     assert "2 steps, 8 groups" in text
     assert "5 groups failed entirely" in text and "zero advantage" in text
-    assert "3 of those 5 got a correct sample injected" in text and "RePO" in text
-    assert "held-out solve rate (greedy): 0.00 -> 0.12" in text
+    assert "3 of those 5 got a correct sample injected, a verified rephrase" in text
+    assert "before -> after: 0.00 -> 0.12" in text
     assert "0.06 -> 0.25" in text
     assert text.endswith("curves: runs/x/metrics.png")
 
@@ -25,5 +25,5 @@ def test_summary_counts_failed_and_rescued_groups_and_says_what_grpo_would_do():
 def test_summary_of_a_run_without_evaluation_says_so():
     rows = [{k: v for k, v in r.items() if k != "eval/solve_rate"} for r in ROWS]
     text = summary_text(rows, "none", None)
-    assert "held-out solve rate (greedy): not measured" in text
-    assert "plain GRPO injects no sample" in text and "curves" not in text
+    assert "before -> after: not measured" in text
+    assert "nothing was injected" in text and "curves" not in text
