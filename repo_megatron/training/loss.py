@@ -37,7 +37,9 @@ A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores 
   when the batch gets exactly one optimizer step: pi_old is then the policy of this very
   forward, so its detached log-probs serve (the ratio is exactly 1) and are returned;
 - optional ``ref_logprobs`` (KL), ``is_offpolicy`` (``[b]`` or ``[b, s]``: LUFFY tokens),
-  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``.
+  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``, ``provenance`` (``[b]``
+  codes of :data:`repo_megatron.algorithm.provenance.PROVENANCES`: per-provenance metric sums,
+  additive like the others).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from ..runtime import cpu_compat
 from .forward import model_inputs, next_token_targets
 from .logprobs import vocab_parallel_logprobs
 
-OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs")
+OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs",
+                   "provenance")
 FORWARD_LOGPROBS = "forward_logprobs"  # output key of the log-probs used as old ones
 
 
