@@ -28,3 +28,8 @@ class DataConfig:
                                          "process is killed and replaced)", gt=0)
     reward_workers: int = knob(2, "Processes that score rewards (a hung reward blocks only "
                                   "its own worker)", ge=1)
+    reward_max_abs: float = knob(1e6, "A reward that is not a finite number within +-this is "
+                                      "a failed reward (value 0, reason logged)", gt=0)
+    max_failed_reward_steps: int = knob(
+        3, "Stop the run with an error when every reward call failed in this many steps in "
+           "a row (0 = never): a broken reward would otherwise train on zeros", ge=0)

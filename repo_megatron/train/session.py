@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..algorithm import LossParams
-from ..checkpoint.manager import CheckpointManager, latest_checkpoint
+from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
 from ..metrics.writer import MetricsWriter, truncate_after
@@ -31,7 +31,9 @@ from ..runtime import distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
+from ..rollout.metrics import mean
 from .engine_sync import gather_hf_weights
+from .guard import TrainingStopped
 from .prompts import PromptSampler
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class Session:
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.directory or os.path.join(cfg.run_dir, "checkpoints"),
-            cfg.checkpoint.keep_last)
+            cfg.checkpoint.keep_last, cfg.checkpoint.async_save, cfg.checkpoint.verify_checksums)
         self.checkpoints.remove_incomplete()
 
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
@@ -152,21 +154,25 @@ class Session:
                 "optimizer": self.trainer.optimizer.sharded_state_dict(merged, is_loading=loading)}
 
     def save(self, step: int) -> str:
+        """Checkpoint the current state; a weight that is not finite stops the run instead."""
+        if not self.trainer.parameters_finite():
+            raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
+                                  "it, the last good checkpoint is kept")
         trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict()}
         if self.rollout_side is not None:
             trainer_state.update(self.rollout_side.state())
         return self.checkpoints.save(step, self._sharded_state(loading=False), trainer_state)
 
     def restore(self) -> int:
-        """Load the newest complete checkpoint; returns its step (0 if there is none)."""
-        found = latest_checkpoint(self.checkpoints.directory)
+        """Load the newest intact checkpoint (older ones are tried when the newest fails
+        verification); returns its step (0 if there is none)."""
+        found = self.checkpoints.load_newest_intact(lambda: self._sharded_state(loading=True))
         if found is None:
             if self.is_rank0:
                 log.warning("--resume: no complete checkpoint in %s; starting from step 0",
                             self.checkpoints.directory)
             return 0
-        step, path = found
-        loaded, state = self.checkpoints.load(path, self._sharded_state(loading=True))
+        step, path, loaded, state = found
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
         self.trainer.optimizer.load_state_dict(loaded["optimizer"])
@@ -240,13 +246,16 @@ class Session:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
         results = [self.trainer.train_step(mbs) for _ in range(self.cfg.algorithm.ppo_epochs)
                    for mbs in prepared.minibatches]
-        metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in results[0].metrics}
+        metrics = {f"train/{k}": mean(r.metrics[k] for r in results) for k in results[0].metrics}
         metrics.update({
-            "train/loss": fmean(r.loss for r in results),
-            "train/grad_norm": max(r.grad_norm for r in results),
+            "train/loss": mean(r.loss for r in results),
+            # NaN when a step was skipped for a non-finite gradient (max() would hide it)
+            "train/grad_norm": max((r.grad_norm for r in results), key=lambda g: (g != g, g)),
             "train/lr": results[-1].lr,
             "train/optimizer_steps": float(len(results)),
             "train/skipped_updates": float(sum(not r.update_successful for r in results)),
+            "train/nonfinite_skipped": float(sum(r.nonfinite for r in results)),
+            "train/nonfinite_in_a_row": float(self.trainer.nonfinite_in_a_row),
         })
         return {**metrics, **prepared.metrics}
 
@@ -270,6 +279,7 @@ class Session:
         return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
+        self.checkpoints.close()  # commits a background save still in flight
         self.writer.close()
         if self.rollout_side is not None:
             self.rollout_side.close()
@@ -303,7 +313,7 @@ class RolloutSide:
                 self.servers.stop()
             raise
         self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers)
+                                    cfg.data.reward_workers, cfg.data.reward_max_abs)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
 
@@ -360,11 +370,15 @@ class RolloutSide:
         log.info("Exported Hugging Face weights to %s", out)
 
     def state(self) -> dict:
-        return {"sampler": self.sampler.state(), "replay": self.stage.replay}
+        """Plain data only (checkpoints are loaded with ``weights_only``)."""
+        replay = self.stage.replay
+        return {"sampler": self.sampler.state(),
+                "replay": replay.state() if replay is not None else None}
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state["sampler"])
-        self.stage.replay = state.get("replay")
+        if self.stage.replay is not None and state.get("replay") is not None:
+            self.stage.replay.load_state(state["replay"])
 
     def close(self) -> None:
         self.rewards.close()
