@@ -20,4 +20,5 @@ class CheckpointConfig:
                                    "committed (manifest, rename) once every rank's write is done")
     verify_checksums: bool = knob(True, "On resume, check every file's SHA-256 against the "
                                         "checkpoint's manifest (sizes are always checked)")
-    directory: Optional[str] = knob(None, "Where checkpoints go (null = RUN_DIR/checkpoints)")
+    directory: Optional[str] = knob(None, "Where checkpoints go (null = RUN_DIR/checkpoints)",
+                                    path="output")

@@ -123,6 +123,8 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
                 return FAMILIES[_HF_NAMES[name]](hf)
             except KeyError as e:
                 raise ConfigError(f"missing key {e.args[0]}", source) from None
+            except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong kind
+                raise ConfigError(f"cannot be read ({type(e).__name__}: {e})", source) from None
             except ConfigError as e:
                 raise ConfigError(e.message.removeprefix("config.json: "), source) from None
     raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
@@ -167,9 +169,15 @@ def resolve_gguf(hf_path: Optional[str], gguf_file: str) -> tuple[str, str]:
 def read_architecture(hf_path: str, gguf_file: Optional[str] = None,
                       overrides: Optional[dict] = None) -> Architecture:
     """Read and parse a model's architecture, applying config.json key overrides."""
+    from .hf_checks import check_override_keys, check_shape
+
     hf = load_hf_config_dict(hf_path, gguf_file)
-    hf.update(overrides or {})
-    return parse_hf_config(hf, source=os.path.join(hf_path or "", gguf_file or "config.json"))
+    source = os.path.join(hf_path or "", gguf_file or "config.json")
+    overrides = overrides or {}
+    check_override_keys(overrides, hf)
+    hf.update(overrides)
+    check_shape(hf, set(overrides), source)
+    return parse_hf_config(hf, source=source)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:

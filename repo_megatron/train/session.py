@@ -23,7 +23,7 @@ import torch
 from ..algorithm import LossParams
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
-from ..config import Config
+from ..config import Config, ConfigError
 from ..metrics.writer import MetricsWriter, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
@@ -99,6 +99,9 @@ class Session:
             cfg.checkpoint.directory or os.path.join(cfg.run_dir, "checkpoints"),
             cfg.checkpoint.keep_last, cfg.checkpoint.async_save, cfg.checkpoint.verify_checksums)
         self.checkpoints.remove_incomplete()
+        # Prompts are read and checked first: a bad dataset stops every rank in seconds,
+        # before minutes of model building.
+        data = self._rank0_first(lambda: load_run_data(cfg)) if rollout else None
 
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
         init = self._initial_weights()
@@ -113,9 +116,27 @@ class Session:
         self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
-        self.rollout_side = RolloutSide(cfg) if (self.is_rank0 and rollout) else None
+        self.rollout_side = RolloutSide(cfg, data) if (self.is_rank0 and rollout) else None
 
     # ---- set-up ----------------------------------------------------------------------------
+
+    def _rank0_first(self, fn):
+        """``fn()`` on rank 0; if it raises a ConfigError or DataError, every rank stops
+        (rank 0 with that error, the others naming it)."""
+        from ..data import DataError
+
+        result, problem = None, None
+        if self.is_rank0:
+            try:
+                result = fn()
+            except (ConfigError, DataError) as e:
+                problem = e
+        failed = _broadcast(None if problem is None else f"{type(problem).__name__}: {problem}")
+        if problem is not None:
+            raise problem
+        if failed is not None:
+            raise TrainingStopped(f"rank 0 could not start the run: {failed}")
+        return result
 
     @property
     def temperature(self) -> float:
@@ -286,22 +307,39 @@ class Session:
         distributed.teardown()
 
 
+@dataclass
+class RunData:
+    """What rank 0 reads before the model is built: the tokenizer and the checked prompts."""
+    tokenizer: object
+    formatter: object
+    prompts: list
+    eval_prompts: list
+
+
+def load_run_data(cfg: Config) -> RunData:
+    """The tokenizer and every prompt of ``data.path`` / ``data.eval_path``, validated
+    (DataError names the file, row and column)."""
+    from ..data import ChatFormatter, load_prompts, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
+    formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template, cfg.data.system_prompt)
+    prompts = load_prompts(cfg.data, formatter)
+    eval_prompts = (load_prompts(cfg.data, formatter, cfg.data.eval_path)
+                    [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
+    return RunData(tokenizer, formatter, prompts, eval_prompts)
+
+
 class RolloutSide:
     """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
 
-    def __init__(self, cfg: Config):
-        from ..data import ChatFormatter, load_prompts, load_tokenizer
+    def __init__(self, cfg: Config, data: "RunData"):
         from ..rewards import RewardRunner
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
-        tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
-        self.formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template,
-                                       cfg.data.system_prompt)
-        self.sampler = PromptSampler(load_prompts(cfg.data, self.formatter), cfg.seed,
-                                     cfg.data.shuffle)
-        self.eval_prompts = (load_prompts(cfg.data, self.formatter, cfg.data.eval_path)
-                             [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
+        tokenizer, self.formatter = data.tokenizer, data.formatter
+        self.sampler = PromptSampler(data.prompts, cfg.seed, cfg.data.shuffle)
+        self.eval_prompts = data.eval_prompts
         self.hf_config = hf_config(cfg)
         self.servers = None  # SGLang servers this run started (rollout.sglang.launch)
         if cfg.rollout.sglang.launch.num_servers > 0:
