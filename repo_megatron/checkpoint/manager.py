@@ -192,6 +192,22 @@ def _write_json(path: str, data: dict) -> None:
     os.rename(tmp, path)
 
 
+def manifest_problem(manifest: Any) -> Optional[str]:
+    """What is wrong with a manifest read from ``meta.json`` (None if it is well-formed):
+    entries ``{relative path: {"size": int, "sha256": hex}}`` that stay inside the checkpoint."""
+    if not isinstance(manifest, dict) or not manifest:
+        return f"{META} has no manifest (written before checkpoints carried one?)"
+    for name, entry in manifest.items():
+        inside = (isinstance(name, str) and name and not os.path.isabs(name)
+                  and ".." not in name.split("/") and name != META)
+        if not inside:
+            return f"{META} lists {str(name)[:80]!r}, which is not a file of the checkpoint"
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int
+                and isinstance(entry.get("sha256"), str)):
+            return f"{META}: the manifest entry of {name} is malformed"
+    return None
+
+
 class CheckpointManager:
     """Save and restore training state under ``directory`` (collective calls: every rank).
 
@@ -387,11 +403,11 @@ class CheckpointManager:
         manifest: dict = {}
         try:
             meta = read_meta(path)
-            manifest = meta["manifest"] if isinstance(meta, dict) else None
-            if not isinstance(manifest, dict) or not manifest:
-                problem = f"{META} has no manifest (written before checkpoints carried one?)"
-        except (OSError, ValueError, KeyError) as e:
-            problem = f"{META} cannot be read ({one_line(e)})"
+        except (OSError, ValueError, RecursionError) as e:
+            meta, problem = None, f"{META} cannot be read ({one_line(e)})"
+        if problem is None:
+            manifest = meta.get("manifest") if isinstance(meta, dict) else None
+            problem = manifest_problem(manifest)
         problem = _agree(problem)
         if problem is None:
             names = sorted(manifest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from typing import Iterable, Mapping
 
 _CHUNK = 8 << 20
@@ -48,14 +49,20 @@ def check_entries(directory: str, entries: Mapping[str, dict], checksums: bool =
     for name, expected in entries.items():
         path = os.path.join(directory, name)
         try:
-            size = os.path.getsize(path)
+            st = os.stat(path)
         except OSError:
             problems.append(f"{name} is missing")
             continue
-        if size != expected["size"]:
-            problems.append(f"{name} has {size} bytes, the manifest says {expected['size']}")
-        elif checksums and file_entry(path)["sha256"] != expected["sha256"]:
-            problems.append(f"{name} does not match its SHA-256 in the manifest")
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{name} is not a regular file")
+        elif st.st_size != expected["size"]:
+            problems.append(f"{name} has {st.st_size} bytes, the manifest says {expected['size']}")
+        elif checksums:
+            try:
+                if file_entry(path)["sha256"] != expected["sha256"]:
+                    problems.append(f"{name} does not match its SHA-256 in the manifest")
+            except OSError as e:
+                problems.append(f"{name} cannot be read ({e.strerror})")
     return problems
 
 

@@ -34,7 +34,8 @@ def _kind(value: Any) -> str:
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
-    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+    return {str: "string", list: "list", dict: "object", type(None): "null"}.get(
+        type(value), type(value).__name__)
 
 
 _UTF16_32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE,
@@ -67,6 +68,24 @@ def find_jsonl_problem(path: str) -> Optional[DataError]:
     return None
 
 
+def jsonl_lines_are_objects(path: str) -> bool:
+    """Whether every non-blank line of a jsonl file (not UTF-16/32) starts like a JSON object.
+    A cheap byte scan: pyarrow 26's JSON reader (under ``datasets``) dies with a segmentation
+    fault on a file whose first line is ``null`` and whose next line is an object, so such
+    files never reach it."""
+    with open(path, "rb") as f:
+        if f.read(4).startswith(_UTF16_32_BOMS):
+            return False
+        f.seek(0)
+        for line_no, line in enumerate(f, start=1):
+            line = line.strip()
+            if line_no == 1:
+                line = line.removeprefix(codecs.BOM_UTF8).strip()
+            if line and not line.startswith(b"{"):
+                return False
+    return True
+
+
 def read_table(path: str, key: str = "data.path"):
     """The file as a ``datasets.Dataset`` (jsonl or parquet, chosen by extension); ``key``
     names the config key that gave the path."""
@@ -79,6 +98,8 @@ def read_table(path: str, key: str = "data.path"):
     fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise DataError(path, f"unsupported file type (use {', '.join(_FORMATS)})")
+    if path.lower().endswith(".jsonl") and not jsonl_lines_are_objects(path):
+        raise find_jsonl_problem(path) or DataError(path, "has a line that is not a JSON object")
     try:
         return datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as e:  # datasets/Arrow errors name neither row nor column: find them

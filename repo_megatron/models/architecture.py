@@ -123,10 +123,10 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
                 return FAMILIES[_HF_NAMES[name]](hf)
             except KeyError as e:
                 raise ConfigError(f"missing key {e.args[0]}", source) from None
-            except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong kind
-                raise ConfigError(f"cannot be read ({type(e).__name__}: {e})", source) from None
             except ConfigError as e:
                 raise ConfigError(e.message.removeprefix("config.json: "), source) from None
+            except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong kind
+                raise ConfigError(f"cannot be read ({type(e).__name__}: {e})", source) from None
     raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
                       f"(supported: {', '.join(sorted(_HF_NAMES))})", source)
 

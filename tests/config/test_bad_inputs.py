@@ -106,6 +106,8 @@ def _dataset_cases(tmp_path) -> list[tuple[str, str, str]]:
     directory.mkdir()
     deep = tmp_path / "deep.jsonl"
     deep.write_text(json.dumps(row) + "\n" + "[" * 5000 + "]" * 5000 + "\n")
+    null_first = tmp_path / "null_first.jsonl"  # pyarrow 26 segfaults on this one
+    null_first.write_text("null\n" + json.dumps(row))
     return [
         ("utf16", str(utf16), f"DataError: {utf16}: is UTF-16 or UTF-32 text: save it as UTF-8"),
         ("non_utf8", str(latin1),
@@ -113,6 +115,8 @@ def _dataset_cases(tmp_path) -> list[tuple[str, str, str]]:
         ("directory", str(directory),
          f"DataError: {directory}: is a directory, not a .jsonl or .parquet file (data.path)"),
         ("nested_5000", str(deep), f"DataError: {deep}, row 2: nested too deeply to read"),
+        ("null_then_object", str(null_first),
+         f"DataError: {null_first}, row 1: must be a JSON object, got null"),
     ]
 
 
