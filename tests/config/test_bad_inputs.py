@@ -40,18 +40,11 @@ def _config_cases(model: str) -> list[tuple[str, bytes, list, str]]:
         ("huge_int", head, ["rollout.max_new_tokens=100000000000000000000000"],
          "ConfigError: {path}: rollout.max_new_tokens=100000000000000000000000 must be a 64-bit "
          "integer"),
-        ("layers_abc", override("num_hidden_layers: abc"), [],
-         "ConfigError: {path}: model.architecture_overrides.num_hidden_layers=abc must be an "
-         "integer >= 1"),
-        ("layers_0", override("num_hidden_layers: 0"), [],
-         "ConfigError: {path}: model.architecture_overrides.num_hidden_layers=0 must be an "
-         "integer >= 1"),
-        ("heads_0", override("num_attention_heads: 0"), [],
-         "ConfigError: {path}: model.architecture_overrides.num_attention_heads=0 must be an "
-         "integer >= 1"),
-        ("positions_minus_4", override("max_position_embeddings: -4"), [],
-         "ConfigError: {path}: model.architecture_overrides.max_position_embeddings=-4 must be "
-         "an integer >= 1"),
+        *[(f"{key}_{value}", override(f"{key}: {value}"), [],
+           f"ConfigError: {{path}}: model.architecture_overrides.{key}={value} must be an "
+           "integer >= 1")
+          for key, value in (("num_hidden_layers", "abc"), ("num_hidden_layers", 0),
+                             ("num_attention_heads", 0), ("max_position_embeddings", -4))],
         ("misspelt_key", override("num_hiden_layers: 2"), [],
          "ConfigError: {path}: model.architecture_overrides.num_hiden_layers is not a key of "
          "LlamaConfig (did you mean num_hidden_layers?)"),

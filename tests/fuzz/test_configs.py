@@ -12,7 +12,7 @@ from repo_megatron.config import ConfigError, load_config
 from repo_megatron.config.base import iter_knobs
 from repo_megatron.config import Config
 from tests.fuzz.tally import CLEAN_ERROR, DATA_LOST, TRACEBACK, Tally
-from tests.fuzz.timebox import run_case
+from tests.fuzz.cases import nested, run_case
 from tests.helpers import write_tiny_llama
 
 SEED = 20260113
@@ -25,19 +25,12 @@ SHAPE_KEYS = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_atte
               "architectures", "model_type", "num_hiden_layers", "hidden_act", "torch_dtype"]
 
 
-def _nested(depth: int):
-    value: list = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 def random_value(rng: random.Random):
     pool = [0, 1, -1, 2, 3, 7, 64, 2 ** 31, 2 ** 32, 2 ** 63, 2 ** 64, -2 ** 63 - 1, 10 ** 400,
             0.0, -0.0, 0.5, 1e-6, 1e308, -1e308, 5e-324, float("nan"), float("inf"),
             float("-inf"), True, False, None, "", "abc", "1e400", "nan", "-1", "auto", "local",
             "\x00", "ü\u202e", "x" * 10000, "smollm2", "../../etc/passwd", [], [1, "a"],
-            ["a", "b"], {}, {"a": 1}, {"num_hidden_layers": 0}, _nested(rng.choice([5, 40, 300]))]
+            ["a", "b"], {}, {"a": 1}, {"num_hidden_layers": 0}, nested(rng.choice([5, 40, 300]))]
     return rng.choice(pool)
 
 

@@ -13,24 +13,17 @@ from repo_megatron.config.data import DataConfig
 from repo_megatron.data import DataError, load_prompts
 from repo_megatron.data.chat import ChatFormatter
 from tests.fuzz.tally import CLEAN_ERROR, DATA_LOST, OK, TRACEBACK, Tally
-from tests.fuzz.timebox import run_case
+from tests.fuzz.cases import nested, run_case
 from tests.rollout.fakes import ByteTokenizer
 
 SEED = 20260113
 CASES = 300
 
 
-def _nested(depth: int):
-    value: list = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 def random_cell(rng: random.Random):
     return rng.choice([
         "Compute 2 + 2.", "4", "", "   ", None, 4, -1, 10 ** 30, 2 ** 63, 1.5, True, [], ["a"],
-        {"a": 1}, "ü\u202e\u0000x", "x" * rng.choice([10, 5000]), _nested(rng.choice([3, 60])),
+        {"a": 1}, "ü\u202e\u0000x", "x" * rng.choice([10, 5000]), nested(rng.choice([3, 60])),
         "\\boxed{4}", "line\nbreak"])
 
 

@@ -16,7 +16,7 @@ from repo_megatron.rollout.metrics import rollout_metrics
 from repo_megatron.rollout.types import Group, Prompt, Sample
 from tests.fuzz.rewards import expected
 from tests.fuzz.tally import CLEAN_ERROR, DATA_LOST, HANG, OK, TRACEBACK, Tally
-from tests.fuzz.timebox import run_case
+from tests.fuzz.cases import run_case
 
 SEED = 20260113
 CASES = 400

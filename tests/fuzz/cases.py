@@ -1,4 +1,5 @@
-"""Run one fuzz case with a time bound (SIGALRM: main thread, Unix), and classify what came out."""
+"""Shared pieces of the fuzz campaigns: one case run with a time bound (SIGALRM: main thread,
+Unix) and classified, and generators of awkward values."""
 
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ def run_case(fn: Callable[[], Any], seconds: float, clean: tuple = ()) -> tuple[
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def nested(depth: int) -> list:
+    """``[[[...]]]``, ``depth`` lists deep."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
