@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.helpers import write_tiny_llama
+from tests.train.conftest import tiny_chat_model  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,3 +57,24 @@ def test_kill_9_during_a_checkpoint_write_leaves_no_process_and_the_run_resumes(
     assert result["restored"] == 1 and result["saved"] == [2, 3]
     assert result["complete"] == ["step_000002", "step_000003"]
     assert all(result["verified"].values()) and result["partial"] == [], result
+
+
+def test_a_training_run_killed_mid_save_leaves_no_process(tiny_chat_model, tmp_path):
+    """The whole trainer as users run it (reward workers, the embedded engine, megatron's
+    writers), killed while its first checkpoint is being written: nothing outlives it."""
+    import yaml
+
+    from tests.train.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tiny_chat_model, str(tmp_path / "run"),
+                          checkpoint={"save_interval": 1, "async_save": True})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "REPO_MEGATRON_FAILPOINT": "checkpoint_writer_forked:1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.checkpoint.reaper", sys.executable, "-m",
+                           "repo_megatron.cli", "train", str(path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["returncode"] == -9, (out, proc.stderr[-2000:])
+    assert out["survivors"] == [], out
+    assert os.listdir(tmp_path / "run" / "checkpoints") == [".tmp-step_000001"]
