@@ -34,9 +34,11 @@ class RePOConfig:
     failure_rate_threshold: float = knob(
         1.0, "rho: rephrase and inject when the group's failure rate gamma >= rho (ours: only "
              "groups that failed entirely, where GRPO has no signal)", ge=0, le=1)
-    schedule: str = knob("lazy", "`lazy`: rephrase after the gate trips (fewer tokens, one more "
-                                 "round trip); `eager`: rephrase alongside the group, discard if "
-                                 "the gate stays shut (lower latency)", choices=["lazy", "eager"])
+    schedule: str = knob("lazy", "`lazy`: rephrase once every group is gated (one more round); "
+                                 "`overlap`: rephrase a group as soon as its own rollouts are "
+                                 "scored and its gate fires, while others still decode; `eager`: "
+                                 "rephrase alongside the rollouts, discard if the gate stays shut "
+                                 "(wasted tokens, no wait)", choices=["lazy", "overlap", "eager"])
     rephrase_template: str = knob(DEFAULT_REPHRASE_TEMPLATE,
                                   "Prompt P(q, k); {question} and {solution} are filled in")
     meta_patterns: list[str] = knob(default_factory=lambda: list(DEFAULT_META_PATTERNS),

@@ -32,6 +32,18 @@ class SGLangLaunchConfig:
                                   help="Extra sglang-router arguments")
     startup_timeout_s: float = knob(1800.0, "How long a server may take to become healthy",
                                     gt=0)
+    deterministic_inference: bool = knob(
+        False, "Pass --enable-deterministic-inference to the servers: SGLang honours a "
+               "request's sampling_seed only then (see docs/sglang.md for what stays "
+               "reproducible)")
+    router_health_check_interval_s: int = knob(
+        60, "sglang-router: seconds between health checks of a worker", ge=1)
+    router_health_check_timeout_s: int = knob(
+        60, "sglang-router: a health check slower than this fails (a worker loading "
+            "weights answers late)", ge=1)
+    router_health_failure_threshold: int = knob(
+        10, "sglang-router: consecutive failed checks before a worker is marked dead "
+            "(interval x threshold must outlast the longest weight update)", ge=1)
 
 
 @dataclass
@@ -49,7 +61,20 @@ class SGLangConfig:
                                    gt=0)
     weight_sync: str = knob("disk", "How new weights reach the servers",
                             choices=["disk", "tensor", "distributed"])
-    weight_bucket_mb: int = knob(512, "Bucket size of weight updates", ge=1)
+    weight_bucket_mb: int = knob(512, "Bucket size of weight updates: every pipeline stage "
+                                      "streams its weights in buckets of at most this size",
+                                 ge=1)
+    pause_mode: str = knob("retract", "How /pause_generation stops running requests during a "
+                                      "weight update: `retract` (back to the queue, resumed "
+                                      "after), `in_place` (kept with their KV cache; the cache "
+                                      "is not flushed), `abort` (aborted; the client retries "
+                                      "them)", choices=["abort", "retract", "in_place"])
+    flush_cache_timeout_s: float = knob(60.0, "How long to retry /flush_cache (refused while "
+                                              "requests run) after an update", gt=0)
+    release_memory: Optional[bool] = knob(
+        None, "Release the servers' GPU memory (weights, KV cache) while the trainer trains "
+              "and resume it for the weight update (null = on for weight_sync=tensor, the "
+              "colocated layout)")
     disk_dir: str = knob("", "disk sync: directory every server can read (empty = a "
                              "temporary directory, single node only)")
     distributed_backend: str = knob("nccl", "distributed sync: process-group backend (gloo "
@@ -59,6 +84,11 @@ class SGLangConfig:
     distributed_master_port: int = knob(0, "distributed sync: rendezvous port (0 = a free "
                                            "port)", ge=0, le=65535)
     launch: SGLangLaunchConfig = section(SGLangLaunchConfig, "Servers started by repo-megatron")
+
+    @property
+    def releases_memory(self) -> bool:
+        """Whether the engines' memory is released during training (``release_memory``)."""
+        return self.weight_sync == "tensor" if self.release_memory is None else self.release_memory
 
 
 @dataclass

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from math_verify import parse, verify
-
 from .base import RewardResult, register_reward
 
 # math-verify warns on every call that its timeout is off: we enforce our own.
@@ -18,11 +16,16 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 def parse_reference(answer: str) -> list:
     """The parsed reference; a bare answer (``476``, ``\\frac{1}{2}``) is read as if boxed."""
+    from math_verify import parse
     return parse(answer, parsing_timeout=None) or parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
 
 
 @register_reward("math")
 def math_reward(response: str, answer: str, question: str = "") -> RewardResult:
+    # imported on first use: only the reward workers score, and math-verify (sympy) costs the
+    # trainer process seconds of start-up and ~50 MB
+    from math_verify import parse, verify
+
     gold = parse_reference(answer)
     if not gold:
         return RewardResult(0.0, f"reference answer {answer!r} could not be parsed", failed=True)
@@ -32,3 +35,10 @@ def math_reward(response: str, answer: str, question: str = "") -> RewardResult:
     if verify(gold, pred, timeout_seconds=None):
         return RewardResult(1.0, f"correct: {pred[-1]}")
     return RewardResult(0.0, f"wrong: got {pred[-1]}, expected {gold[-1]}")
+
+
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401
+
+
+math_reward.warm_up = _import_math_verify  # run by each reward worker before it takes calls

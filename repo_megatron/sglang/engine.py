@@ -1,32 +1,38 @@
 """The rollout engine over SGLang servers: :class:`SGLangEngine` implements
 :class:`~repo_megatron.rollout.engine.RolloutEngine`, so the RePO stage runs on it unchanged.
 
-    engine = SGLangEngine(cfg.rollout.sglang)      # waits for health, detects versions
+    engine = SGLangEngine(cfg.rollout.sglang)      # waits for health, reads versions, TP sizes
     results = engine.generate(prompt_ids, params)  # one /generate per request, all in flight
     engine.update_weights(hf_named_tensors)         # pause, (begin), buckets, (end), flush, go
     engine.close()
 
 Requests go to the router when one is configured (it balances them), else to the workers in
-turn; a request whose server fails with a connection error or 503 moves on to the next one.
-The blocking API runs an asyncio loop of its own in a background thread, so it works from any
-caller, including one that runs its own event loop.
+turn; a request whose server fails with a connection error or 503 moves on to the next one,
+and a request that a weight update's pause aborted is sent again. The blocking API runs an
+asyncio loop of its own in a background thread, so it works from any caller, including one
+that runs its own event loop. In a Megatron run the update is planned here but streamed by
+every pipeline stage (:mod:`repo_megatron.train.engine_sync`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import tempfile
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from ..config.rollout import SGLangConfig
-from ..rollout.engine import GenerationResult, RolloutEngine, SamplingParams, check_requests
-from .client import SGLangClient, SGLangError
-from .protocol import (generate_body, generation_result, needs_weight_update_session,
-                       parse_version, parse_weight_version)
+from ..rollout.engine import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
+                              check_requests)
+from .client import LoopThread, SGLangError
+from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
+                       parse_weight_version)
 from .router import router_workers
+from .weight_sync.buckets import iter_buckets
+from .weight_sync.sender import StageSender, make_client
+from .weight_sync.session import UpdateSession, plan_update
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +42,39 @@ class SGLangEngine(RolloutEngine):
     (``cfg.router_url``); weights pushed with the ``cfg.weight_sync`` strategy."""
 
     def __init__(self, cfg: SGLangConfig, start: bool = True):
-        from .weight_sync import build_strategy
-
         if not (cfg.urls or cfg.router_url):
             raise ValueError("SGLangEngine needs sglang.urls or sglang.router_url")
         self.cfg = cfg
-        self.client = SGLangClient(cfg.request_timeout_s, cfg.max_concurrency_per_server,
-                                   cfg.max_retries, cfg.retry_backoff_s)
-        self.strategy = build_strategy(cfg)
+        self.client = make_client(cfg)
+        self.loop = LoopThread("sglang-client")
+        # the sender of pipeline stage 0 (or of every weight, in one process)
+        self.sender = StageSender(cfg, 0, loop=self.loop, client=self.client)
         self.versions: dict[str, tuple[int, ...]] = {}   # worker URL -> SGLang version
         self.tp_sizes: dict[str, int] = {}               # worker URL -> engine TP size
+        self.disk_dir = cfg.disk_dir or (tempfile.mkdtemp(prefix="repo_megatron_weights_")
+                                         if cfg.weight_sync == "disk" else "")
+        self.memory_released = False
+        self.pauses = 0                                  # /pause_generation calls so far
         self._version = 0
         self._next = 0                                   # round robin over the workers
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="sglang-client")
-        self._thread.start()
         if start:
             self.run(self.start())
 
     # -- plumbing ---------------------------------------------------------------------------
     def run(self, coro):
         """Run a coroutine on the engine's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self.loop.run(coro)
 
     def close(self) -> None:
-        """Close the HTTP connections and stop the loop (idempotent)."""
-        if self._loop.is_closed():
+        """Destroy the update groups, close the HTTP connections, stop the loop
+        (idempotent)."""
+        if self.loop.closed:
             return
-        self.run(self.client.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        try:
+            self.sender.close()
+        finally:
+            self.run(self.client.aclose())
+            self.loop.close()
 
     def __enter__(self) -> "SGLangEngine":
         return self
@@ -94,16 +101,16 @@ class SGLangEngine(RolloutEngine):
         for worker, info in zip(workers, infos):
             self.versions[worker] = parse_version(info.get("version", "0"))
             self.tp_sizes[worker] = int(info.get("tp_size", 1))
+            if self.cfg.launch.deterministic_inference and \
+                    info.get("enable_deterministic_inference") is False:
+                raise SGLangError(worker, "/server_info", "launch.deterministic_inference is "
+                                  "set but the server runs without "
+                                  "--enable-deterministic-inference: it would ignore seeds")
         served = {parse_weight_version(info.get("weight_version")) for info in infos} - {None}
         if len(served) > 1:
             log.warning("SGLang workers serve different weight versions %s", sorted(served))
         self._version = max(served, default=0)
         log.info("SGLang workers %s", {w: ".".join(map(str, v)) for w, v in self.versions.items()})
-
-    @property
-    def needs_weight_update_session(self) -> bool:
-        """Whether some worker is SGLang >= 0.5.22 (begin/end around tensor updates)."""
-        return any(needs_weight_update_session(v) for v in self.versions.values())
 
     async def post_all(self, endpoint: str, body: Optional[dict] = None,
                        workers: Optional[Sequence[str]] = None) -> list:
@@ -112,41 +119,75 @@ class SGLangEngine(RolloutEngine):
         workers = list(workers) if workers is not None else await self.workers()
         return await asyncio.gather(*(self.client.request(w, endpoint, body) for w in workers))
 
+    def release_memory(self) -> None:
+        """Colocated runs (``releases_memory``): free the servers' GPU memory for training
+        (``/release_memory_occupation``); the next update or generation resumes it."""
+        if not self.cfg.releases_memory or self.memory_released:
+            return
+        self.run(self.post_all("/release_memory_occupation", memory_body()))
+        self.memory_released = True
+
+    async def resume_memory(self) -> None:
+        """Everything :meth:`release_memory` freed back (before generating)."""
+        if self.memory_released:
+            await self.post_all("/resume_memory_occupation", memory_body())
+            self.memory_released = False
+
     def abort(self) -> None:
         """Abort every request running on the workers (``/abort_request abort_all``); their
         callers get ``finish_reason == "abort"``, which :meth:`generate` raises as an error."""
-        self.run(self.post_all("/abort_request", {"abort_all": True}))
+        self.run(self.post_all("/abort_request", ABORT_ALL))
 
     # -- RolloutEngine ----------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[GenerationResult]:
         check_requests(prompts, params)
+        self.run(self.resume_memory())
         return self.run(self.generate_async(prompts, params))
 
     async def generate_async(self, prompts: Sequence[Sequence[int]],
                              params: Sequence[SamplingParams]) -> list[GenerationResult]:
         """All requests in flight at once (bounded per server by the client); the first
         failure cancels the rest."""
-        targets = [self.cfg.router_url] if self.cfg.router_url else list(self.cfg.urls)
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = []
-                for ids, p in zip(prompts, params):
-                    start = self._next % len(targets)
-                    self._next += 1
-                    tasks.append(group.create_task(
-                        self.generate_one(targets[start:] + targets[:start], list(ids), p)))
+                tasks = [group.create_task(self.generate_one(self.rotation(), list(ids), p))
+                         for ids, p in zip(prompts, params)]
         except BaseExceptionGroup as failures:
             raise failures.exceptions[0] from None      # the first failure, as it was raised
         return [task.result() for task in tasks]
 
+    def stream(self) -> FutureStream:
+        """Each request is sent as soon as it is submitted (a group's rephrases go out while
+        other groups still decode)."""
+        self.run(self.resume_memory())
+        return FutureStream(lambda ids, p: asyncio.run_coroutine_threadsafe(
+            self.generate_one(self.rotation(), list(ids), p), self.loop.loop))
+
+    def rotation(self) -> list[str]:
+        """Where the next request goes: the router, or the workers starting with the next
+        in turn (the others are its fallbacks)."""
+        targets = [self.cfg.router_url] if self.cfg.router_url else list(self.cfg.urls)
+        start = self._next % len(targets)
+        self._next += 1
+        return targets[start:] + targets[:start]
+
     async def generate_one(self, servers: list[str], input_ids: list[int],
                            params: SamplingParams) -> GenerationResult:
-        """One request; on a retryable failure it goes to the next server of ``servers``."""
-        answer = await self.client.request(servers, "/generate", generate_body(input_ids, params))
-        if isinstance(answer, list):        # SGLang answers a batch with a list
-            answer = answer[0]
-        result = generation_result(answer)
+        """One request; on a retryable failure it goes to the next server of ``servers``.
+        A request aborted by a weight update's pause (``pause_mode: abort``) is sent again
+        (it then waits for ``/continue_generation``); any other abort is an error."""
+        for attempt in range(self.cfg.max_retries + 1):
+            pauses = self.pauses
+            answer = await self.client.request(servers, "/generate",
+                                               generate_body(input_ids, params))
+            if isinstance(answer, list):        # SGLang answers a batch with a list
+                answer = answer[0]
+            result = generation_result(answer)
+            if result.finish_reason != "abort" or self.pauses == pauses:
+                break
+            log.info("a request aborted by a weight update is sent again (%d/%d)", attempt + 1,
+                     self.cfg.max_retries)
         served = parse_weight_version((answer.get("meta_info") or {}).get("weight_version"))
         if result.finish_reason == "abort":
             raise SGLangError(servers[0], "/generate", f"request aborted: "
@@ -157,12 +198,18 @@ class SGLangEngine(RolloutEngine):
         result.weight_version = self._version
         return result
 
+    def begin_update(self, version: Optional[int] = None) -> UpdateSession:
+        """The update to ``version`` (default: the current one + 1) as a context: paused and
+        open on entry; on a clean exit finished and the engine's version set; always
+        resumed. Stages push in between (``update.plan``, ``update.stage_results``)."""
+        return UpdateSession(self, plan_update(self, self._version + 1 if version is None
+                                               else version))
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        version: Optional[int] = None) -> None:
-        """Push Hugging Face-named tensors to every worker with the configured strategy;
-        ``named_tensors`` is consumed in the caller's thread (it may run collectives)."""
-        from .weight_sync.session import sync_weights
-
-        version = self._version + 1 if version is None else version
-        sync_weights(self, named_tensors, version)
-        self._version = version
+        """Push Hugging Face-named tensors to every worker from this process, bucket by
+        bucket; ``named_tensors`` is consumed in the caller's thread (it may run
+        collectives)."""
+        with self.begin_update(version) as update:
+            buckets = iter_buckets(named_tensors, self.cfg.weight_bucket_mb << 20)
+            update.stage_results.append(self.sender.send(update.plan, buckets))

@@ -8,6 +8,12 @@
 of the current SLURM allocation, server i on node i mod N (bind them to ``0.0.0.0`` or the
 node's address with ``launch.host`` so the trainer can reach them). Each process gets its own
 session, so stopping it stops its children too.
+
+The launcher adds what a training run needs to the configured arguments: the servers get
+``--enable-deterministic-inference`` when ``deterministic_inference`` is set (SGLang ignores
+``sampling_seed`` without it), and the router gets health-check settings loose enough that a
+worker busy loading weights for minutes is not marked dead
+(``router_health_check_interval_s`` x ``router_health_failure_threshold``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class ServerLauncher:
         """(argv, URL) of server ``index``."""
         port = self.cfg.base_port + index
         argv = [*self.cfg.command, *self.cfg.args, "--host", self.cfg.host, "--port", str(port)]
+        if self.cfg.deterministic_inference:
+            argv.append("--enable-deterministic-inference")
         if self.cfg.mode == "srun":
             nodes = slurm_nodes()
             node = nodes[index % len(nodes)]
@@ -58,6 +66,15 @@ class ServerLauncher:
                     *argv]
             return argv, f"http://{node}:{port}"
         return argv, f"http://{self.cfg.host}:{port}"
+
+    def router_command(self) -> list[str]:
+        """sglang-router's argv: the configured arguments, then the health checks (later
+        flags win, so ``router_args`` cannot silently undo them: set the knobs instead)."""
+        c = self.cfg
+        return [*c.router_command, *c.router_args, "--host", c.host, "--port", str(c.router_port),
+                "--health-check-interval-secs", str(c.router_health_check_interval_s),
+                "--health-check-timeout-secs", str(c.router_health_check_timeout_s),
+                "--health-failure-threshold", str(c.router_health_failure_threshold)]
 
     def spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         """Start one process in its own session, output to ``log_dir/name.log`` if set."""
@@ -82,8 +99,7 @@ class ServerLauncher:
                 self.urls.append(url)
             if self.cfg.router:
                 self.router_url = f"http://{self.cfg.host}:{self.cfg.router_port}"
-                self.spawn([*self.cfg.router_command, *self.cfg.router_args, "--host",
-                            self.cfg.host, "--port", str(self.cfg.router_port)], "router")
+                self.spawn(self.router_command(), "router")
             asyncio.run(self.wait_and_register())
         except BaseException:
             self.stop()

@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 from ..rollout.engine import GenerationResult, SamplingParams
 
-# SGLang renamed /get_server_info to /server_info in 0.5.9 and requires tensor/distributed
-# weight updates inside /begin_weight_update ... /end_weight_update from 0.5.22 on.
+# SGLang renamed /get_server_info to /server_info in 0.5.9. Its PyPI wheels refuse tensor and
+# distributed weight updates outside /begin_weight_update ... /end_weight_update from 0.5.21 on
+# (forks carry the endpoints under older numbers: the client detects them, `serve` emulates
+# this version's behaviour).
 SERVER_INFO_RENAMED = (0, 5, 9)
-WEIGHT_UPDATE_SESSION = (0, 5, 22)
+WEIGHT_UPDATE_SESSION = (0, 5, 21)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -25,11 +27,6 @@ def parse_version(text: str) -> tuple[int, ...]:
     if match is None:
         raise ValueError(f"not an SGLang version: {text!r}")
     return tuple(int(part) for part in match.group(1).split("."))
-
-
-def needs_weight_update_session(version: tuple[int, ...]) -> bool:
-    """Whether this server refuses tensor/distributed updates outside begin/end."""
-    return version >= WEIGHT_UPDATE_SESSION
 
 
 def sampling_params_json(params: SamplingParams) -> dict[str, Any]:
@@ -109,3 +106,58 @@ def error_message(status: int, text: str) -> str:
             if key in body:
                 return str(body[key])
     return text.strip()[:500]
+
+
+# -- control and weight request bodies (fields of SGLang's io_struct request classes) ----------
+ABORT_ALL = {"abort_all": True}                                       # AbortReq
+EMPTY = {}          # BeginWeightUpdateReqInput, EndWeightUpdateReqInput, ContinueGenerationReqInput
+
+
+def pause_body(mode: str) -> dict:
+    """``PauseGenerationReqInput``: ``abort`` | ``retract`` | ``in_place``."""
+    return {"mode": mode}
+
+
+def memory_body(tags: Optional[list[str]] = None) -> dict:
+    """``Release/ResumeMemoryOccupationReqInput``: all regions, or ``tags`` of
+    ``weights`` / ``kv_cache`` / ``cuda_graph``."""
+    return {} if tags is None else {"tags": list(tags)}
+
+
+def weight_version_body(version: int) -> dict:
+    """``UpdateWeightVersionReqInput``; SGLang's default ``abort_all_requests=True`` would
+    abort requests a ``retract`` / ``in_place`` pause is holding, so it is sent false."""
+    return {"new_version": str(version), "abort_all_requests": False}
+
+
+def disk_update_body(model_path: str) -> dict:
+    """``UpdateWeightFromDiskReqInput``."""
+    return {"model_path": model_path}
+
+
+def tensor_update_body(entries: list[str]) -> dict:
+    """``UpdateWeightsFromTensorReqInput``: ``entries[i]`` for engine TP rank i; the cache is
+    flushed once after the whole update."""
+    return {"serialized_named_tensors": list(entries), "load_format": "flattened_bucket",
+            "flush_cache": False}
+
+
+def init_group_body(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                    group_name: str, backend: str) -> dict:
+    """``InitWeightsUpdateGroupReqInput``."""
+    return {"master_address": master_address, "master_port": master_port,
+            "rank_offset": rank_offset, "world_size": world_size, "group_name": group_name,
+            "backend": backend}
+
+
+def distributed_update_body(names: list[str], dtypes: list, shapes: list,
+                            group_name: str) -> dict:
+    """``UpdateWeightsFromDistributedReqInput`` announcing one broadcast bucket."""
+    return {"names": list(names), "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            "shapes": [list(s) for s in shapes], "group_name": group_name,
+            "flush_cache": False}
+
+
+def destroy_group_body(group_name: str) -> dict:
+    """``DestroyWeightsUpdateGroupReqInput``."""
+    return {"group_name": group_name}

@@ -24,7 +24,7 @@ def train(cfg: Config, resume: bool = False) -> int:
     try:
         start = session.restore() if resume else 0
         session.sync_weights()                                  # engine := Megatron's weights
-        if start == 0:
+        if start == 0 and not (resume and session.initial_eval_recorded()):
             session.writer.write(0, session.evaluate())
         bar = tqdm(range(start + 1, cfg.train_steps + 1), initial=start, total=cfg.train_steps,
                    desc="RePO", disable=not (session.is_rank0 and cfg.logging.progress_bar))

@@ -24,7 +24,7 @@ from ..algorithm import LossParams
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config, ConfigError
-from ..metrics.writer import MetricsWriter, truncate_after
+from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
 from ..runtime import distributed
@@ -32,7 +32,7 @@ from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from ..rollout.metrics import mean
-from .engine_sync import gather_hf_weights
+from .engine_sync import WeightStreamer, gather_hf_weights
 from .guard import TrainingStopped
 from .prompts import PromptSampler
 
@@ -79,9 +79,27 @@ def converted_checkpoint(cfg: Config, arch) -> str:
 @dataclass
 class PreparedBatch:
     """One rollout step's training data on this rank: lists of micro-batches, one list per
-    optimizer step, plus the step's mismatch metrics."""
+    optimizer step, plus the step's mismatch metrics. ``deferred`` holds the full
+    micro-batches when old log-probs come from the training forward itself (one optimizer
+    step): their mismatch metrics are measured by :meth:`Session.update`."""
     minibatches: list[list[dict]]
     metrics: dict = field(default_factory=dict)
+    deferred: Optional[list[dict]] = None
+
+
+def _onpolicy(mb: dict) -> torch.Tensor:
+    """[b] sequences sampled from pi(. | q) with their behaviour log-probs."""
+    return mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
+
+
+def _add_mismatch(total: dict, mb: dict, old: torch.Tensor) -> dict:
+    """``total`` plus the train/rollout mismatch of micro-batch ``mb`` under ``old``."""
+    m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb))
+    return {"sum": total["sum"] + m["sum"], "max": max(total["max"], m["max"]),
+            "tokens": total["tokens"] + m["tokens"]}
+
+
+NO_MISMATCH = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
 
 
 class Session:
@@ -117,6 +135,7 @@ class Session:
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
         self.rollout_side = RolloutSide(cfg, data) if (self.is_rank0 and rollout) else None
+        self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -192,6 +211,7 @@ class Session:
             if self.is_rank0:
                 log.warning("--resume: no complete checkpoint in %s; starting from step 0",
                             self.checkpoints.directory)
+                truncate_after(self.run_dir, 0)  # the killed run's steps are redone
             return 0
         step, path, loaded, state = found
         for i, chunk in enumerate(self.chunks):
@@ -226,7 +246,12 @@ class Session:
             keys += ["is_replay", "behaviour_logprobs"]
         if self.reference is not None:
             keys.append("ref_logprobs")
-        mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
+        num_minibatches = math.ceil(B.num_sequences(full) / gbs)
+        # One optimizer step on this batch and no TIS weights: the old policy is the policy of
+        # the training forward itself, so its detached log-probs serve and the separate
+        # forward is skipped (train_step takes them when old_logprobs is None).
+        reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
+        mismatch = dict(NO_MISMATCH)
         minibatches = []
         for start in range(0, B.num_sequences(full), gbs):
             part = B.select(full, slice(start, start + gbs))
@@ -235,20 +260,21 @@ class Session:
                 alg.micro_batch_size,
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
             mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
-            olds = self.trainer.compute_logprobs(mbs)
+            olds = [None] * len(mbs) if reuse else self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
             for mb, old, ref in zip(mbs, olds, refs):
                 mb["old_logprobs"], mb["ref_logprobs"] = old, ref
-                onpolicy = mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
-                m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], onpolicy)
-                mismatch = {"sum": mismatch["sum"] + m["sum"], "max": max(mismatch["max"], m["max"]),
-                            "tokens": mismatch["tokens"] + m["tokens"]}
-                weights = B.truncated_importance_weights(old, mb["behaviour_logprobs"],
-                                                         mb["loss_mask"], onpolicy, alg.tis_cap)
+                if old is None:
+                    continue
+                mismatch = _add_mismatch(mismatch, mb, old)
                 if alg.tis_cap is not None:
+                    weights = B.truncated_importance_weights(
+                        old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb), alg.tis_cap)
                     mb["advantages"] = mb["advantages"][:, None] * weights
             minibatches.append([{k: mb[k] for k in keys} for mb in mbs])
+        if reuse:
+            return PreparedBatch(minibatches, deferred=mbs)
         return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))
 
     def _reduce_mismatch(self, m: dict) -> dict:
@@ -267,6 +293,12 @@ class Session:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
         results = [self.trainer.train_step(mbs) for _ in range(self.cfg.algorithm.ppo_epochs)
                    for mbs in prepared.minibatches]
+        mismatch = {}
+        if prepared.deferred is not None:   # old log-probs came from the (only) step's forward
+            total = dict(NO_MISMATCH)
+            for mb, old in zip(prepared.deferred, results[0].logprobs):
+                total = _add_mismatch(total, mb, old)
+            mismatch = self._reduce_mismatch(total)
         metrics = {f"train/{k}": mean(r.metrics[k] for r in results) for k in results[0].metrics}
         metrics.update({
             "train/loss": mean(r.loss for r in results),
@@ -278,29 +310,35 @@ class Session:
             "train/nonfinite_skipped": float(sum(r.nonfinite for r in results)),
             "train/nonfinite_in_a_row": float(self.trainer.nonfinite_in_a_row),
         })
-        return {**metrics, **prepared.metrics}
+        return {**metrics, **prepared.metrics, **mismatch}
 
     def sync_weights(self) -> None:
-        """Megatron's weights -> the rollout engine (a new weight version)."""
-        weights = gather_hf_weights(self.chunks, self.arch)
-        if self.rollout_side is not None:
-            self.rollout_side.engine.update_weights(weights.items())
-        torch.distributed.barrier()
+        """Megatron's weights -> the rollout engine (a new weight version), streamed by every
+        pipeline stage (:mod:`.engine_sync`)."""
+        self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
+                                  else None)
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
         ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
-        weights = gather_hf_weights(self.chunks, self.arch)
+        weights = gather_hf_weights(self.weight_streamer)
         if self.rollout_side is not None:
             out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
             self.rollout_side.export(weights, out)
         torch.distributed.barrier()
+
+    def initial_eval_recorded(self) -> bool:
+        """Whether the run directory holds the step-0 eval already (a resumed run killed
+        before its first checkpoint); the same answer on every rank."""
+        rows = read_rows(self.run_dir) if self.is_rank0 else []
+        return _broadcast(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
         return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
         self.checkpoints.close()  # commits a background save still in flight
+        self.weight_streamer.close()
         self.writer.close()
         if self.rollout_side is not None:
             self.rollout_side.close()
@@ -337,6 +375,9 @@ class RolloutSide:
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
+        # started first: the workers import the reward while the engine is built
+        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
+                                    cfg.data.reward_workers, cfg.data.reward_max_abs)
         tokenizer, self.formatter = data.tokenizer, data.formatter
         self.sampler = PromptSampler(data.prompts, cfg.seed, cfg.data.shuffle)
         self.eval_prompts = data.eval_prompts
@@ -347,11 +388,10 @@ class RolloutSide:
         try:
             self.engine = build_engine(cfg, tokenizer, self.hf_config)
         except BaseException:
+            self.rewards.close()
             if self.servers is not None:
                 self.servers.stop()
             raise
-        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers, cfg.data.reward_max_abs)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
 
@@ -374,6 +414,7 @@ class RolloutSide:
     def rollout(self, step: int):
         n = self.cfg.rollout.prompts_per_step
         batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
+        self.engine.release_memory()          # colocated servers free their GPU for training
         return batch.groups, batch.metrics
 
     def evaluate(self) -> dict:
@@ -430,7 +471,7 @@ def hf_config(cfg: Config):
     """The model's transformers config, with ``model.architecture_overrides`` applied."""
     from transformers import AutoConfig
 
-    from ..models.architecture import load_hf_config_dict
+    from ..hf_files import load_hf_config_dict
 
     hf = load_hf_config_dict(cfg.model.hf_path, cfg.model.gguf_file)
     hf.update(cfg.model.architecture_overrides)

@@ -33,7 +33,9 @@ A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores 
 - ``tokens`` (long), optional ``position_ids``;
 - ``loss_mask``: 1 where ``tokens[t+1]`` is a response token (0 on prompt and padding);
 - ``advantages``: ``[b]`` per sequence or ``[b, s]`` per token;
-- ``old_logprobs``: log pi_old recomputed by the trainer (:func:`forward_logprobs`);
+- ``old_logprobs``: log pi_old recomputed by the trainer (:func:`forward_logprobs`), or absent
+  when the batch gets exactly one optimizer step: pi_old is then the policy of this very
+  forward, so its detached log-probs serve (the ratio is exactly 1) and are returned;
 - optional ``ref_logprobs`` (KL), ``is_offpolicy`` (``[b]`` or ``[b, s]``: LUFFY tokens),
   ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``.
 """
@@ -52,6 +54,7 @@ from .forward import model_inputs, next_token_targets
 from .logprobs import vocab_parallel_logprobs
 
 OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs")
+FORWARD_LOGPROBS = "forward_logprobs"  # output key of the log-probs used as old ones
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def policy_loss_func(batch: dict, ctx: LossContext, logits: torch.Tensor):
     """Megatron loss function of one micro-batch (last pipeline stage).
 
     ``logits`` [b, s, v/tp]. Returns ``(l_k * M * DP, metrics)``; ``metrics`` holds the
-    unscaled ``loss`` and the library's metrics, detached."""
+    unscaled ``loss`` and the library's metrics, detached (and, without ``old_logprobs``,
+    the log-probs [b, s] under :data:`FORWARD_LOGPROBS`)."""
     dev = logits.device
     mask = batch["loss_mask"].to(dev).bool()
     logp, entropy = vocab_parallel_logprobs(logits, next_token_targets(batch["tokens"].to(dev)),
@@ -94,9 +98,12 @@ def policy_loss_func(batch: dict, ctx: LossContext, logits: torch.Tensor):
     if ctx.params.entropy_coef == 0:
         entropy = entropy.detach()  # a metric only: no backward through it
     optional = {k: batch[k].to(dev) for k in OPTIONAL_INPUTS if batch.get(k) is not None}
+    old = batch.get("old_logprobs")
     loss, metrics = compute_policy_loss(
-        logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev), mask,
+        logp, logp.detach() if old is None else old.to(dev), batch["advantages"].to(dev), mask,
         params=ctx.params, normalisers=ctx.normalisers, entropy=entropy, **optional)
+    if old is None:  # they were the old log-probs: the trainer hands them back
+        metrics[FORWARD_LOGPROBS] = logp.detach()
     return loss * ctx.megatron_scale, {"loss": loss.detach(), **metrics}
 
 

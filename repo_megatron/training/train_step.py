@@ -32,7 +32,7 @@ from ..config.model import ModelConfig
 from ..config.optimizer import OptimizerConfig
 from ..config.parallel import ParallelConfig
 from .forward import broadcast_from_last_stage, forward_logprobs, run_schedule
-from .loss import LossContext, global_normalisers, policy_forward_step
+from .loss import FORWARD_LOGPROBS, LossContext, global_normalisers, policy_forward_step
 
 
 @dataclass
@@ -44,6 +44,9 @@ class StepResult:
     update_successful: bool
     metrics: dict        # full-batch values of the loss library's metrics (clip fractions, ...)
     nonfinite: bool = False  # the loss or a gradient was NaN/inf: no update was made
+    # micro-batches given without old log-probs: the log-probs [b, s] of this step's forward,
+    # which served as the old ones (as compute_logprobs would have returned them)
+    logprobs: Optional[list[torch.Tensor]] = None
 
 
 def wrap_model(chunks: list, use_distributed_optimizer: bool) -> list:
@@ -143,7 +146,12 @@ class PolicyTrainer:
         self.nonfinite_in_a_row = 0      # optimizer steps skipped in a row for NaN/inf
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward/backward over ``micro_batches`` and one optimizer step."""
+        """Forward/backward over ``micro_batches`` and one optimizer step.
+
+        Micro-batches without ``old_logprobs`` (all of them or none) take the detached
+        log-probs of this forward as the old ones: exact when this is the only optimizer step
+        on the batch, and it saves :meth:`compute_logprobs`' forward. They come back in
+        ``StepResult.logprobs``."""
         from megatron.core import parallel_state
 
         for chunk in self.model:
@@ -155,6 +163,13 @@ class PolicyTrainer:
                           self.temperature, self.vocab_size)
         outputs = run_schedule(self.model, micro_batches, partial(policy_forward_step, ctx),
                                forward_only=False)
+        forward = [o.pop(FORWARD_LOGPROBS) for o in outputs if FORWARD_LOGPROBS in o]
+        logprobs = None
+        if micro_batches[0].get("old_logprobs") is None:
+            last = parallel_state.is_pipeline_last_stage()
+            logprobs = broadcast_from_last_stage(
+                [lp[:, :mb["tokens"].shape[1]] for lp, mb in zip(forward, micro_batches)]
+                if last else None, [mb["tokens"].shape for mb in micro_batches])
         metrics = reduce_metrics(outputs)  # identical on every rank, so is every branch below
         loss = metrics.pop("loss")
         lr = self.optimizer.param_groups[0]["lr"]
@@ -162,7 +177,7 @@ class PolicyTrainer:
         if not finite:
             self.nonfinite_in_a_row += 1
             return StepResult(loss=loss, grad_norm=math.nan, lr=lr, update_successful=False,
-                              metrics=metrics, nonfinite=True)
+                              metrics=metrics, nonfinite=True, logprobs=logprobs)
         ok, grad_norm, _ = self.optimizer.step()
         if self.clip_grad == 0:  # megatron only measures the norm when it clips
             grad_norm = self.optimizer.get_grad_norm()
@@ -173,7 +188,7 @@ class PolicyTrainer:
         nonfinite = not math.isfinite(grad_norm)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, update_successful=bool(ok),
-                          metrics=metrics, nonfinite=nonfinite)
+                          metrics=metrics, nonfinite=nonfinite, logprobs=logprobs)
 
     def gradients_finite(self) -> bool:
         """Whether every gradient of every rank is finite (collective over the world: a NaN

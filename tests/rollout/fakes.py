@@ -11,7 +11,7 @@ from repo_megatron.config.algorithm import (AlgorithmConfig, DynamicSamplingConf
 from repo_megatron.config.rollout import RolloutConfig
 from repo_megatron.data.chat import ChatFormatter
 from repo_megatron.rewards.base import call_reward, resolve_reward
-from repo_megatron.rollout.engine import GenerationResult, RolloutEngine
+from repo_megatron.rollout.engine import GenerationResult, GenerationStream, RolloutEngine
 from repo_megatron.rollout.stage import RolloutStage
 from repo_megatron.rollout.types import Prompt
 
@@ -62,6 +62,42 @@ class ScriptedEngine(RolloutEngine):
         self._version = self._version + 1 if version is None else version
 
 
+class OneAtATimeStream(GenerationStream):
+    """Finishes one submitted request per :meth:`wait`: the one ``engine.priority`` ranks
+    first (lowest key); records ``("submit" | "finish", prompt text)`` in ``engine.events``."""
+
+    def __init__(self, engine: "StreamingEngine"):
+        self.engine, self.pending, self.next_ticket = engine, {}, 0
+
+    def submit(self, prompt, params):
+        text = FORMATTER.tokenizer.decode(prompt)
+        self.engine.events.append(("submit", text))
+        self.pending[self.next_ticket] = (prompt, params, text)
+        self.next_ticket += 1
+        return self.next_ticket - 1
+
+    def wait(self):
+        if not self.pending:
+            return []
+        ticket = min(self.pending, key=lambda t: self.engine.priority(self.pending[t][2], t))
+        prompt, params, text = self.pending.pop(ticket)
+        self.engine.events.append(("finish", text))
+        return [(ticket, self.engine.generate([prompt], [params])[0])]
+
+
+class StreamingEngine(ScriptedEngine):
+    """A :class:`ScriptedEngine` whose stream returns requests one by one, in the order
+    ``priority(prompt text, ticket)`` gives (default: submission order)."""
+
+    def __init__(self, script: Script, priority=None):
+        super().__init__(script)
+        self.priority = priority or (lambda text, ticket: ticket)
+        self.events: list[tuple[str, str]] = []
+
+    def stream(self):
+        return OneAtATimeStream(self)
+
+
 class InProcessScorer:
     """Scores with a registered reward in this process (the stage only needs ``score``)."""
 
@@ -78,12 +114,14 @@ def prompt(uid: str, question: str, answer: str, solution=None) -> Prompt:
 
 
 def make_stage(script: Script, *, group_size: int = 4, injection: str = "repo", seed: int = 7,
-               rewards=None, repo: dict = None, replay: dict = None, dynamic: dict = None):
-    """A stage over a :class:`ScriptedEngine`; returns (stage, engine)."""
+               rewards=None, repo: dict = None, replay: dict = None, dynamic: dict = None,
+               engine: RolloutEngine = None):
+    """A stage over ``engine`` (default: a :class:`ScriptedEngine` of ``script``); returns
+    (stage, engine)."""
     algorithm = AlgorithmConfig(injection=injection, repo=RePOConfig(**(repo or {})),
                                 replay=ReplayConfig(**(replay or {})),
                                 dynamic_sampling=DynamicSamplingConfig(**(dynamic or {})))
-    engine = ScriptedEngine(script)
+    engine = engine or ScriptedEngine(script)
     stage = RolloutStage(engine, FORMATTER, rewards or InProcessScorer(),
                          RolloutConfig(group_size=group_size), algorithm, seed=seed)
     return stage, engine

@@ -84,3 +84,75 @@ def test_update_weights_loads_hf_named_tensors_and_bumps_the_version(smollm2_tok
         engine.update_weights([("model.nope", torch.zeros(1))])
     with pytest.raises(ValueError, match="shape"):
         engine.update_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def forward_batch_sizes(model):
+    """Record the batch size of every forward of ``model``; returns (sizes, hook handle)."""
+    sizes = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    return sizes, handle
+
+
+def alone(engine, prompt, params):
+    return engine.generate([prompt], [params])[0].token_ids
+
+
+def test_a_request_joining_a_running_batch_gives_the_same_response(tiny_engine, prompts):
+    short = SamplingParams(temperature=0.8, max_new_tokens=3, seed=11)
+    long_b, long_c = PARAMS.with_seed(12), PARAMS.with_seed(13)
+    sizes, handle = forward_batch_sizes(tiny_engine.model)
+    try:
+        with tiny_engine.stream() as stream:
+            a = stream.submit(prompts[2], short)       # the widest prompt leaves first
+            b = stream.submit(prompts[1], long_b)
+            first = stream.wait()
+            assert [t for t, _ in first] == [a]
+            c = stream.submit(prompts[0], long_c)      # joins while b is decoding
+            results = dict(first)
+            while len(results) < 3:
+                results.update(stream.wait())
+            assert stream.wait() == []
+    finally:
+        handle.remove()
+    # c was prefilled alone, then decoded in one batch with b
+    prefill_c = sizes.index((1, len(prompts[0])))
+    assert (2, 1) in sizes[prefill_c:]
+    assert results[a].token_ids == alone(tiny_engine, prompts[2], short)
+    assert results[b].token_ids == alone(tiny_engine, prompts[1], long_b)
+    assert results[c].token_ids == alone(tiny_engine, prompts[0], long_c)
+    assert len(results[b].token_ids) > 3
+
+
+def test_copies_of_a_prompt_share_one_prefill_and_keep_their_own_samples(tiny_engine, prompts):
+    params = [PARAMS.with_seed(s) for s in (21, 22, 23, 24)]
+    sizes, handle = forward_batch_sizes(tiny_engine.model)
+    try:
+        together = tiny_engine.generate([prompts[0]] * 4 + [prompts[1]],
+                                        params + [PARAMS.with_seed(25)])
+    finally:
+        handle.remove()
+    assert sizes[0] == (2, len(prompts[0]))           # two distinct prompts, one prefill each
+    assert sizes[1][0] == 5
+    assert [r.token_ids for r in together[:4]] == [alone(tiny_engine, prompts[0], p)
+                                                   for p in params]
+    assert len({tuple(r.token_ids) for r in together[:4]}) == 4
+
+
+def test_requests_beyond_the_batch_size_wait_and_join_as_rows_finish(smollm2_tokenizer, prompts):
+    engine = HFEngine(tiny_llama(len(smollm2_tokenizer), seed=0), smollm2_tokenizer,
+                      batch_size=2)
+    params = [SamplingParams(temperature=0.8, max_new_tokens=n, seed=30 + n) for n in (2, 7, 4, 5, 3)]
+    batch_prompts = [prompts[i % 3] for i in range(5)]
+    sizes, handle = forward_batch_sizes(engine.model)
+    try:
+        results = engine.generate(batch_prompts, params)
+    finally:
+        handle.remove()
+    assert max(rows for rows, _ in sizes) == 2
+    assert any(width > 1 for _, width in sizes[1:])   # later requests were prefilled mid-run
+    assert [r.token_ids for r in results] == [alone(engine, p, q)
+                                              for p, q in zip(batch_prompts, params)]
+    assert all(len(r.token_ids) == p.max_new_tokens if r.finish_reason == "length" else
+               len(r.token_ids) < p.max_new_tokens for r, p in zip(results, params))

@@ -1,6 +1,10 @@
 """The RePO stage over a scripted engine: gate, rephrase, verify, inject, schedules, metrics."""
 
-from .fakes import FORMATTER, is_rephrase_prompt, make_stage, prompt
+import random
+
+import pytest
+
+from .fakes import FORMATTER, StreamingEngine, is_rephrase_prompt, make_stage, prompt
 
 HARD = prompt("hard", "Compute (23 + 45) * 7.", "476",
               solution="23 + 45 = 68. 68 * 7 = 476. \\boxed{476}")
@@ -100,23 +104,64 @@ def random_script(text, rng):
     return f"step {rng.randint(0, 999)}: \\boxed{{{answer if right else 'x'}}}"
 
 
-def test_eager_and_lazy_give_the_same_groups_under_a_fixed_seed():
-    prompts = [HARD, EASY, NO_SOLUTION] + [
-        prompt(f"h{i}", f"Compute (23 + 45) * 7. #{i}", "476", solution="\\boxed{476}")
-        for i in range(5)]
-    options = {"group_size": 4, "repo": {"failure_rate_threshold": 0.75, "num_rephrase_attempts": 2}}
-    lazy_stage, lazy_engine = make_stage(random_script, **{**options, "repo": {
-        **options["repo"], "schedule": "lazy"}})
-    eager_stage, eager_engine = make_stage(random_script, **{**options, "repo": {
-        **options["repo"], "schedule": "eager"}})
-    lazy, eager = lazy_stage.run(prompts, step=3), eager_stage.run(prompts, step=3)
+MANY = [HARD, EASY, NO_SOLUTION] + [
+    prompt(f"h{i}", f"Compute (23 + 45) * 7. #{i}", "476", solution="\\boxed{476}")
+    for i in range(5)]
+SCHEDULE_OPTIONS = {"group_size": 4,
+                    "repo": {"failure_rate_threshold": 0.75, "num_rephrase_attempts": 2}}
+
+
+def run_schedule(schedule, engine=None, step=3):
+    stage, engine = make_stage(random_script, engine=engine, **{**SCHEDULE_OPTIONS, "repo": {
+        **SCHEDULE_OPTIONS["repo"], "schedule": schedule}})
+    return stage.run(MANY, step=step), engine
+
+
+def test_eager_lazy_and_overlap_give_the_same_groups_under_a_fixed_seed():
+    lazy, _ = run_schedule("lazy")
+    eager, _ = run_schedule("eager")
+    overlap, _ = run_schedule("overlap")
     assert groups_signature(lazy.groups) == groups_signature(eager.groups)
+    assert groups_signature(lazy.groups) == groups_signature(overlap.groups)
     assert any(g.injected_index is not None for g in lazy.groups)     # the test means something
     assert any(g.gate_fired for g in lazy.groups) and not all(g.gate_fired for g in lazy.groups)
-    # the trade-off: eager makes one engine call but samples rephrases it then discards
-    assert (lazy.metrics["rollout/engine_calls"], eager.metrics["rollout/engine_calls"]) == (2, 1)
+    # the trade-off: eager sends one request batch but samples rephrases it then discards;
+    # on a batch-only engine the overlapped schedule runs in rounds, like lazy
+    assert (lazy.metrics["rollout/engine_calls"], eager.metrics["rollout/engine_calls"],
+            overlap.metrics["rollout/engine_calls"]) == (2, 1, 2)
     assert lazy.metrics["rollout/rephrase_discarded"] == 0
+    assert overlap.metrics["rollout/rephrase_discarded"] == 0
     assert eager.metrics["rollout/rephrase_discarded"] > 0
+    assert lazy.metrics["rollout/rephrase_requests"] == overlap.metrics["rollout/rephrase_requests"]
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "overlap", "eager"])
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_groups_do_not_depend_on_the_order_requests_finish_in(schedule, order):
+    reference, _ = run_schedule(schedule)
+    rank = random.Random(5)
+    priority = (lambda text, ticket: -ticket) if order == "reversed" else \
+        (lambda text, ticket: rank.random())
+    streamed, _ = run_schedule(schedule, StreamingEngine(random_script, priority))
+    assert groups_signature(streamed.groups) == groups_signature(reference.groups)
+
+
+def test_overlap_sends_a_groups_rephrases_while_other_groups_still_decode():
+    # HARD's rollouts finish first; the other hard prompt's rollouts are still running
+    other = prompt("other", "Compute (11 + 12) * 3.", "69", solution="\\boxed{69}")
+    engine = StreamingEngine(lambda text, rng: "\\boxed{0}",
+                             priority=lambda text, ticket: ("(11 + 12)" in text, ticket))
+    stage, _ = make_stage(None, engine=engine, repo={"schedule": "overlap"})
+    batch = stage.run([HARD, other], step=0)
+    assert all(g.gate_fired and len(g.rephrases) == 1 for g in batch.groups)
+    events = engine.events
+    hard_rephrase = next(i for i, (kind, text) in enumerate(events)
+                         if kind == "submit" and is_rephrase_prompt(text) and "23 + 45" in text)
+    other_rollouts_done = max(i for i, (kind, text) in enumerate(events)
+                              if kind == "finish" and not is_rephrase_prompt(text)
+                              and "(11 + 12)" in text)
+    assert hard_rephrase < other_rollouts_done
+    assert batch.metrics["rollout/engine_calls"] == 3   # rollouts, then one batch per group
 
 
 def test_same_seed_same_groups_and_a_new_step_new_samples():

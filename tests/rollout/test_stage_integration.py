@@ -62,10 +62,11 @@ def test_repo_step_on_a_tiny_random_llama(tiny_engine, smollm2_tokenizer, math_r
         assert all(s.weight_version == 0 for s in group.samples)
     assert lazy.metrics["rollout/gate_rate"] == 1.0
     assert lazy.metrics["rollout/injection_rate"] == 1.0
-    eager = run_step(tiny_engine, formatter, math_rewards, group_size=3, max_new_tokens=6,
-                     require_verified=False, schedule="eager")
-    assert [[s.response_ids for s in g.samples] for g in eager.groups] == \
-        [[s.response_ids for s in g.samples] for g in lazy.groups]
+    for schedule in ("eager", "overlap"):  # the same groups whatever the schedule
+        other = run_step(tiny_engine, formatter, math_rewards, group_size=3, max_new_tokens=6,
+                         require_verified=False, schedule=schedule)
+        assert [[s.response_ids for s in g.samples] for g in other.groups] == \
+            [[s.response_ids for s in g.samples] for g in lazy.groups], schedule
 
 
 @pytest.mark.slow

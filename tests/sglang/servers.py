@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -94,3 +95,43 @@ class FakeWorker:
         return Starlette(routes=[Route("/generate", self.generate, methods=["POST"]),
                                  Route("/health_generate", self.health),
                                  Route("/server_info", self.info)])
+
+
+class RecordingWorker:
+    """A worker that answers every control and weight endpoint like SGLang (``{"success",
+    "message"}``) and records ``(endpoint, body)``. ``missing``: endpoints it does not have
+    (404, an older SGLang); ``refusals[endpoint]``: statuses its first calls answer (e.g.
+    ``/flush_cache`` refused with 400 while requests run)."""
+
+    def __init__(self, tp_size: int = 1, missing: tuple = (), refusals: dict | None = None):
+        self.tp_size, self.missing = tp_size, set(missing)
+        self.refusals = {k: list(v) for k, v in (refusals or {}).items()}
+        self.calls: list[tuple[str, object]] = []
+
+    def endpoints(self) -> list[str]:
+        return [endpoint for endpoint, _ in self.calls]
+
+    async def post(self, request: Request) -> Response:
+        endpoint = "/" + request.path_params["path"]
+        raw = await request.body()
+        body = json.loads(raw) if raw.strip() else None
+        if endpoint in self.missing:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        self.calls.append((endpoint, body))
+        pending = self.refusals.get(endpoint)
+        if pending:
+            return JSONResponse({"success": False, "message": "scripted"},
+                                status_code=pending.pop(0))
+        return JSONResponse({"success": True, "message": "ok"})
+
+    async def info(self, request: Request) -> Response:
+        return JSONResponse({"version": "0.5.23", "tp_size": self.tp_size,
+                             "weight_version": "default"})
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/health_generate", self.health),
+                                 Route("/server_info", self.info),
+                                 Route("/{path:path}", self.post, methods=["POST"])])

@@ -6,11 +6,11 @@ from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.rollout.engine import SamplingParams
 from repo_megatron.sglang.client import SGLangClient
 from repo_megatron.sglang.protocol import (error_message, generate_body, generation_result,
-                                           needs_weight_update_session, parse_version)
+                                           parse_version)
 from repo_megatron.sglang.weight_sync import STRATEGIES, build_strategy
-from repo_megatron.sglang.weight_sync.buckets import iter_buckets, split_by_dtype
-from repo_megatron.sglang.weight_sync.flattened_bucket import (deserialize, flatten,
-                                                               reconstruct, serialize)
+from repo_megatron.sglang.weight_sync.buckets import iter_buckets
+from repo_megatron.sglang.weight_sync.flattened_bucket import (bucket_payloads, deserialize,
+                                                               dtype_groups, reconstruct)
 
 # what sglang-router 0.3 forwards of a /generate body (it re-serialises and drops the rest)
 ROUTER_KEPT = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",
@@ -20,13 +20,10 @@ ROUTER_KEPT_SAMPLING = {"temperature", "top_p", "top_k", "max_new_tokens", "stop
                         "sampling_seed"}
 
 
-def test_versions_parse_and_gate_the_weight_update_session():
+def test_versions_parse():
     assert parse_version("0.5.23") == (0, 5, 23)
     assert parse_version("0.5.9.post1") == (0, 5, 9)
     assert parse_version("v0.5.22rc0") == (0, 5, 22)
-    assert not needs_weight_update_session((0, 5, 21))
-    assert needs_weight_update_session((0, 5, 22))
-    assert needs_weight_update_session((0, 6))
 
 
 def test_generate_body_sends_only_fields_the_router_keeps():
@@ -67,16 +64,18 @@ def test_buckets_respect_the_size_and_keep_order():
     assert len(big) == 1                                        # too large: travels alone
 
 
-def test_split_by_dtype_keeps_one_dtype_per_flattened_tensor():
+def test_dtype_groups_keep_one_dtype_per_flattened_tensor_unless_mixed_is_supported():
     bucket = [("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.bfloat16)),
               ("c", torch.ones(3))]
-    groups = split_by_dtype(bucket)
-    assert [[n for n, _ in g] for g in groups] == [["a", "c"], ["b"]]
+    assert [[n for n, _ in g] for g in dtype_groups(bucket)] == [["a", "c"], ["b"]]
+    assert [[n for n, _ in g] for g in dtype_groups(bucket, multi_dtype=True)] == \
+        [["a", "b", "c"]]
 
 
 def test_flattened_bucket_round_trips_through_the_payload():
     bucket = [("q.weight", torch.randn(3, 4)), ("norm.weight", torch.randn(4))]
-    payload = deserialize(serialize(flatten(bucket)))
+    (text,) = bucket_payloads(bucket)
+    payload = deserialize(text)
     rebuilt = reconstruct(payload)
     assert [n for n, _ in rebuilt] == ["q.weight", "norm.weight"]
     for (_, want), (_, got) in zip(bucket, rebuilt):

@@ -87,6 +87,17 @@ def test_weight_update_changes_generations_on_every_worker(pool, model_dir, tmp_
             [r.token_ids for r in before]
 
 
+def test_a_closed_engine_destroys_its_update_group_on_every_worker(pool, model_dir):
+    """Workers refuse a second group under the same name: a new engine's distributed update
+    succeeds only if the last one destroyed its group (at close)."""
+    settings = {"weight_sync": "distributed", "distributed_backend": "gloo",
+                "distributed_master_address": "127.0.0.1"}
+    for seed in (1, 2):
+        with engine_through(pool, **settings) as engine:
+            engine.update_weights(perturbed(model_dir, seed=seed))
+            engine.update_weights(perturbed(model_dir, seed=seed + 10))   # group made once
+
+
 def test_a_worker_killed_mid_rollout_costs_retries_not_the_step(pool):
     victim = pool.processes[1]
     prompts, params = PROMPTS * 6, [SamplingParams(max_new_tokens=24, seed=s) for s in range(24)]

@@ -33,11 +33,17 @@ class Injection(abc.ABC):
     """A way of bringing off-policy knowledge (the row's solution) into the groups."""
 
     def prefetch(self, prompts: Sequence[Prompt]) -> list[Request]:
-        """Requests to sample in the same engine call as the rollouts (eager schedules)."""
+        """Requests to sample together with the rollouts (eager schedules)."""
+        return []
+
+    def follow_up(self, group: Group) -> list[Request]:
+        """Requests to send as soon as ``group`` is scored and gated, while other groups
+        may still be decoding (overlapped schedules)."""
         return []
 
     @abc.abstractmethod
-    def inject(self, groups: list[Group], prefetched: Sequence[tuple[Request, GenerationResult]],
+    def inject(self, groups: list[Group], sampled: Sequence[tuple[Request, GenerationResult]],
                tools: StageTools) -> tuple[list[Group], dict[str, float]]:
         """The groups after injection (gates already set by the stage) and counters for the
-        step metrics. ``prefetched`` pairs each :meth:`prefetch` request with its result."""
+        step metrics. ``sampled`` pairs each :meth:`prefetch` and :meth:`follow_up` request
+        with its result, in prompt order."""

@@ -28,7 +28,7 @@ class LuffyInjection(Injection):
                       reward_reason=reward.reason, finish_reason="expert",
                       reward_failed=reward.failed, is_offpolicy=True)
 
-    def inject(self, groups, prefetched, tools):
+    def inject(self, groups, sampled, tools):
         with_solution = [g.prompt for g in groups if g.prompt.solution is not None]
         rewards = iter(tools.score(with_solution, [p.solution for p in with_solution]))
         out = []

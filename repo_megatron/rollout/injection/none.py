@@ -11,5 +11,5 @@ class NoInjection(Injection):
     def __init__(self, algorithm, formatter):
         pass
 
-    def inject(self, groups, prefetched, tools):
+    def inject(self, groups, sampled, tools):
         return groups, {}

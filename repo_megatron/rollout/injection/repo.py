@@ -6,9 +6,15 @@ with the best attempt if it is verified (``R_rep >= delta``, unless ``require_ve
 off). The injected sample is a response to q: the engine's log-probs (computed under P(q, k))
 are dropped, so the trainer recomputes old log-probs under q.
 
-``schedule: lazy`` samples rephrases after the gate fires (one more round trip, no wasted
-tokens); ``eager`` samples them with the rollouts for every prompt with a solution and
-discards those whose gate stays shut. Per-request seeds make both give the same groups.
+Schedules (per-request seeds make all three give the same groups):
+
+- ``lazy``: rephrase after every group is gated (one more round after the rollouts, no wasted
+  tokens);
+- ``overlap``: rephrase a group as soon as its own G rollouts are scored and its gate fires,
+  while the other groups are still decoding (no wasted tokens; on a streaming engine the
+  rephrases join the running batch);
+- ``eager``: rephrase every prompt with a solution together with its rollouts and discard
+  the rephrases whose gate stays shut (no waiting for the gate, wasted tokens).
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ class RePOInjection(Injection):
             return []
         return self.rephrase_requests([p for p in prompts if p.solution is not None])
 
+    def follow_up(self, group):
+        if self.cfg.schedule != "overlap" or not group.gate_fired:
+            return []
+        return self.rephrase_requests([group.prompt])
+
     def rephrased_sample(self, request: Request, result: GenerationResult,
                          reward: RewardResult, text: str) -> Sample:
         """o_rep as a response to the ORIGINAL prompt q, engine log-probs dropped."""
@@ -59,16 +70,16 @@ class RePOInjection(Injection):
                       weight_version=result.weight_version, reward_failed=reward.failed,
                       is_rephrased=True)
 
-    def inject(self, groups, prefetched, tools):
+    def inject(self, groups, sampled, tools):
         tripped = [g for g in groups if g.gate_fired]
         tripped_uids = {g.prompt.uid for g in tripped}
-        if self.cfg.schedule == "eager":
-            pairs = [(r, res) for r, res in prefetched if r.prompt.uid in tripped_uids]
-            discarded = len(prefetched) - len(pairs)
-        else:
+        if self.cfg.schedule == "lazy":
             requests = self.rephrase_requests([g.prompt for g in tripped])
             pairs = list(zip(requests, tools.generate(requests)))
             discarded = 0
+        else:
+            pairs = [(r, res) for r, res in sampled if r.prompt.uid in tripped_uids]
+            discarded = len(sampled) - len(pairs)
         texts = [strip_meta(result.text, self.cfg.meta_patterns) for _, result in pairs]
         rewards = tools.score([r.prompt for r, _ in pairs], texts)
         attempts: dict[str, list[Sample]] = {}

@@ -13,6 +13,10 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def bucket_bytes(bucket: Bucket) -> int:
+    return sum(tensor_bytes(t) for _, t in bucket)
+
+
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
                  max_bytes: int) -> Iterator[Bucket]:
     """Consecutive runs of ``named_tensors`` of at most ``max_bytes`` each, in order; a
@@ -29,12 +33,3 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
         size += nbytes
     if bucket:
         yield bucket
-
-
-def split_by_dtype(bucket: Bucket) -> list[Bucket]:
-    """The bucket as same-dtype runs, order kept within each (a flattened tensor has one
-    dtype; SGLang releases before the multi-dtype bucket would promote a mixed concat)."""
-    groups: dict[torch.dtype, Bucket] = {}
-    for name, tensor in bucket:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    return list(groups.values())

@@ -1,19 +1,27 @@
-"""``distributed`` (disaggregated): the trainer joins a process group with every worker's TP
-ranks (``/init_weights_update_group``, once), then per bucket announces names, dtypes and
-shapes (``/update_weights_from_distributed``) while broadcasting the tensors from rank 0
-(slime's ``update_weight_from_distributed.py``). Backend ``nccl`` on GPUs; ``gloo`` lets the
-same code run against the CPU server."""
+"""``distributed`` (disaggregated): every pipeline stage's sender owns one process group with
+every worker's TP ranks (``/init_weights_update_group``, group ``repo_megatron_pp<stage>``,
+the sender is rank 0), created at its first update and destroyed at shutdown or when the
+workers change (``/destroy_weights_update_group``). Per bucket it announces names, dtypes and
+shapes (``/update_weights_from_distributed``) while broadcasting the tensors (slime's
+``update_weight_from_distributed.py``). Backend ``nccl`` on GPUs; ``gloo`` lets the same code
+run against the CPU server."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 from ...runtime import cpu_compat
+from ..protocol import destroy_group_body, distributed_update_body, init_group_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
-from .process_group import broadcast_tensors, init_weight_update_group
+from .process_group import broadcast_tensors, destroy, init_weight_update_group
 
-GROUP_NAME = "repo_megatron_weight_update"
+log = logging.getLogger(__name__)
+
+
+def group_name(stage: int) -> str:
+    return f"repo_megatron_pp{stage}"
 
 
 def free_port() -> int:
@@ -22,44 +30,65 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rank_offsets(workers: list[str], tp_size) -> tuple[list[int], int]:
+    """(first group rank of each worker, world size): the sender is rank 0, worker i's TP
+    ranks follow in order."""
+    offsets, offset = [], 1
+    for worker in workers:
+        offsets.append(offset)
+        offset += tp_size(worker)
+    return offsets, offset
+
+
 class DistributedStrategy(WeightSyncStrategy):
     name = "distributed"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, stage: int = 0):
+        super().__init__(cfg, stage)
         self.group = None
         self.members: list[str] = []
 
     async def prepare(self, target: SyncTarget) -> None:
         if self.group is not None and self.members == target.workers:
             return
+        if self.group is not None:                      # the workers changed: reconnect
+            await self.close(target)
         address = self.cfg.distributed_master_address or socket.gethostname()
-        port = self.cfg.distributed_master_port or free_port()
-        world_size = 1 + sum(target.tp_sizes.get(w, 1) for w in target.workers)
-        offsets, offset = [], 1                   # the trainer is rank 0
-        for worker in target.workers:
-            offsets.append(offset)
-            offset += target.tp_sizes.get(worker, 1)
-        joins = [target.client.request(worker, "/init_weights_update_group", {
-            "master_address": address, "master_port": port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": GROUP_NAME,
-            "backend": self.cfg.distributed_backend}, retries=0)
-            for worker, rank_offset in zip(target.workers, offsets)]
+        # several stages may share a host: each sender picks its own port
+        port = (self.cfg.distributed_master_port + self.stage if self.cfg.distributed_master_port
+                else free_port())
+        offsets, world_size = rank_offsets(target.workers, target.tp_size)
+        name = group_name(self.stage)
+        joins = [target.client.request(worker, "/init_weights_update_group", init_group_body(
+            address, port, rank_offset, world_size, name, self.cfg.distributed_backend),
+            retries=0) for worker, rank_offset in zip(target.workers, offsets)]
         host = asyncio.to_thread(init_weight_update_group, self.cfg.distributed_backend,
-                                 address, port, world_size, 0, GROUP_NAME)
+                                 address, port, world_size, 0, name)
         self.group, *_ = await asyncio.gather(host, *joins)
         self.members = list(target.workers)
 
     async def push(self, target: SyncTarget, bucket: Bucket) -> None:
         device = cpu_compat.device() if self.cfg.distributed_backend == "nccl" else "cpu"
         tensors = [tensor.detach().to(device).contiguous() for _, tensor in bucket]
-        body = {"names": [name for name, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
-                "shapes": [list(t.shape) for t in tensors],
-                "group_name": GROUP_NAME, "flush_cache": False}
+        body = distributed_update_body([name for name, _ in bucket], [t.dtype for t in tensors],
+                                       [t.shape for t in tensors], group_name(self.stage))
         # the workers block in the broadcast until rank 0 sends, so announce first
         announced = [asyncio.ensure_future(target.client.request(
             worker, "/update_weights_from_distributed", body, retries=0))
             for worker in target.workers]
         await asyncio.to_thread(broadcast_tensors, self.group, tensors)
         await asyncio.gather(*announced)
+
+    async def close(self, target: SyncTarget) -> None:
+        """Destroy the group on the workers it joined and here."""
+        if self.group is None:
+            return
+        name, members, group = group_name(self.stage), self.members, self.group
+        self.group, self.members = None, []
+        answers = await asyncio.gather(*(target.client.request(
+            worker, "/destroy_weights_update_group", destroy_group_body(name), retries=0)
+            for worker in members), return_exceptions=True)
+        for worker, answer in zip(members, answers):
+            if isinstance(answer, Exception):     # a dead worker has no group left to destroy
+                log.warning("destroying %s on %s: %s", name, worker, answer)
+        destroy(group)

@@ -1,19 +1,23 @@
 """The payload of ``/update_weights_from_tensor`` with ``load_format="flattened_bucket"``.
 
-SGLang (``python/sglang/srt/weight_sync/tensor_bucket.py``: ``FlattenedTensorBucket``;
-``python/sglang/srt/utils``: ``MultiprocessingSerializer``; ``model_runner.py``:
-``_update_weights_from_flattened_bucket``) deserialises each entry of
-``serialized_named_tensors`` -- one per engine TP rank -- to
-``{"flattened_tensor": 1-D tensor, "metadata": [FlattenedTensorMetadata(name, shape, dtype,
-start_idx, end_idx, numel)]}`` and rebuilds every tensor as
-``flattened_tensor[start_idx:end_idx].reshape(shape)``. Each entry is
-``base64(ForkingPickler.dumps(obj))``.
+SGLang (``srt/weight_sync/tensor_bucket.py``: ``FlattenedTensorBucket``; ``srt/utils``:
+``MultiprocessingSerializer``, ``SafeUnpickler``; ``srt/model_executor/.../weight_updater.py``:
+``_update_weights_from_flattened_bucket``) has TP rank i deserialise entry i of
+``serialized_named_tensors`` with its ``SafeUnpickler`` to ``{"flattened_tensor": 1-D tensor,
+"metadata": [objects with name, shape, dtype, start_idx, end_idx, numel]}`` and rebuild every
+tensor as ``flattened_tensor[start_idx:end_idx].view(dtype).reshape(shape)``. Each entry is
+``base64(pickle)``.
 
-Where SGLang is importable (the colocated GPU case, where trainer and servers share a node)
-its own classes build the payload, so the bytes are exactly what it expects, GPU tensors
-travelling as CUDA IPC handles. Without SGLang (CPU, ``repo-megatron serve``) an equivalent
-dataclass is used and CPU tensors are pickled by value: a CPU tensor through ForkingPickler
-would travel as a file descriptor, which means nothing to another process over HTTP.
+- **CUDA tensors** (the colocated GPU case) travel as CUDA-IPC handles, so the payload must be
+  SGLang's own: SGLang's ``monkey_patch_torch_reductions`` (devices by UUID, not by index),
+  ``FlattenedTensorBucket`` and ``MultiprocessingSerializer``. Without SGLang importable this
+  refuses with a clear error rather than send handles SGLang would map to the wrong GPU.
+- **CPU tensors** travel by value (a CPU tensor through ``ForkingPickler`` would be a file
+  descriptor of this process). The payload then holds only what SGLang's ``SafeUnpickler``
+  admits: dicts, lists, ``types.SimpleNamespace`` metadata, ``torch.Size``, dtypes and torch's
+  own tensor rebuild functions. SGLang is not imported for it: importing SGLang patches
+  transformers in the importing process. Buckets are one dtype, offsets in elements, which
+  SGLang's readers before and after its multi-dtype (byte offset) buckets both rebuild.
 """
 
 from __future__ import annotations
@@ -21,90 +25,124 @@ from __future__ import annotations
 import base64
 import io
 import pickle
-from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
+import types
 from typing import Any
 
 import torch
 
 from .base import Bucket
 
-SGLANG_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+SGLANG_METADATA = ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata")
 
 
-@dataclass
-class FlattenedTensorMetadata:
-    """Where one tensor lives in a flattened bucket (SGLang's field names)."""
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-def _sglang_classes():
-    """SGLang's (FlattenedTensorBucket, MultiprocessingSerializer), or None without SGLang."""
+def sglang_ipc():
+    """SGLang's (FlattenedTensorBucket, MultiprocessingSerializer) with its torch reductions
+    patched in, or None when SGLang does not import."""
     try:
         from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
     except ImportError:
         return None
+    monkey_patch_torch_reductions()
     return FlattenedTensorBucket, MultiprocessingSerializer
 
 
-def flatten(bucket: Bucket) -> dict[str, Any]:
-    """One same-dtype bucket as ``{"flattened_tensor", "metadata"}``."""
-    sglang = _sglang_classes()
-    if sglang is not None:
-        flat = sglang[0](named_tensors=bucket)
-        return {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()}
+def dtype_groups(bucket: Bucket, multi_dtype: bool = False) -> list[Bucket]:
+    """The bucket as flattened-tensor groups: all of it when the flattener takes mixed
+    dtypes, else same-dtype runs in order of first appearance."""
+    if multi_dtype:
+        return [bucket] if bucket else []
+    groups: dict[torch.dtype, Bucket] = {}
+    for name, tensor in bucket:
+        groups.setdefault(tensor.dtype, []).append((name, tensor))
+    return list(groups.values())
+
+
+def flatten_by_value(bucket: Bucket) -> dict[str, Any]:
+    """One same-dtype bucket as ``{"flattened_tensor", "metadata"}`` (element offsets)."""
     metadata, start = [], 0
     for name, tensor in bucket:
         numel = tensor.numel()
-        metadata.append(FlattenedTensorMetadata(name, tensor.shape, tensor.dtype, start,
-                                                start + numel, numel))
+        metadata.append(types.SimpleNamespace(name=name, shape=tensor.shape, dtype=tensor.dtype,
+                                              start_idx=start, end_idx=start + numel,
+                                              numel=numel))
         start += numel
-    flattened = torch.cat([tensor.reshape(-1) for _, tensor in bucket])  # [sum numel]
+    flattened = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in bucket])  # [sum numel]
     return {"flattened_tensor": flattened, "metadata": metadata}
 
 
-def serialize(obj: Any) -> str:
+def serialize_by_value(obj: Any) -> str:
     """``base64(pickle)`` as SGLang's ``MultiprocessingSerializer.serialize(obj,
-    output_str=True)``; CPU tensors by value (see the module docstring)."""
-    sglang = _sglang_classes()
-    tensor = obj.get("flattened_tensor") if isinstance(obj, dict) else None
-    on_cpu = tensor is None or tensor.device.type == "cpu"
-    if sglang is not None and not on_cpu:
-        return sglang[1].serialize(obj, output_str=True)
-    buf = io.BytesIO()
-    (pickle.Pickler if on_cpu else ForkingPickler)(buf).dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    output_str=True)`` makes it, with CPU tensors pickled by value."""
+    return base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
 
 
-class _PayloadUnpickler(pickle.Unpickler):
-    """Loads tensors and bucket metadata only. SGLang's metadata class maps to ours, so a
-    payload made with SGLang installed loads here too."""
-    ALLOWED_MODULES = ("torch", "collections")
+def bucket_payloads(bucket: Bucket) -> list[str]:
+    """The serialised flattened buckets of ``bucket`` (one per dtype group, or one when
+    SGLang's bucket takes mixed dtypes), for this process's engine TP rank."""
+    if not bucket:
+        return []
+    on_gpu = bucket[0][1].device.type != "cpu"
+    if not on_gpu:
+        return [serialize_by_value(flatten_by_value(group)) for group in dtype_groups(bucket)]
+    sglang = sglang_ipc()
+    if sglang is None:
+        raise RuntimeError("weight_sync=tensor with GPU tensors needs SGLang importable in the "
+                           "trainer (its monkey_patch_torch_reductions and "
+                           "MultiprocessingSerializer make the CUDA-IPC handles); install "
+                           "sglang or use weight_sync=distributed")
+    flattener, serializer = sglang
+    payloads = []
+    for group in dtype_groups(bucket, getattr(flattener, "supports_multi_dtypes", False)):
+        flat = flattener(named_tensors=group)
+        payloads.append(serializer.serialize({"flattened_tensor": flat.get_flattened_tensor(),
+                                              "metadata": flat.get_metadata()},
+                                             output_str=True))
+    return payloads
+
+
+class PayloadUnpickler(pickle.Unpickler):
+    """Loads what a flattened-bucket payload may hold, nothing else: the globals of SGLang's
+    ``SafeUnpickler`` that a CPU payload uses, SGLang's metadata class mapped to a namespace
+    (so a payload made by SGLang loads without SGLang)."""
+    ALLOWED = {
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
+        ("builtins", "int"), ("builtins", "str"), ("builtins", "slice"),
+        ("collections", "OrderedDict"), ("types", "SimpleNamespace"), ("torch", "Size"),
+        ("torch._utils", "_rebuild_tensor_v2"), ("copyreg", "__newobj__"),
+    }
 
     def find_class(self, module: str, name: str):
-        if name == "FlattenedTensorMetadata" and module in (SGLANG_MODULE, __name__):
+        if (module, name) == SGLANG_METADATA:
             return FlattenedTensorMetadata
-        if module == "builtins" and name in {"dict", "list", "tuple", "set", "frozenset",
-                                             "int", "float", "bool", "str", "bytes", "slice"}:
-            return super().find_class(module, name)
-        if module.split(".")[0] in self.ALLOWED_MODULES:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"weight payload may not load {module}.{name}")
 
 
+class FlattenedTensorMetadata(types.SimpleNamespace):
+    """Stands in for SGLang's dataclass of that name when a payload made by SGLang is loaded
+    without SGLang (same attributes)."""
+
+
+def _load_storage(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def deserialize(text: str) -> Any:
-    """The inverse of :func:`serialize` (for the CPU server)."""
-    return _PayloadUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
+    """A payload entry as loaded by :class:`PayloadUnpickler` (for servers without SGLang)."""
+    return PayloadUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
 
 
 def reconstruct(payload: dict[str, Any]) -> Bucket:
-    """``(name, tensor)`` pairs of a deserialised flattened bucket."""
+    """``(name, tensor)`` pairs of a deserialised flattened bucket, as SGLang rebuilds them
+    (a slice of the flat tensor viewed as the tensor's dtype: byte offsets in a uint8 bucket,
+    element offsets in a same-dtype one)."""
     flat = payload["flattened_tensor"]
-    return [(meta.name, flat[meta.start_idx:meta.end_idx].reshape(meta.shape).to(meta.dtype))
+    return [(meta.name, flat[meta.start_idx:meta.end_idx].view(meta.dtype).reshape(meta.shape))
             for meta in payload["metadata"]]

@@ -1,46 +1,131 @@
-"""The sequence of one weight update, chosen by the workers' SGLang version:
+"""The sequence of one weight update around the strategy, on the engine's rank:
 
-    /pause_generation                      (a cache flush fails while requests run)
-    /begin_weight_update                   (SGLang >= 0.5.22, tensor and distributed only)
-    strategy: prepare, push(bucket)..., finish
-    /end_weight_update                     (SGLang >= 0.5.22)
-    /flush_cache, /update_weight_version
-    /continue_generation                   (always, even after a failure)
+    /resume_memory_occupation {"tags": ["weights"]}   (released engines, colocated)
+    /pause_generation {"mode"}                         abort | retract | in_place
+    /begin_weight_update                               tensor and distributed, on every worker
+                                                       that has the endpoint (404: it has not)
+    senders: prepare, push(bucket)...                  one per pipeline stage
+    strategy.finish                                    e.g. the disk index, then load it
+    /end_weight_update                                 where a session was opened
+    /flush_cache                                       retried while SGLang refuses (400)
+    /update_weight_version {"new_version", "abort_all_requests": false}
+    /resume_memory_occupation {"tags": ["kv_cache", "cuda_graph"]}  (released engines)
+    /continue_generation                               always, also after a failure
+
+Capability, not version: SGLang 0.5.21 (and forks under older numbers) refuse tensor and
+distributed updates outside a session, 0.5.20 has no such endpoints.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+import asyncio
+import logging
+from typing import TYPE_CHECKING
 
-import torch
-
-from .base import SyncTarget
-from .buckets import iter_buckets
+from ..client import SGLangError
+from ..protocol import EMPTY, memory_body, pause_body, weight_version_body
+from .base import SyncPlan, SyncTarget
 
 if TYPE_CHECKING:
     from ..engine import SGLangEngine
 
+log = logging.getLogger(__name__)
 
-def sync_weights(engine: "SGLangEngine", named_tensors: Iterable[tuple[str, torch.Tensor]],
-                 version: int) -> None:
-    """Push ``named_tensors`` to every worker of ``engine`` and set their weight version.
-    The tensors are iterated here, in the caller's thread, one bucket at a time."""
-    strategy = engine.strategy
-    workers = engine.run(engine.workers())
-    target = SyncTarget(engine.client, workers, engine.tp_sizes,
-                        lambda endpoint, body=None: engine.post_all(endpoint, body, workers))
-    session = strategy.in_session and engine.needs_weight_update_session
-    engine.run(target.post_all("/pause_generation", {}))
+WEIGHTS = ["weights"]
+KV_CACHE_AND_GRAPHS = ["kv_cache", "cuda_graph"]
+
+
+async def open_sessions(target: SyncTarget) -> list[str]:
+    """``/begin_weight_update`` on every worker; returns those that opened one (a 404 means
+    the worker has no sessions and takes updates without)."""
+    async def begin(worker: str) -> bool:
+        try:
+            await target.client.request(worker, "/begin_weight_update", EMPTY)
+        except SGLangError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    opened = await asyncio.gather(*(begin(w) for w in target.workers))
+    return [w for w, ok in zip(target.workers, opened) if ok]
+
+
+async def begin(engine: "SGLangEngine", target: SyncTarget) -> list[str]:
+    """Everything before the first bucket; returns the workers with an open session."""
+    cfg = target.plan.cfg
+    if engine.memory_released:
+        await target.post_all("/resume_memory_occupation", memory_body(WEIGHTS))
+    # Counted before the request goes out: a worker may answer its aborted requests before it
+    # answers the pause, and every request aborted from here on is retried.
+    engine.pauses += 1
+    await target.post_all("/pause_generation", pause_body(cfg.pause_mode))
+    strategy = engine.sender.strategy
+    return await open_sessions(target) if strategy.in_session else []
+
+
+async def finish(engine: "SGLangEngine", target: SyncTarget, stage_results: list,
+                 sessions: list[str]) -> None:
+    """Everything after the last bucket of every stage (not ``/continue_generation``)."""
+    cfg = target.plan.cfg
+    await engine.sender.strategy.finish(target, stage_results)
+    await close_sessions(target, sessions)
+    if cfg.pause_mode != "in_place":     # paused in place, SGLang keeps its KV cache in use
+        await asyncio.gather(*(target.client.retry_while_busy(
+            w, "/flush_cache", timeout_s=cfg.flush_cache_timeout_s) for w in target.workers))
+    await target.post_all("/update_weight_version", weight_version_body(target.plan.version))
+
+
+async def close_sessions(target: SyncTarget, sessions: list[str]) -> None:
+    await asyncio.gather(*(target.client.request(w, "/end_weight_update", EMPTY)
+                           for w in sessions))
+
+
+async def resume(engine: "SGLangEngine", target: SyncTarget) -> None:
+    """After success or failure: memory back, sessions closed, generation continued."""
     try:
-        if session:
-            engine.run(target.post_all("/begin_weight_update", {}))
-        engine.run(strategy.prepare(target))
-        for bucket in iter_buckets(named_tensors, engine.cfg.weight_bucket_mb << 20):
-            engine.run(strategy.push(target, bucket))
-        engine.run(strategy.finish(target))
-        if session:
-            engine.run(target.post_all("/end_weight_update", {}))
-        engine.run(target.post_all("/flush_cache"))
-        engine.run(target.post_all("/update_weight_version", {"new_version": str(version)}))
+        if engine.memory_released:
+            await target.post_all("/resume_memory_occupation", memory_body(KV_CACHE_AND_GRAPHS))
+            engine.memory_released = False
     finally:
-        engine.run(target.post_all("/continue_generation", {}))
+        await target.post_all("/continue_generation", EMPTY)
+
+
+def plan_update(engine: "SGLangEngine", version: int) -> SyncPlan:
+    """The plan of an update to ``version`` to the engine's current workers."""
+    workers = engine.run(engine.workers())
+    return SyncPlan(workers, {w: engine.tp_sizes.get(w, 1) for w in workers}, version,
+                    engine.cfg, engine.disk_dir)
+
+
+class UpdateSession:
+    """One update as a context: ``begin`` on entry, ``finish`` (success) and the resumption
+    (always) on exit; stage results are added by whoever collects them."""
+
+    def __init__(self, engine: "SGLangEngine", plan: SyncPlan):
+        self.engine, self.plan = engine, plan
+        self.target = engine.sender.target(plan)
+        self.stage_results: list = []
+        self.sessions: list[str] = []
+
+    def __enter__(self) -> "UpdateSession":
+        try:
+            self.sessions = self.engine.run(begin(self.engine, self.target))
+        except BaseException:
+            self.engine.run(resume(self.engine, self.target))
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        run = self.engine.run
+        try:
+            if exc_type is None:
+                run(finish(self.engine, self.target, self.stage_results, self.sessions))
+                self.engine._version = self.plan.version
+            elif self.sessions:
+                try:
+                    run(close_sessions(self.target, self.sessions))
+                except SGLangError as e:              # the original failure matters more
+                    log.warning("closing the weight update sessions failed: %s", e)
+        finally:
+            run(resume(self.engine, self.target))

@@ -1,0 +1,198 @@
+"""The sequence around a weight update, against recording workers: sessions by capability per
+worker, flush retried while refused, versions set without aborting held requests, generation
+always continued, memory released and resumed, the pause mode sent, requests a pause aborted
+sent again; the launcher's determinism and health flags."""
+
+import contextlib
+import threading
+
+import pytest
+import torch
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from repo_megatron.config.rollout import SGLangConfig, SGLangLaunchConfig
+from repo_megatron.rollout.engine import SamplingParams
+from repo_megatron.sglang import SGLangEngine, SGLangError
+from repo_megatron.sglang.launcher import ServerLauncher
+
+from .servers import GENERATED, RecordingWorker, free_ports, serve_in_thread
+
+WEIGHTS = [("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.randn(3, 4))]
+
+
+@contextlib.contextmanager
+def workers(*recorders):
+    with contextlib.ExitStack() as stack:
+        base = free_ports(len(recorders))
+        yield [stack.enter_context(serve_in_thread(r.app(), base + i))
+               for i, r in enumerate(recorders)]
+
+
+def engine_on(urls, **settings) -> SGLangEngine:
+    return SGLangEngine(SGLangConfig(urls=urls, retry_backoff_s=0.05, **settings))
+
+
+def test_sessions_open_only_where_the_worker_has_them_and_close_where_opened():
+    new, old = RecordingWorker(), RecordingWorker(missing=("/begin_weight_update",
+                                                            "/end_weight_update"))
+    with workers(new, old) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        engine.update_weights(WEIGHTS)
+    assert new.endpoints() == ["/pause_generation", "/begin_weight_update",
+                               "/update_weights_from_tensor", "/end_weight_update",
+                               "/flush_cache", "/update_weight_version", "/continue_generation"]
+    assert old.endpoints() == ["/pause_generation", "/update_weights_from_tensor",
+                               "/flush_cache", "/update_weight_version", "/continue_generation"]
+
+
+def test_disk_updates_open_no_session(tmp_path):
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="disk",
+                                            disk_dir=str(tmp_path)) as engine:
+        engine.update_weights(WEIGHTS)
+    assert "/begin_weight_update" not in worker.endpoints()
+    (directory,) = [body["model_path"] for e, body in worker.calls
+                    if e == "/update_weights_from_disk"]
+    assert directory == str(tmp_path / "weights_v000001")
+
+
+def test_flush_is_retried_while_refused_and_the_version_keeps_held_requests():
+    worker = RecordingWorker(refusals={"/flush_cache": [400, 400, 400]})
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        engine.update_weights(WEIGHTS, version=7)
+        assert engine.weight_version == 7
+    assert worker.endpoints().count("/flush_cache") == 4
+    (version,) = [body for e, body in worker.calls if e == "/update_weight_version"]
+    assert version == {"new_version": "7", "abort_all_requests": False}
+
+
+def test_a_flush_refused_past_its_timeout_fails_naming_the_worker_and_still_continues():
+    worker = RecordingWorker(refusals={"/flush_cache": [400] * 1000})
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor",
+                                            flush_cache_timeout_s=0.5) as engine:
+        with pytest.raises(SGLangError, match=r"/flush_cache.*still refused after 0.5 s"):
+            engine.update_weights(WEIGHTS)
+        assert engine.weight_version == 0
+    assert worker.endpoints()[-1] == "/continue_generation"
+
+
+def test_a_failed_push_closes_the_session_and_continues_generation():
+    worker = RecordingWorker(refusals={"/update_weights_from_tensor": [400]})
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        with pytest.raises(SGLangError, match="update_weights_from_tensor"):
+            engine.update_weights(WEIGHTS)
+    assert worker.endpoints()[-2:] == ["/end_weight_update", "/continue_generation"]
+    assert "/update_weight_version" not in worker.endpoints()
+
+
+@pytest.mark.parametrize("mode", ["abort", "retract", "in_place"])
+def test_the_pause_mode_is_sent_and_in_place_skips_the_flush(mode):
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor",
+                                            pause_mode=mode) as engine:
+        engine.update_weights(WEIGHTS)
+    assert worker.calls[0] == ("/pause_generation", {"mode": mode})
+    assert ("/flush_cache" in worker.endpoints()) == (mode != "in_place")
+
+
+def test_released_memory_is_resumed_weights_first_then_the_rest():
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        engine.release_memory()                  # on by default for the colocated strategy
+        engine.release_memory()                  # once
+        engine.update_weights(WEIGHTS)
+    memory = [(e, b) for e, b in worker.calls if "memory" in e]
+    assert memory == [("/release_memory_occupation", {}),
+                      ("/resume_memory_occupation", {"tags": ["weights"]}),
+                      ("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})]
+    assert worker.endpoints().index("/resume_memory_occupation") < \
+        worker.endpoints().index("/update_weights_from_tensor")
+
+
+def test_disaggregated_runs_do_not_release_memory(tmp_path):
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="disk",
+                                            disk_dir=str(tmp_path)) as engine:
+        engine.release_memory()
+    assert worker.calls == []
+
+
+class PausingWorker(RecordingWorker):
+    """``/generate`` holds the first request until a pause arrives and answers it aborted,
+    as SGLang's ``abort`` pause mode does; later requests wait for ``/continue_generation``
+    (SGLang queues them while paused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused, self.continued = threading.Event(), threading.Event()
+        self.started = threading.Event()
+        self.generations = 0
+
+    async def post(self, request):
+        if request.path_params["path"] == "pause_generation":
+            self.paused.set()
+        if request.path_params["path"] == "continue_generation":
+            self.continued.set()
+        return await super().post(request)
+
+    async def generate(self, request):
+        import asyncio
+        self.generations += 1
+        self.started.set()
+        if self.generations == 1:
+            while not self.paused.is_set():
+                await asyncio.sleep(0.01)
+            return JSONResponse({"text": "", "output_ids": [], "meta_info": {
+                "finish_reason": {"type": "abort", "message": "paused"},
+                "output_token_logprobs": [], "weight_version": "default"}})
+        while not self.continued.is_set():
+            await asyncio.sleep(0.01)
+        return JSONResponse({**GENERATED, "meta_info": {**GENERATED["meta_info"],
+                                                        "weight_version": "1"}})
+
+    def app(self):
+        app = super().app()
+        return Starlette(routes=[Route("/generate", self.generate, methods=["POST"]),
+                                 *app.routes])
+
+
+def test_a_request_aborted_by_the_pause_is_sent_again_and_answered_with_new_weights():
+    worker = PausingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor",
+                                            pause_mode="abort") as engine:
+        outcome = {}
+        rollout = threading.Thread(target=lambda: outcome.update(
+            result=engine.generate([[1, 2]], [SamplingParams(seed=1)])))
+        rollout.start()
+        assert worker.started.wait(30)           # the request runs when the pause comes
+        engine.update_weights(WEIGHTS)
+        rollout.join(timeout=60)
+    assert outcome["result"][0].token_ids == [7, 2]
+    assert outcome["result"][0].weight_version == 1
+    assert worker.generations == 2
+
+
+def test_an_abort_without_a_pause_is_an_error():
+    worker = PausingWorker()
+    worker.paused.set()                          # answers aborted at once, no pause happened
+    worker.continued.set()
+    with workers(worker) as urls, engine_on(urls) as engine:
+        with pytest.raises(SGLangError, match="request aborted"):
+            engine.generate([[1, 2]], [SamplingParams(seed=1)])
+
+
+def test_launcher_passes_deterministic_inference_and_router_health_checks():
+    cfg = SGLangLaunchConfig(num_servers=1, deterministic_inference=True,
+                             router_health_check_interval_s=30,
+                             router_health_check_timeout_s=45,
+                             router_health_failure_threshold=12)
+    launcher = ServerLauncher(cfg)
+    argv, _ = launcher.server_command(0)
+    assert "--enable-deterministic-inference" in argv
+    router = launcher.router_command()
+    assert router[router.index("--health-check-interval-secs") + 1] == "30"
+    assert router[router.index("--health-check-timeout-secs") + 1] == "45"
+    assert router[router.index("--health-failure-threshold") + 1] == "12"
+    assert "--enable-deterministic-inference" not in \
+        ServerLauncher(SGLangLaunchConfig(num_servers=1)).server_command(0)[0]
