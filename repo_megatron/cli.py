@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that owns it, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches. A subcommand whose module is not built yet says
-so and exits non-zero. Configuration errors print one line, never a traceback.
+so and exits non-zero. Configuration, data and checkpoint errors, and a run stopped by its
+guard (non-finite steps, failing rewards), print one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from .checkpoint.errors import CheckpointError
 from .config.base import ConfigError
 from .data.dataset import DataError
+from .train.guard import TrainingStopped
 
 # name -> (module providing add_arguments/run, one-line help)
 COMMANDS = {
@@ -78,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingStopped) as e:  # the run stopped; its checkpoints are kept
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -134,8 +134,10 @@ def test_leaves_import_nothing_above_them():
     assert graph["repo_megatron.gguf_cache"] == set()
     assert graph["repo_megatron.hf_files"] <= {"repo_megatron.config.base",
                                                "repo_megatron.gguf_cache"}
+    assert graph["repo_megatron.models.hf_checks"] <= {"repo_megatron.config.base"}
     assert graph["repo_megatron.models.architecture"] <= {"repo_megatron.config.base",
-                                                          "repo_megatron.hf_files"}
+                                                          "repo_megatron.hf_files",
+                                                          "repo_megatron.models.hf_checks"}
     assert graph["repo_megatron.models.weight_mapping"] <= {
         "repo_megatron.config.base", "repo_megatron.models.architecture"}
 

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .plain import weights_only_loads
+
 
 def sharded_model_state(model: list) -> dict:
     """The sharded state dict of this rank's model chunks (keys ``model0``, ``model1``...)."""
@@ -31,8 +33,9 @@ def load_model(model: list, directory: str, strict: bool = True) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    state = dist_checkpointing.load(
-        sharded_model_state(model), directory,
-        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
+    with weights_only_loads():  # model.load may come from elsewhere: no pickled code
+        state = dist_checkpointing.load(
+            sharded_model_state(model), directory,
+            strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL)
     for i, m in enumerate(model):
         m.load_state_dict(state[f"model{i}"], strict=True)

@@ -3,13 +3,23 @@
 >>> cfg = load_config("examples/configs/quickstart.yaml", ["rollout.group_size=4"])
 
 Every error is a :class:`ConfigError` naming the file and the full key path.
+
+Paths: a relative *input* path in the file (``model.hf_path``, ``model.gguf_file``,
+``model.load``, ``data.path``, ``data.eval_path``: knobs declared ``path="input"``) resolves
+against the directory of the config file, so a config and its data travel together and the
+run works from any directory. Input paths given as command-line overrides, and every output
+path (``run_dir``, ``checkpoint.directory``, ``model.cache_dir``...), resolve against the
+working directory, as on any command line.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -28,8 +38,10 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "to_dict"
 
 @dataclass
 class Config:
-    run_dir: str = knob("runs/default", "Everything a run writes goes under this directory")
-    seed: int = knob(1234, "Seed of data order, sampling and initialisation", ge=0)
+    run_dir: str = knob("runs/default", "Everything a run writes goes under this directory",
+                        path="output")
+    seed: int = knob(1234, "Seed of data order, sampling and initialisation", ge=0,
+                     le=2 ** 32 - 1)
     train_steps: int = knob(10, "RL steps to run", ge=1)
     model: ModelConfig = section(ModelConfig, "The network")
     parallel: ParallelConfig = section(ParallelConfig, "Megatron-Core parallel layout")
@@ -87,6 +99,9 @@ def config_from_dict(data: dict, source: str = "<dict>", check_model: bool = Tru
     return cfg
 
 
+MAX_DEPTH = 32  # deeper YAML cannot be a config; checking it first keeps errors one line
+
+
 def parse_overrides(overrides: Sequence[str], data: dict) -> dict:
     """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides:
@@ -97,29 +112,106 @@ def parse_overrides(overrides: Sequence[str], data: dict) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError(f"override {key.strip()}: nested too deeply", "command line") from None
         set_dotted(data, key.strip(), value)
     return data
 
 
-def load_config(path: str, overrides: Sequence[str] = (), check_model: bool = True) -> Config:
-    """Load ``path`` (YAML), apply overrides, validate. Relative paths in ``model`` and ``data``
-    stay relative to the working directory, as on the command line."""
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> Optional[str]:
+    """The key path (mapping keys only) under which ``value`` nests deeper than ``limit``
+    levels, or None. Each object is visited once (YAML aliases share objects: a "billion
+    laughs" stays cheap)."""
+    stack, seen = [(value, "", 0)], set()
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        if depth >= limit:
+            return path or "<root>"
+        seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1)
+                         for k, v in node.items())
+        else:
+            stack.extend((v, path, depth + 1) for v in node)
+    return None
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping in YAML file ``path``; every problem is a one-line :class:`ConfigError`."""
     if not os.path.exists(path):
         raise ConfigError("no such file", path)
+    if os.path.isdir(path):
+        raise ConfigError("is a directory, not a YAML file", path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot be read ({e.strerror})", path) from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError("is UTF-16 text: save it as UTF-8", path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                          path) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', e)}", path) from None
+        raise ConfigError(f"not valid YAML{where}: {fmt(str(getattr(e, 'problem', None) or e))}",
+                          path) from None
+    except RecursionError:
+        raise ConfigError(f"nested too deeply (a config has at most {MAX_DEPTH} levels)",
+                          path) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping, got {fmt(data)}", path)
+    return data
+
+
+def _overridden(key: str, overridden: set) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in overridden)
+
+
+def resolve_input_paths(data: dict, base_dir: str, overridden: set = frozenset(),
+                        cls: type = None, prefix: str = "") -> None:
+    """In place: make the relative input paths of raw config ``data`` absolute, against
+    ``base_dir`` (the config file's directory), or against the working directory for keys
+    set on the command line (``overridden``: dotted keys). Values of the wrong type are left
+    for :func:`build` to report."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, value = prefix + f.name, data.get(f.name)
+        if f.metadata.get("section"):
+            if isinstance(value, dict):
+                resolve_input_paths(value, base_dir, overridden, hints[f.name], key + ".")
+            continue
+        kind = f.metadata.get("path")
+        if kind not in ("input", "gguf") or not isinstance(value, str) or not value:
+            continue
+        if kind == "gguf" and (data.get("hf_path") or not ("/" in value or value.endswith(".gguf"))):
+            continue  # relative to hf_path, or a packaged model's name (smollm2)
+        base = os.getcwd() if _overridden(key, overridden) else base_dir
+        data[f.name] = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def load_config(path: str, overrides: Sequence[str] = (), check_model: bool = True) -> Config:
+    """Load ``path`` (YAML), apply overrides, resolve input paths (see the module docstring),
+    validate."""
+    data = read_yaml(path)
     try:
         parse_overrides(overrides, data)
     except ConfigError as e:
         raise e.with_source(path) from None
+    deep = too_deep(data)
+    if deep is not None:
+        raise ConfigError(f"{deep}: nested deeper than {MAX_DEPTH} levels", path)
+    resolve_input_paths(data, os.path.dirname(os.path.abspath(path)),
+                        {item.split("=", 1)[0].strip() for item in overrides})
     return config_from_dict(data, source=path, check_model=check_model)
 
 

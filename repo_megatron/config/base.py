@@ -9,6 +9,7 @@ each section's ``validate(path)`` method.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -33,9 +34,12 @@ class ConfigError(ValueError):
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, ge=None, gt=None,
-         le=None, default_factory: Any = dataclasses.MISSING):
-    """A config field: default, help text (for the reference), allowed choices and bounds."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+         le=None, path: Optional[str] = None, default_factory: Any = dataclasses.MISSING):
+    """A config field: default, help text (for the reference), allowed choices and bounds.
+    ``path``: ``"input"`` (a relative value resolves against the config file's directory),
+    ``"gguf"`` (likewise, unless it is a packaged name or relative to ``hf_path``) or
+    ``"output"`` (resolves against the working directory)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -46,15 +50,28 @@ def section(cls, help: str = ""):
     return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
 
 
+_FMT_MAX = 120
+
+
 def fmt(value: Any) -> str:
-    """A value as it would be written in YAML (for error messages and the reference)."""
+    """A value as it would be written in YAML, on one line of at most 120 characters (for
+    error messages and the reference)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return value if value else "''"
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
+        text = value if value else "''"
+    elif isinstance(value, int) and abs(value) >= 10 ** 30:
+        text = f"{value:.6g}" if abs(value) < 10 ** 308 else f"an integer of {len(str(abs(value)))} digits"
+    else:
+        try:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+        except (yaml.YAMLError, RecursionError, ValueError):
+            text = repr(value)
+        text = text.removesuffix("\n...")
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    return text if len(text) <= _FMT_MAX else text[:_FMT_MAX - 3] + "..."
 
 
 def _type_name(tp: Any) -> str:
@@ -93,11 +110,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={fmt(value)} must be a mapping")
         return dict(value)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         # PyYAML (YAML 1.1) reads "1e-6" (no dot) as a string: accept numeric strings.
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric or (isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip())):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={fmt(value)} must be a finite number")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -120,6 +142,9 @@ def _check_bounds(value: Any, meta: dict, key: str) -> None:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{key}={fmt(value)} must be {word} {fmt(bound)}")
+    # Any integer knob ends up in C code (torch, Arrow, an HTTP server) as a 64-bit integer.
+    if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+        raise ConfigError(f"{key}={fmt(value)} must be a 64-bit integer")
 
 
 def build(cls: type, data: Optional[dict], path: str = "") -> Any:
@@ -185,6 +210,11 @@ def reference_markdown(cls: type, title: str) -> str:
     lines = [f"# {title}", "",
              "Generated from the dataclasses in `repo_megatron/config/` by "
              "`python -m repo_megatron.config --reference`; do not edit by hand.", "",
+             "Paths: relative input paths written in a config file (data, models, checkpoints "
+             "to load) resolve against the config file's directory, so a config works from "
+             "any directory. Outputs (run directory, checkpoints, caches) and every path "
+             "given as a `key=value` override resolve against the working directory. `~` is "
+             "expanded.", "",
              "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, type_name, default, help_text, meta in iter_knobs(cls):
         if type_name == "section":
@@ -197,6 +227,12 @@ def reference_markdown(cls: type, title: str) -> str:
         for name, word in (("ge", ">="), ("gt", ">"), ("le", "<=")):
             if meta.get(name) is not None:
                 extra.append(f"{word} {fmt(meta[name])}")
-        text = (help_text + (f" ({'; '.join(extra)})" if extra else "")).replace("|", r"\|")
+        text = help_text + {"input": ". A relative path resolves against the config file's "
+                                     "directory",
+                            "gguf": ". A relative path resolves against hf_path if set, else "
+                                    "against the config file's directory",
+                            "output": ". A relative path resolves against the working "
+                                      "directory"}.get(meta.get("path"), "")
+        text = (text + (f" ({'; '.join(extra)})" if extra else "")).replace("|", r"\|")
         lines.append(f"| `{key}` | {type_name} | `{fmt(default)}` | {text} |")
     return "\n".join(lines) + "\n"

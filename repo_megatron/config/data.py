@@ -10,12 +10,13 @@ from .base import knob
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = knob(None, "Local .jsonl or .parquet file of prompts")
+    path: Optional[str] = knob(None, "Local .jsonl or .parquet file of prompts", path="input")
     question_key: str = knob("question", "Column with the problem")
     answer_key: str = knob("answer", "Column with the reference answer")
     solution_key: Optional[str] = knob(
         "solution", "Column with an expert's worked solution (off-policy knowledge k); null = none")
-    eval_path: Optional[str] = knob(None, "Held-out prompts to measure the solve rate on")
+    eval_path: Optional[str] = knob(None, "Held-out prompts to measure the solve rate on",
+                                    path="input")
     eval_interval: int = knob(0, "Measure the solve rate on eval_path every N steps (0 = at "
                                  "the start and the end only)", ge=0)
     eval_max_prompts: int = knob(64, "Evaluate on at most this many eval prompts", ge=1)
@@ -28,3 +29,8 @@ class DataConfig:
                                          "process is killed and replaced)", gt=0)
     reward_workers: int = knob(2, "Processes that score rewards (a hung reward blocks only "
                                   "its own worker)", ge=1)
+    reward_max_abs: float = knob(1e6, "A reward that is not a finite number within +-this is "
+                                      "a failed reward (value 0, reason logged)", gt=0)
+    max_failed_reward_steps: int = knob(
+        3, "Stop the run with an error when every reward call failed in this many steps in "
+           "a row (0 = never): a broken reward would otherwise train on zeros", ge=0)

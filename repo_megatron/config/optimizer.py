@@ -20,6 +20,9 @@ class OptimizerConfig:
     adam_eps: float = knob(1e-8, "Adam epsilon", gt=0)
     clip_grad: float = knob(1.0, "Gradient-norm clip (0 = off)", ge=0)
     use_distributed_optimizer: bool = knob(False, "Shard optimizer states across DP ranks")
+    max_nonfinite_steps: int = knob(
+        3, "An optimizer step whose loss or gradient is NaN/inf is skipped (no update, no "
+           "checkpoint of that step); this many in a row stop the run with an error", ge=1)
 
     def validate(self, path: str) -> None:
         if self.min_lr > self.lr:

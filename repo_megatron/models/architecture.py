@@ -123,6 +123,8 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
                 raise ConfigError(f"missing key {e.args[0]}", source) from None
             except ConfigError as e:
                 raise ConfigError(e.message.removeprefix("config.json: "), source) from None
+            except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong kind
+                raise ConfigError(f"cannot be read ({type(e).__name__}: {e})", source) from None
     raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
                       f"(supported: {', '.join(sorted(_HF_NAMES))})", source)
 
@@ -130,9 +132,15 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
 def read_architecture(hf_path: str, gguf_file: Optional[str] = None,
                       overrides: Optional[dict] = None) -> Architecture:
     """Read and parse a model's architecture, applying config.json key overrides."""
+    from .hf_checks import check_override_keys, check_shape
+
     hf = load_hf_config_dict(hf_path, gguf_file)
-    hf.update(overrides or {})
-    return parse_hf_config(hf, source=os.path.join(hf_path or "", gguf_file or "config.json"))
+    source = os.path.join(hf_path or "", gguf_file or "config.json")
+    overrides = overrides or {}
+    check_override_keys(overrides, hf)
+    hf.update(overrides)
+    check_shape(hf, set(overrides), source)
+    return parse_hf_config(hf, source=source)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:

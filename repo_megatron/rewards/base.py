@@ -1,13 +1,19 @@
 """Reward functions: a registry by name, custom functions by import path, one result type.
 
-A reward is ``fn(response: str, answer: str, question: str)`` returning a float (or bool), a
+A reward is ``fn(response: str, answer: str, question: str)`` returning a number (or bool), a
 ``(value, reason)`` pair or a :class:`RewardResult`. Built-ins register with
 :func:`register_reward`; ``module:function`` names any importable function.
+
+A reward is a finite number: anything else (NaN, inf, a string, a number beyond
+``data.reward_max_abs``) is a *failed* reward of value 0 whose reason says what came back,
+so no non-finite value reaches the advantages, the loss or the weights.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,16 +67,46 @@ def resolve_reward(name: str) -> RewardFn:
     return fn
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def as_result(value: Any) -> RewardResult:
-    """Normalise what a reward function returned into a :class:`RewardResult`."""
+    """Normalise what a reward function returned into a :class:`RewardResult` whose value is
+    a finite float, or a failed one (value 0) saying what was returned instead."""
+    failed, reason = False, ""
     if isinstance(value, RewardResult):
-        return value
-    if isinstance(value, tuple) and len(value) == 2:
-        return RewardResult(float(value[0]), str(value[1]))
-    if isinstance(value, (bool, int, float)):
-        return RewardResult(float(value), "")
-    raise TypeError(f"a reward must return a number, (number, reason) or RewardResult, "
-                    f"got {type(value).__name__}")
+        number, reason, failed = value.value, str(value.reason), bool(value.failed)
+    elif isinstance(value, tuple) and len(value) == 2:
+        number, reason = value[0], str(value[1])
+    else:
+        number = value
+    if failed:
+        return RewardResult(0.0, reason or "reward failed", failed=True)
+    if not isinstance(number, numbers.Real):
+        return RewardResult(0.0, f"reward returned {type(number).__name__} {_shown(number)}: a "
+                                 "reward must return a number, (number, reason) or RewardResult",
+                            failed=True)
+    try:
+        number = float(number)
+    except (OverflowError, ValueError, TypeError):
+        number = math.nan
+    if not math.isfinite(number):
+        return RewardResult(0.0, f"reward returned {_shown(value)}: not a finite number",
+                            failed=True)
+    return RewardResult(number, reason)
+
+
+def bounded(result: RewardResult, max_abs: float) -> RewardResult:
+    """``result``, or a failed result when its value is not finite or beyond ``+-max_abs``
+    (``data.reward_max_abs``: larger values overflow the advantages or hide a reward bug)."""
+    if result.failed:
+        return result if result.value == 0.0 else RewardResult(0.0, result.reason, failed=True)
+    if not (isinstance(result.value, float) and abs(result.value) <= max_abs):
+        return RewardResult(0.0, f"reward returned {_shown(result.value)}: not a finite number "
+                                 f"within +-{max_abs:g} (data.reward_max_abs)", failed=True)
+    return result
 
 
 def call_reward(fn: RewardFn, request: RewardRequest) -> RewardResult:

@@ -4,17 +4,24 @@
 is a process holding one pipe and scoring one request at a time. A call past its deadline gets
 its worker killed and replaced, and that sample alone is marked failed; the step goes on.
 Workers are spawned (not forked) because the trainer process holds threads and a model.
+
+Every result is checked in the trainer (:func:`~.base.bounded`): a non-finite or out-of-range
+value becomes a failed reward. Failures are logged with their reason, at most once a minute
+per kind of failure, with a count of those not shown.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
-from collections import deque
+from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from .base import RewardRequest, RewardResult, call_reward, resolve_reward
+from .base import RewardRequest, RewardResult, bounded, call_reward, resolve_reward
+
+log = logging.getLogger(__name__)
 
 
 _START_TIMEOUT_S = 120.0
@@ -61,14 +68,49 @@ class _Worker:
         self.conn.close()
 
 
+class RateLimitedLog:
+    """Warnings keyed by kind: the first of a kind is logged at once, later ones at most
+    every ``interval_s`` seconds, saying how many were not shown in between."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.interval_s, self.clock = logger, interval_s, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter = Counter()
+
+    def warn(self, kind: str, message: str, count: int = 1) -> bool:
+        """Log ``message`` unless ``kind`` was logged less than ``interval_s`` ago (then only
+        count it). ``count``: how many occurrences the message stands for. Returns whether
+        it was logged."""
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[kind] += count
+            return False
+        hidden = self._suppressed.pop(kind, 0)
+        suffix = f" (+{hidden} like it since the last report)" if hidden else ""
+        self.logger.warning("%s%s", message, suffix)
+        self._last[kind] = now
+        return True
+
+
+def failure_kind(reason: str) -> str:
+    """What kind of failure a reason describes: its text up to the first ':'."""
+    return reason.split(":", 1)[0][:80]
+
+
 class RewardRunner:
     """Scores :class:`RewardRequest` lists with reward ``reward`` (registered name or
-    ``module:function``) in ``num_workers`` processes, ``timeout_s`` per call."""
+    ``module:function``) in ``num_workers`` processes, ``timeout_s`` per call; a value that
+    is not a finite number within ``+-max_abs`` is a failed reward."""
 
-    def __init__(self, reward: str, timeout_s: float = 10.0, num_workers: int = 2):
+    def __init__(self, reward: str, timeout_s: float = 10.0, num_workers: int = 2,
+                 max_abs: float = 1e6):
         resolve_reward(reward)                # a bad name fails here, in the trainer
         self.reward = reward
         self.timeout_s = timeout_s
+        self.max_abs = max_abs
+        self.failures = RateLimitedLog(log)
         self._ctx = mp.get_context("spawn")
         # The workers import the reward while the caller goes on (the trainer builds its
         # engine meanwhile); the first score() waits until they are ready.
@@ -98,11 +140,22 @@ class RewardRunner:
                     continue
                 result, dead = self._collect(worker)
                 if result is not None:
-                    results[worker.task] = result
+                    results[worker.task] = bounded(result, self.max_abs)
                     worker.task = None
                 if dead:
                     self._workers[i] = _Worker(self._ctx, self.reward).wait_ready()
+        self._log_failures(results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _log_failures(self, results: Sequence[RewardResult]) -> None:
+        by_kind: dict[str, list[str]] = {}
+        for r in results:
+            if r.failed:
+                by_kind.setdefault(failure_kind(r.reason), []).append(r.reason)
+        for kind, reasons in by_kind.items():
+            example = reasons[0] if len(reasons[0]) <= 300 else reasons[0][:297] + "..."
+            self.failures.warn(kind, f"reward {self.reward} failed for {len(reasons)} of "
+                                     f"{len(results)} samples: {example}", count=len(reasons))
 
     def _collect(self, worker: _Worker) -> tuple[Optional[RewardResult], bool]:
         """(the worker's result, a failure if it died or overran, or None while it is busy;

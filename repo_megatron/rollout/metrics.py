@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from statistics import fmean
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .dynamic_sampling import has_reward_variance
 from .types import Group, Sample
+
+
+def mean(values: Iterable[float]) -> float:
+    """The mean of a non-empty sequence; never raises for huge or non-finite values
+    (``statistics.fmean`` raises OverflowError on [1e308, 1e308] and ValueError on [inf, -inf])."""
+    values = list(values)
+    try:
+        return fmean(values)
+    except (OverflowError, ValueError):
+        return sum(v / len(values) for v in values)
 
 
 def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: int,
@@ -20,7 +30,8 @@ def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: i
     ``zero_variance_share``: share of groups with no reward variance after injection;
     ``failed_groups``: groups whose on-policy rollouts all failed (GRPO: zero advantage, no
     gradient), ``failed_groups_rescued``: those of them that got an injected sample with
-    reward >= delta.
+    reward >= delta; ``reward_calls`` / ``reward_failures``: rewards computed / failed
+    (rollouts and rephrases).
     """
     injected = [g.samples[g.injected_index] for g in groups if g.injected_index is not None]
     rephrases = [s for g in groups for s in g.rephrases]
@@ -29,13 +40,14 @@ def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: i
     metrics = {
         "groups": float(len(groups)),
         "groups_kept": float(kept),
-        "gate_rate": fmean(g.gate_fired for g in groups),
-        "injection_rate": fmean(g.injected_index is not None for g in groups),
-        "zero_variance_share": fmean(not has_reward_variance(g) for g in groups),
-        "reward_onpolicy_mean": fmean(s.reward for s in rollouts),
-        "response_length_mean": fmean(lengths),
+        "gate_rate": mean(g.gate_fired for g in groups),
+        "injection_rate": mean(g.injected_index is not None for g in groups),
+        "zero_variance_share": mean(not has_reward_variance(g) for g in groups),
+        "reward_onpolicy_mean": mean(s.reward for s in rollouts),
+        "response_length_mean": mean(lengths),
         "response_length_max": float(max(lengths)),
-        "truncated_share": fmean(s.finish_reason == "length" for s in rollouts),
+        "truncated_share": mean(s.finish_reason == "length" for s in rollouts),
+        "reward_calls": float(len(rollouts) + len(rephrases)),
         "reward_failures": float(sum(s.reward_failed for s in [*rollouts, *rephrases])),
         "replayed_samples": float(sum(s.is_replay for g in groups for s in g.samples)),
         "rephrase_attempts": float(len(rephrases)),
@@ -52,5 +64,5 @@ def rollout_metrics(groups: Sequence[Group], rollouts: Sequence[Sample], kept: i
     }
     for name, values in optional.items():
         if values:
-            metrics[name if name.endswith("_rate") else f"{name}_mean"] = fmean(values)
+            metrics[name if name.endswith("_rate") else f"{name}_mean"] = mean(values)
     return metrics

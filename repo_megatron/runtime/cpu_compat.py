@@ -51,6 +51,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def cuda_rng_states() -> "list[torch.Tensor] | None":
+    """The CUDA generator states of every visible GPU (None on CPU)."""
+    return torch.cuda.get_rng_state_all() if has_gpu() else None
+
+
+def set_cuda_rng_states(states: "list[torch.Tensor] | None") -> None:
+    """Restore :func:`cuda_rng_states` (no-op on CPU or when there are none)."""
+    if states is not None and has_gpu():
+        torch.cuda.set_rng_state_all(states)
+
+
 def max_memory_allocated() -> int:
     """Peak GPU memory of this process in bytes (0 on CPU)."""
     return torch.cuda.max_memory_allocated() if has_gpu() else 0

@@ -9,12 +9,14 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..runtime.failpoints import failpoint
+from .guard import RunGuard
 from .session import Session
 from .summary import print_run_summary
 
 
 def train(cfg: Config, resume: bool = False) -> int:
     session = Session(cfg)
+    guard = RunGuard(cfg.optimizer.max_nonfinite_steps, cfg.data.max_failed_reward_steps)
     try:
         start = session.restore() if resume else 0
         session.sync_weights()                                  # engine := Megatron's weights
@@ -41,9 +43,12 @@ def train(cfg: Config, resume: bool = False) -> int:
             session.writer.write(step, metrics)
             bar.set_postfix(reward=f"{metrics.get('rollout/reward_onpolicy_mean', 0):.2f}",
                             inject=f"{metrics.get('rollout/injection_rate', 0):.2f}")
+            guard.check(step, metrics, failed_reward_reason(groups))  # stop on NaN or dead rewards
             interval = cfg.checkpoint.save_interval
-            if last or (interval and step % interval == 0):
+            due = last or (interval and step % interval == 0)
+            if due and not metrics.get("train/nonfinite_skipped"):  # never a skipped update's
                 session.save(step)
+            session.checkpoints.poll()                          # commit a finished background save
             export = cfg.checkpoint.hf_export_interval
             if (last and cfg.checkpoint.hf_export_at_end) or (export and step % export == 0):
                 session.export_hf(step)
@@ -52,3 +57,12 @@ def train(cfg: Config, resume: bool = False) -> int:
         return 0
     finally:
         session.close()
+
+
+def failed_reward_reason(groups) -> str:
+    """One failed reward's reason among ``groups`` (first line, at most 200 characters)."""
+    for group in groups or ():
+        for sample in [*group.samples, *group.rephrases]:
+            if sample.reward_failed:
+                return (sample.reward_reason.splitlines() or [""])[0][:200]
+    return ""

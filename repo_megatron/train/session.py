@@ -22,9 +22,9 @@ import torch
 
 from ..algorithm import LossParams
 from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_sum
-from ..checkpoint.manager import CheckpointManager, latest_checkpoint
+from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
-from ..config import Config
+from ..config import Config, ConfigError
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
@@ -32,7 +32,9 @@ from ..runtime import distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
+from ..rollout.metrics import mean
 from .engine_sync import WeightStreamer, gather_hf_weights
+from .guard import TrainingStopped
 from .prompts import PromptSampler
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,11 @@ class Session:
         self.run_dir = cfg.run_dir
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.directory or os.path.join(cfg.run_dir, "checkpoints"),
-            cfg.checkpoint.keep_last)
+            cfg.checkpoint.keep_last, cfg.checkpoint.async_save, cfg.checkpoint.verify_checksums)
         self.checkpoints.remove_incomplete()
+        # Prompts are read and checked first: a bad dataset stops every rank in seconds,
+        # before minutes of model building.
+        data = self._rank0_first(lambda: load_run_data(cfg)) if rollout else None
 
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
         init = self._initial_weights()
@@ -135,10 +140,28 @@ class Session:
         self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
-        self.rollout_side = RolloutSide(cfg) if (self.is_rank0 and rollout) else None
+        self.rollout_side = RolloutSide(cfg, data) if (self.is_rank0 and rollout) else None
         self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
+
+    def _rank0_first(self, fn):
+        """``fn()`` on rank 0; if it raises a ConfigError or DataError, every rank stops
+        (rank 0 with that error, the others naming it)."""
+        from ..data import DataError
+
+        result, problem = None, None
+        if self.is_rank0:
+            try:
+                result = fn()
+            except (ConfigError, DataError) as e:
+                problem = e
+        failed = _broadcast(None if problem is None else f"{type(problem).__name__}: {problem}")
+        if problem is not None:
+            raise problem
+        if failed is not None:
+            raise TrainingStopped(f"rank 0 could not start the run: {failed}")
+        return result
 
     @property
     def temperature(self) -> float:
@@ -177,22 +200,26 @@ class Session:
                 "optimizer": self.trainer.optimizer.sharded_state_dict(merged, is_loading=loading)}
 
     def save(self, step: int) -> str:
+        """Checkpoint the current state; a weight that is not finite stops the run instead."""
+        if not self.trainer.parameters_finite():
+            raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
+                                  "it, the last good checkpoint is kept")
         trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict()}
         if self.rollout_side is not None:
             trainer_state.update(self.rollout_side.state())
         return self.checkpoints.save(step, self._sharded_state(loading=False), trainer_state)
 
     def restore(self) -> int:
-        """Load the newest complete checkpoint; returns its step (0 if there is none)."""
-        found = latest_checkpoint(self.checkpoints.directory)
+        """Load the newest intact checkpoint (older ones are tried when the newest fails
+        verification); returns its step (0 if there is none)."""
+        found = self.checkpoints.load_newest_intact(lambda: self._sharded_state(loading=True))
         if found is None:
             if self.is_rank0:
                 log.warning("--resume: no complete checkpoint in %s; starting from step 0",
                             self.checkpoints.directory)
                 truncate_after(self.run_dir, 0)  # the killed run's steps are redone
             return 0
-        step, path = found
-        loaded, state = self.checkpoints.load(path, self._sharded_state(loading=True))
+        step, path, loaded, state = found
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
         self.trainer.optimizer.load_state_dict(loaded["optimizer"])
@@ -280,18 +307,21 @@ class Session:
                 total = _add_mismatch(total, mb, old)
             mismatch = self._reduce_mismatch(total)
         names = [k for k in results[0].metrics if not is_provenance_sum(k)]
-        metrics = {f"train/{k}": fmean(r.metrics[k] for r in results) for k in names}
+        metrics = {f"train/{k}": mean(r.metrics[k] for r in results) for k in names}
         # per-provenance sums add up over every optimizer step of the step
         totals = {k: sum(r.metrics[k] for r in results) for k in results[0].metrics
                   if is_provenance_sum(k)}
         metrics.update({f"train/{k}": v
                         for k, v in finalize_provenance_metrics(totals, epochs).items()})
         metrics.update({
-            "train/loss": fmean(r.loss for r in results),
-            "train/grad_norm": max(r.grad_norm for r in results),
+            "train/loss": mean(r.loss for r in results),
+            # NaN when a step was skipped for a non-finite gradient (max() would hide it)
+            "train/grad_norm": max((r.grad_norm for r in results), key=lambda g: (g != g, g)),
             "train/lr": results[-1].lr,
             "train/optimizer_steps": float(len(results)),
             "train/skipped_updates": float(sum(not r.update_successful for r in results)),
+            "train/nonfinite_skipped": float(sum(r.nonfinite for r in results)),
+            "train/nonfinite_in_a_row": float(self.trainer.nonfinite_in_a_row),
         })
         return {**metrics, **prepared.metrics, **mismatch}
 
@@ -320,6 +350,7 @@ class Session:
         return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
+        self.checkpoints.close()  # commits a background save still in flight
         self.weight_streamer.close()
         self.writer.close()
         if self.rollout_side is not None:
@@ -327,25 +358,42 @@ class Session:
         distributed.teardown()
 
 
+@dataclass
+class RunData:
+    """What rank 0 reads before the model is built: the tokenizer and the checked prompts."""
+    tokenizer: object
+    formatter: object
+    prompts: list
+    eval_prompts: list
+
+
+def load_run_data(cfg: Config) -> RunData:
+    """The tokenizer and every prompt of ``data.path`` / ``data.eval_path``, validated
+    (DataError names the file, row and column)."""
+    from ..data import ChatFormatter, load_prompts, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
+    formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template, cfg.data.system_prompt)
+    prompts = load_prompts(cfg.data, formatter)
+    eval_prompts = (load_prompts(cfg.data, formatter, cfg.data.eval_path)
+                    [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
+    return RunData(tokenizer, formatter, prompts, eval_prompts)
+
+
 class RolloutSide:
     """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
 
-    def __init__(self, cfg: Config):
-        from ..data import ChatFormatter, load_prompts, load_tokenizer
+    def __init__(self, cfg: Config, data: "RunData"):
         from ..rewards import RewardRunner
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
         # started first: the workers import the reward while the engine is built
         self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers)
-        tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
-        self.formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template,
-                                       cfg.data.system_prompt)
-        self.sampler = PromptSampler(load_prompts(cfg.data, self.formatter), cfg.seed,
-                                     cfg.data.shuffle)
-        self.eval_prompts = (load_prompts(cfg.data, self.formatter, cfg.data.eval_path)
-                             [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
+                                    cfg.data.reward_workers, cfg.data.reward_max_abs)
+        tokenizer, self.formatter = data.tokenizer, data.formatter
+        self.sampler = PromptSampler(data.prompts, cfg.seed, cfg.data.shuffle)
+        self.eval_prompts = data.eval_prompts
         self.hf_config = hf_config(cfg)
         self.servers = None  # SGLang servers this run started (rollout.sglang.launch)
         if cfg.rollout.sglang.launch.num_servers > 0:
@@ -414,11 +462,15 @@ class RolloutSide:
         log.info("Exported Hugging Face weights to %s", out)
 
     def state(self) -> dict:
-        return {"sampler": self.sampler.state(), "replay": self.stage.replay}
+        """Plain data only (checkpoints are loaded with ``weights_only``)."""
+        replay = self.stage.replay
+        return {"sampler": self.sampler.state(),
+                "replay": replay.state() if replay is not None else None}
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state["sampler"])
-        self.stage.replay = state.get("replay")
+        if self.stage.replay is not None and state.get("replay") is not None:
+            self.stage.replay.load_state(state["replay"])
 
     def close(self) -> None:
         self.rewards.close()

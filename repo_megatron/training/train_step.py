@@ -6,7 +6,12 @@ main weights under bf16) and learning-rate schedule, and runs
 
     zero grads -> forward/backward over the micro-batches (loss.py: normalised so the result
     is the full-batch gradient in any layout) -> finalize_model_grads (DP reduction, tied
-    embeddings under PP) -> optimizer.step (clip, Adam) -> lr schedule
+    embeddings under PP) -> finite check -> optimizer.step (clip, Adam) -> lr schedule
+
+The finite check skips the update when the loss or any gradient is NaN or infinite:
+megatron's optimizer applies such gradients in fp32 and bf16 (only fp16's loss scaler looks
+for them), and clipping by a NaN norm leaves them as they are, so one NaN would reach every
+weight.
 
 :meth:`PolicyTrainer.compute_logprobs` gives the old log-probs of a batch before the update;
 :func:`build_reference_model` loads a frozen second copy of the model for reference log-probs.
@@ -14,6 +19,7 @@ main weights under bf16) and learning-rate schedule, and runs
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +43,7 @@ class StepResult:
     lr: float            # learning rate used by this step
     update_successful: bool
     metrics: dict        # full-batch values of the loss library's metrics (clip fractions, ...)
+    nonfinite: bool = False  # the loss or a gradient was NaN/inf: no update was made
     # micro-batches given without old log-probs: the log-probs [b, s] of this step's forward,
     # which served as the old ones (as compute_logprobs would have returned them)
     logprobs: Optional[list[torch.Tensor]] = None
@@ -135,6 +142,8 @@ class PolicyTrainer:
         config = self.model[0].config
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling; 1 otherwise
+        self.loss_scaling = config.fp16  # fp16: megatron's scaler finds and skips inf gradients
+        self.nonfinite_in_a_row = 0      # optimizer steps skipped in a row for NaN/inf
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         """Forward/backward over ``micro_batches`` and one optimizer step.
@@ -154,12 +163,6 @@ class PolicyTrainer:
                           self.temperature, self.vocab_size)
         outputs = run_schedule(self.model, micro_batches, partial(policy_forward_step, ctx),
                                forward_only=False)
-        lr = self.optimizer.param_groups[0]["lr"]
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.clip_grad == 0:  # megatron only measures the norm when it clips
-            grad_norm = self.optimizer.get_grad_norm()
-        if ok:
-            self.scheduler.step(increment=1)
         forward = [o.pop(FORWARD_LOGPROBS) for o in outputs if FORWARD_LOGPROBS in o]
         logprobs = None
         if micro_batches[0].get("old_logprobs") is None:
@@ -167,13 +170,52 @@ class PolicyTrainer:
             logprobs = broadcast_from_last_stage(
                 [lp[:, :mb["tokens"].shape[1]] for lp, mb in zip(forward, micro_batches)]
                 if last else None, [mb["tokens"].shape for mb in micro_batches])
-        metrics = reduce_metrics(outputs)
-        return StepResult(loss=metrics.pop("loss"), grad_norm=float(grad_norm or 0.0), lr=lr,
-                          update_successful=bool(ok), metrics=metrics, logprobs=logprobs)
+        metrics = reduce_metrics(outputs)  # identical on every rank, so is every branch below
+        loss = metrics.pop("loss")
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = math.isfinite(loss) and (self.loss_scaling or self.gradients_finite())
+        if not finite:
+            self.nonfinite_in_a_row += 1
+            return StepResult(loss=loss, grad_norm=math.nan, lr=lr, update_successful=False,
+                              metrics=metrics, nonfinite=True, logprobs=logprobs)
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.clip_grad == 0:  # megatron only measures the norm when it clips
+            grad_norm = self.optimizer.get_grad_norm()
+        if ok:
+            self.scheduler.step(increment=1)
+        grad_norm = float(grad_norm or 0.0)
+        # A norm that overflowed although every gradient is finite clipped the update to zero.
+        nonfinite = not math.isfinite(grad_norm)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, update_successful=bool(ok),
+                          metrics=metrics, nonfinite=nonfinite, logprobs=logprobs)
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient of every rank is finite (collective over the world: a NaN
+        on one rank would reach all of them through the DP reduction)."""
+        return _all_ranks_finite(p.main_grad for chunk in self.model for p in chunk.parameters()
+                                 if getattr(p, "main_grad", None) is not None)
+
+    def parameters_finite(self) -> bool:
+        """Whether every weight of every rank is finite (collective)."""
+        return _all_ranks_finite(p.data for chunk in self.model for p in chunk.parameters())
 
     def compute_logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
         """Old log-probs ``[b, s]`` per micro-batch under the current weights (forward only)."""
         return forward_logprobs(self.model, micro_batches, self.temperature, self.vocab_size)
+
+
+def _all_ranks_finite(tensors) -> bool:
+    """All-reduced: no NaN or inf in ``tensors`` on any rank. One float64 sum per tensor (NaN
+    and inf survive a sum; no tensor-sized temporary)."""
+    from ..runtime.cpu_compat import device
+
+    total = torch.zeros((), dtype=torch.float64, device=device())
+    for t in tensors:
+        total += t.sum(dtype=torch.float64)
+    flag = torch.isfinite(total).to(torch.float32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def build_reference_model(arch, model_cfg: ModelConfig, parallel: ParallelConfig,

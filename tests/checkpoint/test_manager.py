@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from repo_megatron.checkpoint.manager import (CheckpointManager, complete_checkpoints,
@@ -75,3 +76,43 @@ def test_save_keeps_last_k_and_resume_restores_weights_and_rng(tmp_path):
         assert res["diff_before"] > 1e-3, "the fresh model already matched: test proves nothing"
         assert res["diff"] < 1e-6, rank
         assert res["rng_equal"], rank
+
+
+def _tracker_states_round_trip(root: str):
+    """Megatron's RNG tracker (a real CudaRNGStatesTracker holding CPU generator states: on CPU
+    Megatron installs its no-op inference tracker) is saved per rank and restored."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from tests.checkpoint import sessions
+
+    s = sessions.session(root, parallel={"tensor_model_parallel_size": 2})
+    sessions.train_step(s, 1)  # (the forward forks the tracker: the real one cannot on CPU)
+    tracker = mrandom.CudaRNGStatesTracker()
+    rank = torch.distributed.get_rank()
+    saved = {"model-parallel-rng": torch.Generator().manual_seed(10 + rank).get_state()}
+    tracker.set_states(dict(saved))
+    cpu_tracker, mrandom._CUDA_RNG_STATE_TRACKER = mrandom._CUDA_RNG_STATE_TRACKER, tracker
+    s.save(1)
+    tracker.set_states({"model-parallel-rng": torch.Generator().manual_seed(99).get_state()})
+    s.restore()
+    restored = mrandom.get_cuda_rng_tracker().get_states()
+    mrandom._CUDA_RNG_STATE_TRACKER = cpu_tracker
+    s.close()
+    return torch.equal(restored["model-parallel-rng"], saved["model-parallel-rng"])
+
+
+def test_megatron_rng_tracker_states_are_saved_and_restored_per_rank(tmp_path):
+    write_tiny_llama(str(tmp_path / "model"), num_layers=2)
+    assert run_distributed(_tracker_states_round_trip, 2, str(tmp_path), timeout=600) == [True, True]
+
+
+@pytest.mark.gpu
+def test_cuda_rng_states_round_trip():
+    from repo_megatron.checkpoint.rng import rng_state, set_rng_state
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    state = rng_state()
+    expected = torch.rand(3, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)

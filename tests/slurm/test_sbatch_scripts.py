@@ -143,7 +143,8 @@ def test_qwen_job_takes_tp_pp_and_dp_from_config_and_node_count(tmp_path):
     assert trainer["env"]["MASTER_PORT"] == "31000"
     server = step_running(records, "sglang.launch_server")
     assert "--nodelist=gpu017,gpu018" in server["argv"]
-    assert "examples/models/qwen2.5-72b-instruct" in server["argv"]
+    # the config's relative model path resolves against the config file's directory
+    assert str(ROOT / "examples/models/qwen2.5-72b-instruct") in server["argv"]
 
 
 def test_colocated_job_shares_every_node(tmp_path):
@@ -189,7 +190,8 @@ def test_conversion_job_reads_paths_and_layout_from_config(tmp_path):
     (step,) = sruns(records)
     assert command_after(step["argv"], "repo-megatron") == [
         "repo-megatron", "convert", "hf-to-megatron", "--hf",
-        "examples/models/llama-3.1-70b-instruct", "--out", "/ckpt/llama3_70b", "--tp", "8",
+        str(ROOT / "examples/models/llama-3.1-70b-instruct"), "--out", "/ckpt/llama3_70b",
+        "--tp", "8",
         "--pp", "4", "--vpp", "2", "--make-vocab-size-divisible-by", "128", "--no-progress"]
 
 

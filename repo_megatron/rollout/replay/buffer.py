@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Sequence
 
 from ..types import Sample
@@ -38,3 +38,12 @@ class ReplayBuffer:
             return []
         chosen = self.retrieval(list(entries), min(k, len(entries)), rng)
         return [replace(s, is_replay=True, is_offpolicy=True) for s in chosen]
+
+    def state(self) -> dict:
+        """The stored samples as plain data (checkpoints load it with ``weights_only``)."""
+        return {uid: [asdict(s) for s in entries] for uid, entries in self._entries.items()}
+
+    def load_state(self, state: dict) -> None:
+        self._entries = {uid: deque((Sample(**{**s, "prompt_ids": tuple(s["prompt_ids"])})
+                                     for s in samples), maxlen=self.capacity)
+                         for uid, samples in state.items()}
