@@ -8,7 +8,7 @@ depend on the other requests in its batch (up to float rounding of the padded ba
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -66,13 +66,17 @@ class HFEngine(RolloutEngine):
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self._version = 0
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: Sequence[SamplingParams]) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 cancelled: Optional[Callable[[int], bool]] = None) -> list[GenerationResult]:
+        """As :meth:`RolloutEngine.generate`; ``cancelled(i)`` (checked after every decoded
+        token) ends request ``i`` early with ``finish_reason == "abort"``."""
         check_requests(prompts, params)
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
-            results += self._generate_batch(prompts[start:stop], params[start:stop])
+            is_cancelled = None if cancelled is None else (lambda row, s=start: cancelled(s + row))
+            results += self._generate_batch(prompts[start:stop], params[start:stop],
+                                            is_cancelled)
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -106,8 +110,9 @@ class HFEngine(RolloutEngine):
         return None
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: Sequence[Sequence[int]],
-                        params: Sequence[SamplingParams]) -> list[GenerationResult]:
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                        cancelled: Optional[Callable[[int], bool]] = None
+                        ) -> list[GenerationResult]:
         n, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -132,6 +137,8 @@ class HFEngine(RolloutEngine):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
                 finished[row] = self._finish(tokens[row], params[row])
+                if finished[row] is None and cancelled is not None and cancelled(row):
+                    finished[row] = ("abort", None)
             keep = [i for i, row in enumerate(live) if finished[row] is None]
             if not keep:
                 break

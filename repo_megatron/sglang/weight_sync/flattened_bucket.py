@@ -13,7 +13,8 @@ Where SGLang is importable (the colocated GPU case, where trainer and servers sh
 its own classes build the payload, so the bytes are exactly what it expects, GPU tensors
 travelling as CUDA IPC handles. Without SGLang (CPU, ``repo-megatron serve``) an equivalent
 dataclass is used and CPU tensors are pickled by value: a CPU tensor through ForkingPickler
-would travel as a file descriptor, which means nothing to another process over HTTP.
+would travel as a file descriptor, which means nothing to another process over HTTP. The
+server side (unpickling through SGLang's allow-list) is ``repo_megatron.serve.tensor_payload``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
+import types
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -29,18 +31,21 @@ import torch
 
 from .base import Bucket
 
-SGLANG_MODULE = "sglang.srt.weight_sync.tensor_bucket"
-
 
 @dataclass
 class FlattenedTensorMetadata:
-    """Where one tensor lives in a flattened bucket (SGLang's field names)."""
+    """Where one tensor lives in a flattened bucket (SGLang's field names). It pickles as a
+    ``types.SimpleNamespace`` with the same fields: SGLang's SafeUnpickler admits that class
+    (not this module), and SGLang reads the metadata by attribute."""
     name: str
     shape: torch.Size
     dtype: torch.dtype
     start_idx: int
     end_idx: int
     numel: int
+
+    def __reduce__(self):
+        return types.SimpleNamespace, (), dict(vars(self))
 
 
 def _sglang_classes():
@@ -80,31 +85,3 @@ def serialize(obj: Any) -> str:
     buf = io.BytesIO()
     (pickle.Pickler if on_cpu else ForkingPickler)(buf).dump(obj)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class _PayloadUnpickler(pickle.Unpickler):
-    """Loads tensors and bucket metadata only. SGLang's metadata class maps to ours, so a
-    payload made with SGLang installed loads here too."""
-    ALLOWED_MODULES = ("torch", "collections")
-
-    def find_class(self, module: str, name: str):
-        if name == "FlattenedTensorMetadata" and module in (SGLANG_MODULE, __name__):
-            return FlattenedTensorMetadata
-        if module == "builtins" and name in {"dict", "list", "tuple", "set", "frozenset",
-                                             "int", "float", "bool", "str", "bytes", "slice"}:
-            return super().find_class(module, name)
-        if module.split(".")[0] in self.ALLOWED_MODULES:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"weight payload may not load {module}.{name}")
-
-
-def deserialize(text: str) -> Any:
-    """The inverse of :func:`serialize` (for the CPU server)."""
-    return _PayloadUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
-
-
-def reconstruct(payload: dict[str, Any]) -> Bucket:
-    """``(name, tensor)`` pairs of a deserialised flattened bucket."""
-    flat = payload["flattened_tensor"]
-    return [(meta.name, flat[meta.start_idx:meta.end_idx].reshape(meta.shape).to(meta.dtype))
-            for meta in payload["metadata"]]
