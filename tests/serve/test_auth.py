@@ -89,3 +89,76 @@ def test_management_endpoints_need_the_admin_key(keyed_server, path):
     assert server.weight_version == version and not server.worker.paused
     assert post(url, path, "admin-key", {}).status_code != 401
     post(url, "/continue_generation", "admin-key")
+
+
+def test_the_trainer_sends_the_keys_from_its_environment(keyed_server, model_dir,
+                                                         monkeypatch):
+    from repo_megatron.config.rollout import SGLangConfig
+    from repo_megatron.rollout.engine import SamplingParams
+    from repo_megatron.sglang import SGLangEngine, SGLangError
+
+    from ..sglang.inprocess import perturbed
+
+    url, server = keyed_server
+    params = [SamplingParams(max_new_tokens=2, seed=3)]
+    monkeypatch.delenv("REPO_SGLANG_API_KEY", raising=False)
+    monkeypatch.delenv("REPO_SGLANG_ADMIN_API_KEY", raising=False)
+    with pytest.raises(SGLangError, match="HTTP 401"):
+        SGLangEngine(SGLangConfig(urls=[url], weight_sync="tensor", max_retries=0))
+    monkeypatch.setenv("REPO_SGLANG_API_KEY", "user-key")
+    monkeypatch.setenv("REPO_SGLANG_ADMIN_API_KEY", "admin-key")
+    with SGLangEngine(SGLangConfig(urls=[url], weight_sync="tensor")) as engine:
+        before = engine.generate([[1, 2, 3]], params)[0]
+        engine.update_weights(perturbed(model_dir, seed=4), version=9)   # admin endpoints
+        after = engine.generate([[1, 2, 3]], params)[0]
+    assert server.weight_version == "9" and after.token_ids != before.token_ids
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_through_sglang_router_with_one_key_as_the_slurm_jobs_run(model_dir, monkeypatch):
+    """Servers and router started with the same --api-key, the trainer with it in its
+    environment: generation through the router and a weight update on the workers work; the
+    router refuses a client without the key."""
+    import subprocess
+    import sys
+    import time
+
+    from repo_megatron.config.rollout import SGLangConfig
+    from repo_megatron.rollout.engine import SamplingParams
+    from repo_megatron.sglang import SGLangEngine
+
+    from ..sglang.inprocess import perturbed
+    from ..sglang.servers import free_ports
+
+    monkeypatch.setenv("REPO_SGLANG_API_KEY", "job-key")
+    monkeypatch.delenv("REPO_SGLANG_ADMIN_API_KEY", raising=False)
+    with serve_model(model_dir, options=ServeOptions(api_key="job-key")) as (url, server):
+        port = free_ports(1)
+        router = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+             "--port", str(port), "--api-key", "job-key", "--worker-urls", url,
+             "--policy", "round_robin", "--log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        router_url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300          # a loaded CI machine starts it slowly
+            while not healthy(router_url):
+                assert router.poll() is None and time.monotonic() < deadline, \
+                    "sglang-router did not start"
+                time.sleep(0.5)
+            body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}
+            assert httpx.post(router_url + "/generate", json=body).status_code == 401
+            with SGLangEngine(SGLangConfig(router_url=router_url, weight_sync="tensor",
+                                           health_timeout_s=120)) as engine:
+                engine.update_weights(perturbed(model_dir, seed=6), version=3)
+                [result] = engine.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
+            assert result.weight_version == 3 and server.weight_version == "3"
+        finally:
+            router.terminate()
+            router.wait(30)
