@@ -48,7 +48,7 @@ from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_
 from ..sglang.weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from . import tensor_payload
 from .auth import AuthLevel, auth_level
-from .gate import BadRequest, RequestGate, error_response, json_object, typed
+from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed
 from .generate_request import GenerateItem, GenerateLimits, parse_generate
 from .weights_dir import WeightsDirError, read_weights_dir
 from .worker import EngineWorker, Request
@@ -304,7 +304,7 @@ class SGLangServer:
         backend = typed(body, "backend", str, "nccl")
         allowed = self.options.weight_sync_hosts or this_host_names()
         if address not in allowed:
-            raise BadRequest(f"master_address {address[:100]!r} is not one of this server's "
+            raise BadRequest(f"master_address {brief(address)} is not one of this server's "
                              f"--weight-sync-hosts {list(allowed)}")
         if port is None or not 0 < port < 65536 or world_size is None or rank_offset is None \
                 or not 0 < rank_offset < world_size or backend not in ("gloo", "nccl"):
@@ -332,7 +332,7 @@ class SGLangServer:
         name = typed(body, "group_name", str, "weight_update_group")
         group = self.groups.get(name)
         if group is None:
-            return weight_response(False, f"no process group {name[:100]!r}: call "
+            return weight_response(False, f"no process group {brief(name)}: call "
                                           f"/init_weights_update_group first")
         tensors = self.receive_buffers(typed(body, "names", list, []),
                                        typed(body, "dtypes", list, []),
@@ -352,13 +352,13 @@ class SGLangServer:
         buffers = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             if not isinstance(name, str) or name not in known:
-                raise BadRequest(f"{str(name)[:100]!r} is not a parameter of the model")
+                raise BadRequest(f"{brief(name)} is not a parameter of the model")
             if not isinstance(shape, list) or tuple(shape) != known[name]:
-                raise BadRequest(f"shape {str(shape)[:100]} of {name} is not the model's "
+                raise BadRequest(f"shape {brief(shape)} of {name} is not the model's "
                                  f"{list(known[name])}")
             if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None),
                                                             torch.dtype):
-                raise BadRequest(f"dtype {str(dtype)[:100]!r} of {name} is not a torch dtype")
+                raise BadRequest(f"dtype {brief(dtype)} of {name} is not a torch dtype")
             buffers.append((name, torch.empty(shape, dtype=getattr(torch, dtype))))
         return buffers
 

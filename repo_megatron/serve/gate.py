@@ -18,6 +18,7 @@ they refuse; the app answers it 400 ``{"error": {"message": ...}}`` (SGLang's sh
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any, Optional
 
 from starlette.requests import Request
@@ -31,6 +32,15 @@ UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is all
 
 class BadRequest(ValueError):
     """A request this server refuses: answered 400 with ``{"error": {"message"}}``."""
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
+
+
+def brief(value: Any) -> str:
+    """A short repr of a client's value for an error message (bounded for any depth/size)."""
+    return _BRIEF.repr(value)
 
 
 def error_response(message: str, status: int = 400) -> JSONResponse:
@@ -116,7 +126,7 @@ class RequestGate:
     async def read_body(request: Request, receive, limit: int) -> Optional[bytes]:
         """The whole body, or None once it exceeds ``limit`` bytes (declared or sent)."""
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             return None
         chunks, size = [], 0
         while True:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from ..rollout.engine import SamplingParams
-from .gate import BadRequest
+from .gate import BadRequest, brief
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
 GREEDY_BELOW = 1e-6          # SGLang's _SAMPLING_EPS
@@ -46,6 +46,7 @@ UNSUPPORTED_FIELDS = ("input_embeds", "image_data", "video_data", "audio_data", 
                       "return_hidden_states", "token_ids_logprob", "bootstrap_host",
                       "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "kv_hints",
                       "max_thinking_tokens", "require_reasoning")
+UNSUPPORTED_FLAGS = ("return_hidden_states", "require_reasoning")   # sglang-router sends false
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def is_number(value: Any) -> bool:
 
 def expect(ok: bool, where: str, value: Any, expected: str) -> None:
     if not ok:
-        raise BadRequest(f"{where}: invalid type: {type(value).__name__} {value!r:.80}, "
+        raise BadRequest(f"{where}: invalid type: {type(value).__name__} {brief(value)}, "
                          f"expected {expected}")
 
 
@@ -134,8 +135,8 @@ def sampling_params(raw: Any, where: str,
     check_ranges(where, temperature, top_k, numbers, integers, len(stop))
     for key, default in UNSUPPORTED_SAMPLING.items():
         if get(key, default) != default:
-            raise BadRequest(f"{where}.{key}={raw[key]!r} is not supported by repo-megatron "
-                             f"serve (only {default!r})")
+            raise BadRequest(f"{where}.{key}={brief(raw[key])} is not supported by "
+                             f"repo-megatron serve (only {default!r})")
     for key in UNSUPPORTED_SAMPLING_WHEN_SET:
         if raw.get(key):
             raise BadRequest(f"{where}.{key} is not supported by repo-megatron serve")
@@ -175,18 +176,12 @@ def check_ranges(where: str, temperature: float, top_k: int, numbers: dict, inte
 
 
 # -- the body ----------------------------------------------------------------------------------
-def unset(value: Any) -> bool:
-    """null, false or empty: a field a client sends without asking for anything."""
-    return value is None or value is False or (isinstance(value, (str, list, dict))
-                                               and not value)
-
-
 def parse_generate(body: dict, limits: GenerateLimits, encode: Callable[[str], list[int]],
                    new_rid: Callable[[], str]) -> tuple[bool, list[GenerateItem]]:
     """(is a batch, its requests) of a ``GenerateReqInput`` body. ``encode`` tokenises
     ``text``; ``new_rid`` names requests without a ``rid``."""
-    for key in UNSUPPORTED_FIELDS:
-        if not unset(body.get(key)):
+    for key in UNSUPPORTED_FIELDS:        # null (or false for the flags) asks for nothing
+        if body.get(key) is not None and not (key in UNSUPPORTED_FLAGS and body[key] is False):
             raise BadRequest(f"{key} is not supported by repo-megatron serve")
     if body.get("stream") is not None:
         expect(isinstance(body["stream"], bool), "stream", body["stream"], "a boolean")
@@ -226,8 +221,8 @@ def check_logprob_options(body: dict) -> None:
             if v is not None:
                 expect(ok(v), key, v, f"{expected} or a list of them")
                 if served is not None and v != served:
-                    raise BadRequest(f"{key}={v!r} is not supported by repo-megatron serve "
-                                     f"(only {served})")
+                    raise BadRequest(f"{key}={brief(v)} is not supported by repo-megatron "
+                                     f"serve (only {served})")
 
 
 def prompt_ids(body: dict, encode: Callable[[str], list[int]]) -> tuple[bool, list[list[int]]]:
@@ -258,7 +253,7 @@ def check_vocabulary(prompts: list[list[int]], vocab_size: int) -> None:
     for i, ids in enumerate(prompts):
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise BadRequest(f"prompt {i} has token id {str(bad)[:40]}, outside the vocabulary "
+            raise BadRequest(f"prompt {i} has token id {brief(bad)}, outside the vocabulary "
                              f"[0, {vocab_size})")
 
 

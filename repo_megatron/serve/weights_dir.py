@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from .gate import brief
+
 
 class WeightsDirError(ValueError):
     """A weight directory this server will not read (the message is safe to send back)."""
@@ -30,8 +32,8 @@ def weight_directory(root: Optional[str], model_path: Any) -> str:
     if root is None:
         raise WeightsDirError("this server loads no weights from disk: start it with "
                               "--weights-root DIR to allow /update_weights_from_disk below DIR")
-    refused = WeightsDirError(f"model_path {str(model_path)[:300]!r} is not a weight directory "
-                              f"under this server's --weights-root")
+    refused = WeightsDirError(f"model_path {brief(model_path)} is not a weight directory under "
+                              f"this server's --weights-root")
     if not isinstance(model_path, str) or not model_path or "\0" in model_path:
         raise refused
     root = os.path.realpath(root)
@@ -60,7 +62,7 @@ def shard_files(directory: str) -> list[str]:
     for name in names:
         path = os.path.realpath(os.path.join(directory, name)) if isinstance(name, str) else ""
         if not path or not inside(path, directory):
-            raise WeightsDirError(f"weight_map entry {str(name)[:200]!r} is not a file inside "
+            raise WeightsDirError(f"weight_map entry {brief(name)} is not a file inside "
                                   f"model_path")
         paths.append(path)
     return paths
@@ -71,8 +73,13 @@ def read_weights_dir(root: Optional[str], model_path: Any) -> list[tuple[str, to
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    directory = weight_directory(root, model_path)
+    try:
+        paths = shard_files(directory)
+    except OSError as e:
+        raise WeightsDirError(f"cannot list model_path: {e.strerror}") from None
     named: list[tuple[str, torch.Tensor]] = []
-    for path in shard_files(weight_directory(root, model_path)):
+    for path in paths:
         try:
             named += load_file(path).items()
         except (OSError, ValueError, SafetensorError) as e:

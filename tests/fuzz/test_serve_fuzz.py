@@ -20,7 +20,7 @@ import torch
 
 from repo_megatron.serve.app import ServeOptions
 
-from ..serve.bodies import SERVER_MAX_NEW_TOKENS, VOCAB, random_body
+from ..serve.bodies import SERVER_MAX_NEW_TOKENS, VOCAB, nested, random_body
 from ..serve.test_tensor_payload import gadgets
 from ..sglang.inprocess import serve_model
 from .tally import CLEAN_ERROR, DATA_LOST, HANG, OK, SERVER_ERROR, TRACEBACK, Tally
@@ -44,7 +44,7 @@ class ErrorLog(logging.Handler):
 
 def odd(rng):
     return rng.choice([None, True, -1, 0, 2 ** 64, 1.5, math.nan, "", "x" * 30, [], {},
-                       [1, "a"], {"k": [None]}])
+                       [1, "a"], {"k": [None]}, nested(400)])
 
 
 def management_case(rng, marker: str) -> tuple[str, object]:

@@ -12,6 +12,14 @@ from typing import Any, Optional
 VOCAB, CONTEXT = 49152, 512     # the tiny test model (SmolLM2's vocabulary, context 512)
 SERVER_MAX_NEW_TOKENS = 16      # the test servers' --max-new-tokens
 
+def nested(depth: int) -> list:
+    """``[[[...[1]...]]]``, ``depth`` lists deep (valid JSON that breaks naive reprs)."""
+    value: Any = [1]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 # (case, body): every one is a client mistake that a server must answer 400
 MISTAKES: list[tuple[str, Any]] = [
     ("body is a list", [{"input_ids": [1, 2]}]),
@@ -26,6 +34,8 @@ MISTAKES: list[tuple[str, Any]] = [
     ("token id past the vocabulary", {"input_ids": [1, VOCAB]}),
     ("token id overflows int64", {"input_ids": [1, 2 ** 70]}),
     ("ragged batch", {"input_ids": [[1, 2], 3]}),
+    ("token ids nested 500 deep", {"input_ids": nested(500)}),
+    ("stop nested 500 deep", {"input_ids": [1], "sampling_params": {"stop": nested(500)}}),
     ("text is a number", {"text": 5}),
     ("both text and input_ids", {"text": "hi", "input_ids": [1]}),
     ("sampling_params is a string", {"input_ids": [1], "sampling_params": "greedy"}),
@@ -90,7 +100,7 @@ def random_body(rng: random.Random) -> Any:
     (wrong type, out of range, huge, NaN, unknown, missing)."""
     odd_values = [None, True, -1, 0, 1, 2 ** 31, 2 ** 63, 2 ** 70, -(2 ** 70), 1.5, -0.0,
                   1e-45, 1e308, math.nan, math.inf, -math.inf, "", "x" * 50, [], {}, [1],
-                  {"a": 1}]
+                  {"a": 1}, nested(400)]
     body: dict[str, Any] = {}
     batch = rng.random() < 0.3
     n = rng.randint(1, 3) if batch else 1

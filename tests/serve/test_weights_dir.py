@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from repo_megatron.serve.app import ServeOptions
+from repo_megatron.serve.gate import brief
 from repo_megatron.serve.weights_dir import WeightsDirError, read_weights_dir
 
 from ..sglang.inprocess import serve_model
@@ -33,7 +34,7 @@ def tree(tmp_path):
 def message(root, path) -> str:
     with pytest.raises(WeightsDirError) as error:
         read_weights_dir(str(root), path)
-    return str(error.value).replace(repr(str(path)[:300]), "<path>")
+    return str(error.value).replace(brief(path), "<path>")
 
 
 def test_a_directory_under_the_root_loads_by_absolute_or_relative_path(tree):
