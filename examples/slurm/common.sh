@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2034  # CONTAINER_ARGS is for the scripts that source this file
+# shellcheck disable=SC2034  # CONTAINER_ARGS, ON_NODE_ADDRESS are for the scripts that source this file
 # Shared by the job scripts in examples/slurm/ (sourced, not run).
 #
 # Every training setting comes from the YAML config: `read_settings CONFIG [key=value ...]`
@@ -15,6 +15,7 @@
 #   MASTER_PORT      torch.distributed rendezvous port (default 29500)
 #   CONTAINER_IMAGE  run every step in this enroot/pyxis image (squashfs or registry#image);
 #   CONTAINER_MOUNTS with these mounts (default: the repository at the same path)
+#   REPO_SGLANG_API_KEY  the key of the SGLang servers and router (default: random per job)
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${PYTHON:-python}
@@ -41,6 +42,26 @@ read_settings() {
 job_hosts() {
     scontrol show hostnames "$SLURM_JOB_NODELIST"
 }
+
+# A random API key (64 hex digits).
+new_api_key() {
+    "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))'
+}
+
+# sglang_key_file PATH writes $REPO_SGLANG_API_KEY as an SGLang --config file readable by the
+# owner only, and prints PATH (the key then appears on no command line).
+sglang_key_file() {
+    if [[ ! $REPO_SGLANG_API_KEY =~ ^[A-Za-z0-9._~+/=-]+$ ]]; then
+        echo "error: REPO_SGLANG_API_KEY may hold only letters, digits and ._~+/=-" >&2
+        return 1
+    fi
+    (umask 077 && printf 'api-key: "%s"\n' "$REPO_SGLANG_API_KEY" > "$1")
+    echo "$1"
+}
+
+# Prefix of an srun step whose command gets "--host <this node>" appended on each node.
+# shellcheck disable=SC2016  # expanded by the step's shell, on its node
+ON_NODE_ADDRESS=(bash -c 'exec "$@" --host "${SLURMD_NODENAME:-$(hostname)}"' on-node-address)
 
 # join_by SEPARATOR WORD... prints the words joined by the separator.
 join_by() {

@@ -8,6 +8,11 @@
 # runs a server and trainer ranks on the same GPUs; the servers' share of each GPU is the
 # --mem-fraction-static in rollout.sglang.launch.args, which every server gets. sglang-router
 # runs on the first trainer node and the trainer talks to it only.
+#
+# Network exposure: every server binds its own node's address (not 0.0.0.0) and, like the
+# router, requires the API key $REPO_SGLANG_API_KEY (a random one per job when unset); the
+# trainer sends it. The servers read the key from a 0600 file in the job's log directory, so it
+# is on no command line; sglang-router only takes --api-key. See docs/security.md.
 set -euo pipefail
 # shellcheck source=common.sh
 source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}/examples/slurm/common.sh"
@@ -18,8 +23,8 @@ OVERRIDES=("$@")
 read_settings "$CONFIG" "${OVERRIDES[@]}"
 
 mapfile -t HOSTS < <(job_hosts)
-SERVER_ARGS=(--model-path "$REPO_HF_PATH" --tp "$GPUS_PER_NODE" --host 0.0.0.0
-             --port "$SGLANG_PORT" "${REPO_SERVER_ARGS[@]}")
+SERVER_ARGS=(--model-path "$REPO_HF_PATH" --tp "$GPUS_PER_NODE" --port "$SGLANG_PORT"
+             "${REPO_SERVER_ARGS[@]}")
 if [[ $REPO_WEIGHT_SYNC == tensor ]]; then
     TRAIN_HOSTS=("${HOSTS[@]}")
     ROLLOUT_HOSTS=("${HOSTS[@]}")
@@ -40,14 +45,17 @@ TRAIN_NODES=${#TRAIN_HOSTS[@]}
 
 LOG_DIR=$REPO_RUN_DIR/slurm-${SLURM_JOB_ID}
 mkdir -p "$LOG_DIR"
+export REPO_SGLANG_API_KEY=${REPO_SGLANG_API_KEY:-$(new_api_key)}
+SERVER_ARGS+=(--config "$(sglang_key_file "$LOG_DIR/sglang-auth.yaml")")
 STEP_PIDS=()
 trap 'kill "${STEP_PIDS[@]}" 2>/dev/null || true' EXIT
 
-# One SGLang server per rollout node (--overlap: colocated servers share the trainer's GPUs).
+# One SGLang server per rollout node (--overlap: colocated servers share the trainer's GPUs),
+# bound to that node's own address.
 srun --overlap --nodes="${#ROLLOUT_HOSTS[@]}" --ntasks-per-node=1 \
     --nodelist="$(join_by , "${ROLLOUT_HOSTS[@]}")" --gpus-per-node="$GPUS_PER_NODE" \
     --output="$LOG_DIR/sglang-%N.log" "${CONTAINER_ARGS[@]}" \
-    "$PYTHON" -m sglang.launch_server "${SERVER_ARGS[@]}" &
+    "${ON_NODE_ADDRESS[@]}" "$PYTHON" -m sglang.launch_server "${SERVER_ARGS[@]}" &
 STEP_PIDS+=($!)
 WORKER_URLS=()
 for host in "${ROLLOUT_HOSTS[@]}"; do
@@ -61,8 +69,8 @@ ROUTER_HOST=${TRAIN_HOSTS[0]}
 ROUTER_URL=http://$ROUTER_HOST:$REPO_ROUTER_PORT
 srun --overlap --nodes=1 --ntasks=1 --nodelist="$ROUTER_HOST" \
     --output="$LOG_DIR/router.log" "${CONTAINER_ARGS[@]}" \
-    "$PYTHON" -m sglang_router.launch_router --host 0.0.0.0 --port "$REPO_ROUTER_PORT" \
-    --policy round_robin --worker-urls "${WORKER_URLS[@]}" &
+    "$PYTHON" -m sglang_router.launch_router --host "$ROUTER_HOST" --port "$REPO_ROUTER_PORT" \
+    --api-key "$REPO_SGLANG_API_KEY" --policy round_robin --worker-urls "${WORKER_URLS[@]}" &
 STEP_PIDS+=($!)
 wait_healthy "$ROUTER_URL/health"
 

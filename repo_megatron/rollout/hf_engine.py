@@ -18,7 +18,7 @@ import inspect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -90,11 +90,16 @@ class HFEngine(RolloutEngine):
     def stream(self) -> "HFStream":
         return HFStream(self)
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: Sequence[SamplingParams]) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 cancelled: Optional[Callable[[int], bool]] = None) -> list[GenerationResult]:
+        """As :meth:`RolloutEngine.generate`; ``cancelled(i)`` (checked after every decoded
+        token) ends request ``i`` early with ``finish_reason == "abort"``."""
         check_requests(prompts, params)
         with self.stream() as stream:
             tickets = [stream.submit(p, q) for p, q in zip(prompts, params)]
+            if cancelled is not None:
+                index = {t: i for i, t in enumerate(tickets)}
+                stream.cancelled = lambda ticket: cancelled(index[ticket])
             results: dict[int, GenerationResult] = {}
             while len(results) < len(tickets):
                 results.update(stream.wait())
@@ -169,6 +174,8 @@ class HFStream(GenerationStream):
         # A sliding-window cache keeps only the last tokens of each layer, so rows of other
         # widths cannot join it: such models run batch by batch.
         self.joinable = True
+        # ticket -> True once its request is aborted (checked after every sampled token)
+        self.cancelled: Optional[Callable[[int], bool]] = None
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
         if not prompt:
@@ -201,6 +208,8 @@ class HFStream(GenerationStream):
             row.tokens.append(token)
             row.logprobs.append(logprob)
             row.finish = self.engine.finish_reason(row.tokens, row.params)
+            if row.finish is None and self.cancelled is not None and self.cancelled(row.ticket):
+                row.finish = ("abort", None)
 
     def _admit(self) -> None:
         """Prefill queued requests (as many as the batch has room for) and add them to the

@@ -1,52 +1,80 @@
 """An HTTP server that speaks SGLang's native protocol, backed by the embedded CPU engine.
 
 It follows SGLang 0.5.23's ``python/sglang/srt/entrypoints/http_server.py`` (routes, status
-codes, ``{"success", "message"}`` answers of the weight endpoints, ``{"error": {"message"}}``
-errors with status 400), ``python/sglang/srt/managers/io_struct.py`` (request fields:
-``GenerateReqInput``, ``UpdateWeightFromDiskReqInput``, ``UpdateWeightsFromTensorReqInput``,
-``InitWeightsUpdateGroupReqInput``, ``UpdateWeightsFromDistributedReqInput``, ``AbortReq``,
-``UpdateWeightVersionReqInput``) and ``python/sglang/srt/managers/tokenizer_manager.py``
-(``meta_info`` of a generation). ``--emulate-version`` switches the version-dependent parts:
-``/server_info`` exists from 0.5.9 (``/get_server_info`` before), and from 0.5.22
-``/begin_weight_update`` / ``/end_weight_update`` exist and tensor and distributed updates
-are refused outside them.
+codes, auth levels, ``{"success", "message"}`` answers of the weight endpoints,
+``{"error": {"message"}}`` errors with status 400), ``python/sglang/srt/managers/io_struct.py``
+(request fields: ``GenerateReqInput``, ``UpdateWeightFromDiskReqInput``,
+``UpdateWeightsFromTensorReqInput``, ``InitWeightsUpdateGroupReqInput``,
+``UpdateWeightsFromDistributedReqInput``, ``AbortReq``, ``UpdateWeightVersionReqInput``) and
+``python/sglang/srt/managers/tokenizer_manager.py`` (``meta_info`` of a generation).
+``--emulate-version`` switches the version-dependent parts: ``/server_info`` exists from
+0.5.9 (``/get_server_info`` before), and from 0.5.22 ``/begin_weight_update`` /
+``/end_weight_update`` exist and tensor and distributed updates are refused outside them.
 
-Not served: streaming, text prompts' chat templates, images, LoRA, the OpenAI API. Tensor
-updates are pickles (as in SGLang): bind to loopback unless every client is trusted.
+Every request first passes :class:`~.gate.RequestGate` (API keys, no web pages, body size,
+JSON content type); every field is then checked (:mod:`.generate_request` for generation),
+so a client mistake is a 400, never a 500. Tensor payloads are unpickled only through
+SGLang's allow-list (:mod:`.tensor_payload`), disk updates read only below ``weights_root``
+(:mod:`.weights_dir`), and process groups join only hosts in ``weight_sync_hosts``.
+
+To add a route: append it to :meth:`SGLangServer.routes` (mark management endpoints with
+``@ADMIN``); the gate then covers it, and it reads its body with
+:func:`~.gate.json_object` / :func:`~.gate.typed` and raises :class:`~.gate.BadRequest`.
+
+Not served: streaming, chat templates, images, LoRA, the OpenAI API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
+import logging
+import socket
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..rollout.engine import GenerationResult, SamplingParams
+from ..rollout.engine import GenerationResult
 from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_version
-from ..sglang.weight_sync import flattened_bucket
 from ..sglang.weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
+from . import tensor_payload
+from .auth import AuthLevel, auth_level
+from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed
+from .generate_request import GenerateItem, GenerateLimits, parse_generate
+from .weights_dir import WeightsDirError, read_weights_dir
 from .worker import EngineWorker, Request
 
+log = logging.getLogger(__name__)
 
-SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
-
-
-class BadRequest(ValueError):
-    """A request this server cannot serve: answered 400 with ``{"error": {"message"}}``."""
+ADMIN = auth_level(AuthLevel.ADMIN_OPTIONAL)   # SGLang's level for every management endpoint
+LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 
 
-def error_response(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status_code=status)
+def this_host_names() -> tuple[str, ...]:
+    """The names the trainer on this machine uses for itself (the default group hosts)."""
+    return (*LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn())
+
+
+@dataclass
+class ServeOptions:
+    """What a server accepts (``repo-megatron serve`` flags)."""
+    api_key: Optional[str] = None
+    admin_api_key: Optional[str] = None
+    weights_root: Optional[str] = None          # /update_weights_from_disk reads only below it
+    weight_sync_hosts: tuple[str, ...] = ()     # /init_weights_update_group; () = this host
+    max_body_bytes: int = 16 << 20
+    max_admin_body_bytes: int = 4 << 30
+    max_prompt_tokens: Optional[int] = None     # None: the model's context length
+    max_new_tokens: Optional[int] = None        # None: the model's context length
 
 
 def weight_response(success: bool, message: str, **extra) -> JSONResponse:
@@ -55,28 +83,9 @@ def weight_response(success: bool, message: str, **extra) -> JSONResponse:
                         status_code=200 if success else 400)
 
 
-def sampling_params(raw: Optional[dict]) -> SamplingParams:
-    """SGLang ``sampling_params`` (unknown keys ignored) as engine sampling parameters."""
-    raw = dict(raw or {})
-    stop = raw.get("stop") or ()
-    try:
-        params = SamplingParams(
-            temperature=float(raw.get("temperature", 1.0)), top_p=float(raw.get("top_p", 1.0)),
-            top_k=int(raw.get("top_k", -1)),
-            max_new_tokens=int(raw.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            stop_token_ids=tuple(int(t) for t in raw.get("stop_token_ids") or ()),
-            seed=None if raw.get("sampling_seed") is None else int(raw["sampling_seed"]))
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"invalid sampling_params: {e}") from e
-    if params.temperature < 0 or not 0 < params.top_p <= 1 or params.max_new_tokens < 0:
-        raise BadRequest(f"invalid sampling_params: {raw}")
-    return params
-
-
-def finish_reason(result: GenerationResult, params: SamplingParams) -> dict:
+def finish_reason(result: GenerationResult, max_new_tokens: int) -> dict:
     if result.finish_reason == "length":
-        return {"type": "length", "length": params.max_new_tokens}
+        return {"type": "length", "length": max_new_tokens}
     return {"type": "stop", "matched": result.matched_stop}
 
 
@@ -84,16 +93,30 @@ class SGLangServer:
     """State of one server: the engine worker, its version, weight version and update
     session, and the weight-update process groups it joined."""
 
-    def __init__(self, worker: EngineWorker, model_path: str, version: str = "0.5.23"):
+    def __init__(self, worker: EngineWorker, model_path: str, version: str = "0.5.23",
+                 options: Optional[ServeOptions] = None):
         self.worker, self.model_path = worker, model_path
         self.version = version
+        self.options = options or ServeOptions()
         self.weight_version = "default"
         self.in_update_session = False
         self.groups: dict[str, Any] = {}
+        self.joining = threading.Lock()         # one process-group rendezvous at a time
 
     @property
     def _version(self) -> tuple[int, ...]:
         return parse_version(self.version)
+
+    @property
+    def limits(self) -> GenerateLimits:
+        """The loaded model's vocabulary and context, and the configured caps."""
+        model = self.worker.engine.model
+        vocab = model.get_input_embeddings().num_embeddings
+        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        return GenerateLimits(
+            vocab_size=vocab, context_length=context,
+            max_prompt_tokens=self.options.max_prompt_tokens or context,
+            max_new_tokens=self.options.max_new_tokens or context)
 
     # -- info -------------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> Response:
@@ -118,75 +141,76 @@ class SGLangServer:
     async def generate(self, request: HTTPRequest) -> Response:
         if self.worker.status != "up":
             return error_response("the server is starting", 503)
-        try:
-            body = await request.json()
-            if body.get("stream"):
-                raise BadRequest("stream=true is not supported by repo-megatron serve")
-            batch, requests = self.parse_generate(body)
-        except BadRequest as e:
-            return error_response(str(e))
-        except ValueError as e:
-            return error_response(f"invalid JSON: {e}")
+        body = await json_object(request)
+        # tokenising a long text takes a while: off the event loop
+        batch, items = await asyncio.to_thread(
+            parse_generate, body, self.limits, self.worker.engine.tokenizer.encode,
+            lambda: uuid.uuid4().hex)
+        for item in items:
+            if self.worker.in_flight(item.rid):
+                raise BadRequest(f"Duplicate request ID detected: {item.rid}")
+        requests = [Request(item.rid, item.input_ids, item.params) for item in items]
         start = time.perf_counter()
-        outcomes = await self.worker.generate(requests)
-        answers = [self.answer(r, o, time.perf_counter() - start)
-                   for r, o in zip(requests, outcomes)]
+        outcomes = await self.until_disconnected(request, requests)
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed:
+            return error_response(f"generation failed: {type(failed[0]).__name__}: "
+                                  f"{failed[0]}", 500)
+        answers = [self.answer(item, o, time.perf_counter() - start)
+                   for item, o in zip(items, outcomes)]
         return JSONResponse(answers if batch else answers[0])
 
-    def parse_generate(self, body: dict) -> tuple[bool, list[Request]]:
-        """(is a batch, the requests) of a ``GenerateReqInput`` body."""
-        ids = body.get("input_ids")
-        if ids is None:
-            text = body.get("text")
-            if text is None:
-                raise BadRequest("either text or input_ids should be provided")
-            tokenizer = self.worker.engine.tokenizer
-            ids = ([tokenizer.encode(t) for t in text] if isinstance(text, list)
-                   else tokenizer.encode(text))
-        batch = bool(ids) and isinstance(ids[0], list)
-        rows = ids if batch else [ids]
-        if not rows or any(not row for row in rows):
-            raise BadRequest("input_ids must not be empty")
-        raw_params = body.get("sampling_params")
-        raw_params = raw_params if isinstance(raw_params, list) else [raw_params] * len(rows)
-        rids = body.get("rid")
-        rids = rids if isinstance(rids, list) else (
-            [rids] if rids else [uuid.uuid4().hex for _ in rows])
-        if len(raw_params) != len(rows) or len(rids) != len(rows):
-            raise BadRequest("sampling_params and rid must match input_ids in length")
-        return batch, [Request(str(rid), [int(t) for t in row], sampling_params(raw))
-                       for row, raw, rid in zip(rows, raw_params, rids)]
+    async def until_disconnected(self, request: HTTPRequest,
+                                 requests: list[Request]) -> list[object]:
+        """The requests' outcomes; if the client goes away first, they are aborted (as
+        SGLang does), so nobody decodes for a closed connection."""
+        outcomes = asyncio.ensure_future(self.worker.generate(requests))
+        while not outcomes.done():
+            if await request.is_disconnected():
+                for r in requests:
+                    self.worker.abort(r.rid, "client disconnected")
+            await asyncio.wait([outcomes], timeout=0.5)
+        return outcomes.result()
 
-    def answer(self, request: Request, outcome: object, latency: float) -> dict:
+    def answer(self, item: GenerateItem, outcome: object, latency: float) -> dict:
         """One request's answer in SGLang's shape (``text``, ``output_ids``, ``meta_info``)."""
-        meta = {"id": request.rid, "prompt_tokens": len(request.input_ids), "cached_tokens": 0,
+        meta = {"id": item.rid, "prompt_tokens": len(item.input_ids), "cached_tokens": 0,
                 "weight_version": self.weight_version, "e2e_latency": latency}
         if not isinstance(outcome, GenerationResult):       # aborted
             meta.update(finish_reason={"type": "abort", "message": str(outcome)},
                         completion_tokens=0, output_token_logprobs=[],
                         input_token_logprobs=[])
             return {"text": "", "output_ids": [], "meta_info": meta}
-        meta.update(finish_reason=finish_reason(outcome, request.params),
+        meta.update(finish_reason=finish_reason(outcome, item.params.max_new_tokens),
                     completion_tokens=len(outcome.token_ids),
                     # logprob_start_len=-1: only the last prompt token, whose log-prob is None
-                    input_token_logprobs=[[None, request.input_ids[-1], None]],
+                    input_token_logprobs=[[None, item.input_ids[-1], None]],
                     output_token_logprobs=[[lp, tok, None] for lp, tok in
                                            zip(outcome.logprobs, outcome.token_ids)])
         return {"text": outcome.text, "output_ids": outcome.token_ids, "meta_info": meta}
 
+    @ADMIN
     async def abort_request(self, request: HTTPRequest) -> Response:
-        body = await self.json_body(request)
-        self.worker.abort(None if body.get("abort_all") else body.get("rid"))
+        body = await json_object(request)
+        if typed(body, "abort_all", bool, False):
+            self.worker.abort_all()
+        else:
+            rid = typed(body, "rid", str, "")
+            if rid:
+                self.worker.abort(rid)
         return Response(status_code=200)
 
+    @ADMIN
     async def pause_generation(self, request: HTTPRequest) -> Response:
         await self.worker.pause()
         return JSONResponse({"message": "Generation paused successfully.", "status": "ok"})
 
+    @ADMIN
     async def continue_generation(self, request: HTTPRequest) -> Response:
         self.worker.resume()
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
 
+    @ADMIN
     async def flush_cache(self, request: HTTPRequest) -> Response:
         # SGLang does not flush while requests run or wait (the radix cache is in use)
         return PlainTextResponse(
@@ -195,6 +219,7 @@ class SGLangServer:
             status_code=400 if self.worker.busy else 200)
 
     # -- weights ----------------------------------------------------------------------------
+    @ADMIN
     async def begin_weight_update(self, request: HTTPRequest) -> Response:
         if self._version < WEIGHT_UPDATE_SESSION:
             return error_response("Not Found", 404)
@@ -203,6 +228,7 @@ class SGLangServer:
         self.in_update_session = True
         return weight_response(True, "Weight update session begun.")
 
+    @ADMIN
     async def end_weight_update(self, request: HTTPRequest) -> Response:
         if self._version < WEIGHT_UPDATE_SESSION:
             return error_response("Not Found", 404)
@@ -218,100 +244,143 @@ class SGLangServer:
                                           f"/begin_weight_update and /end_weight_update")
         return None
 
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every parameter, under each of its names (tied ones have two)."""
+        return {name: tuple(p.shape) for name, p in
+                self.worker.engine.model.named_parameters(remove_duplicate=False)}
+
     async def load_named_tensors(self, named: list[tuple[str, torch.Tensor]],
                                  body: dict) -> Optional[str]:
         """Abort if asked, load on the engine thread, set the weight version; the error
         message or None."""
-        if body.get("abort_all_requests"):
+        version = typed(body, "weight_version", str)
+        if typed(body, "abort_all_requests", bool, False):
             self.worker.abort_all()
         try:
             await self.worker.on_engine_thread(self.worker.engine.update_weights, named)
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
             return str(e)
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
+        if version is not None:
+            self.weight_version = version
         return None
 
+    @ADMIN
     async def update_weights_from_disk(self, request: HTTPRequest) -> Response:
-        body = await self.json_body(request)
-        path = body.get("model_path", "")
+        body = await json_object(request)
         try:
-            named = await asyncio.to_thread(read_safetensors_dir, path)
-        except (OSError, ValueError) as e:
-            return weight_response(False, f"Failed to read weights from {path!r}: {e}",
+            named = await asyncio.to_thread(read_weights_dir, self.options.weights_root,
+                                            body.get("model_path"))
+        except WeightsDirError as e:
+            return weight_response(False, f"Failed to read weights: {e}",
                                    num_paused_requests=0)
         error = await self.load_named_tensors(named, body)
         return weight_response(error is None, error or "Succeeded to update model weights.",
                                num_paused_requests=0)
 
+    @ADMIN
     async def update_weights_from_tensor(self, request: HTTPRequest) -> Response:
         refusal = self.session_refusal("/update_weights_from_tensor")
         if refusal is not None:
             return refusal
-        body = await self.json_body(request)
-        entries = body.get("serialized_named_tensors") or []
+        body = await json_object(request)
+        entries = typed(body, "serialized_named_tensors", list, [])
         if not entries:
             return weight_response(False, "serialized_named_tensors is empty")
-        try:
-            payload = flattened_bucket.deserialize(entries[0])      # this server is TP rank 0
-            if body.get("load_format") == "flattened_bucket":
-                named = flattened_bucket.reconstruct(payload)
-            else:
-                named = [(name, tensor) for name, tensor in payload]
-        except Exception as e:                  # any malformed payload is the client's error
+        try:       # this server is TP rank 0: it reads entry 0
+            payload = await asyncio.to_thread(tensor_payload.deserialize, entries[0])
+            named = tensor_payload.named_tensors(payload, typed(body, "load_format", str))
+        except tensor_payload.PayloadError as e:
             return weight_response(False, f"Failed to deserialize the tensors: {e}")
         error = await self.load_named_tensors(named, body)
         return weight_response(error is None, error or "Succeeded to update model weights.")
 
+    @ADMIN
     async def init_weights_update_group(self, request: HTTPRequest) -> Response:
-        body = await self.json_body(request)
-        name = body.get("group_name", "weight_update_group")
+        body = await json_object(request)
+        name = typed(body, "group_name", str, "weight_update_group")
+        address = typed(body, "master_address", str, "")
+        port, world_size, rank_offset = (typed(body, key, int) for key in
+                                         ("master_port", "world_size", "rank_offset"))
+        backend = typed(body, "backend", str, "nccl")
+        allowed = self.options.weight_sync_hosts or this_host_names()
+        if address not in allowed:
+            raise BadRequest(f"master_address {brief(address)} is not one of this server's "
+                             f"--weight-sync-hosts {list(allowed)}")
+        if port is None or not 0 < port < 65536 or world_size is None or rank_offset is None \
+                or not 0 < rank_offset < world_size or backend not in ("gloo", "nccl"):
+            raise BadRequest("init_weights_update_group needs master_port in [1, 65535], "
+                             "0 < rank_offset < world_size and backend gloo or nccl")
+        if name in self.groups or not self.joining.acquire(blocking=False):
+            return weight_response(False, f"process group {name!r} exists or is being joined")
         try:
             self.groups[name] = await asyncio.to_thread(
-                init_weight_update_group, body.get("backend", "nccl"), body["master_address"],
-                int(body["master_port"]), int(body["world_size"]), int(body["rank_offset"]),
-                name)
-        except Exception as e:                  # rendezvous, backend or missing fields
-            return weight_response(False, f"Failed to init the process group {name}: {e}")
+                init_weight_update_group, backend, address, port, world_size, rank_offset, name)
+        except Exception as e:                  # rendezvous or backend: logged, not echoed
+            log.warning("joining process group %s at %s:%d failed: %s", name, address, port, e)
+            return weight_response(False, f"Failed to init the process group {name} at "
+                                          f"{address}:{port}")
+        finally:
+            self.joining.release()
         return weight_response(True, "Succeeded to initialize custom process group.")
 
+    @ADMIN
     async def update_weights_from_distributed(self, request: HTTPRequest) -> Response:
         refusal = self.session_refusal("/update_weights_from_distributed")
         if refusal is not None:
             return refusal
-        body = await self.json_body(request)
-        group = self.groups.get(body.get("group_name", "weight_update_group"))
+        body = await json_object(request)
+        name = typed(body, "group_name", str, "weight_update_group")
+        group = self.groups.get(name)
         if group is None:
-            return weight_response(False, f"no process group {body.get('group_name')!r}: "
-                                          f"call /init_weights_update_group first")
-        tensors = [torch.empty(shape, dtype=getattr(torch, dtype))
-                   for dtype, shape in zip(body["dtypes"], body["shapes"])]
-        await self.worker.on_engine_thread(broadcast_tensors, group, tensors)
-        error = await self.load_named_tensors(list(zip(body["names"], tensors)), body)
+            return weight_response(False, f"no process group {brief(name)}: call "
+                                          f"/init_weights_update_group first")
+        tensors = self.receive_buffers(typed(body, "names", list, []),
+                                       typed(body, "dtypes", list, []),
+                                       typed(body, "shapes", list, []))
+        await self.worker.on_engine_thread(broadcast_tensors, group, [t for _, t in tensors])
+        error = await self.load_named_tensors(tensors, body)
         return weight_response(error is None,
                                error or "Succeeded to update parameter online from distributed.")
 
+    def receive_buffers(self, names: list, dtypes: list,
+                        shapes: list) -> list[tuple[str, torch.Tensor]]:
+        """Empty tensors for a broadcast, after checking that each names a parameter of the
+        model with its shape (nothing else is ever allocated) and a torch dtype."""
+        if not len(names) == len(dtypes) == len(shapes):
+            raise BadRequest("names, dtypes and shapes must have the same length")
+        known = self.model_shapes()
+        buffers = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            if not isinstance(name, str) or name not in known:
+                raise BadRequest(f"{brief(name)} is not a parameter of the model")
+            if not isinstance(shape, list) or tuple(shape) != known[name]:
+                raise BadRequest(f"shape {brief(shape)} of {name} is not the model's "
+                                 f"{list(known[name])}")
+            if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None),
+                                                            torch.dtype):
+                raise BadRequest(f"dtype {brief(dtype)} of {name} is not a torch dtype")
+            buffers.append((name, torch.empty(shape, dtype=getattr(torch, dtype))))
+        return buffers
+
+    @ADMIN
     async def destroy_weights_update_group(self, request: HTTPRequest) -> Response:
-        body = await self.json_body(request)
-        group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        body = await json_object(request)
+        group = self.groups.pop(typed(body, "group_name", str, "weight_update_group"), None)
         if group is None:
             return weight_response(False, "no such process group")
         destroy(group)
         return weight_response(True, "Succeeded to destroy custom process group.")
 
+    @ADMIN
     async def update_weight_version(self, request: HTTPRequest) -> Response:
-        body = await self.json_body(request)
-        if body.get("abort_all_requests"):
+        body = await json_object(request)
+        version = typed(body, "new_version", str, "")
+        if typed(body, "abort_all_requests", bool, False):
             self.worker.abort_all()
-        self.weight_version = str(body.get("new_version", ""))
+        self.weight_version = version
         return JSONResponse({"success": True, "message": f"Weight version updated to "
                                                          f"{self.weight_version}",
                              "new_version": self.weight_version})
-
-    @staticmethod
-    async def json_body(request: HTTPRequest) -> dict:
-        raw = await request.body()
-        return json.loads(raw) if raw.strip() else {}
 
     # -- app --------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
@@ -349,23 +418,10 @@ class SGLangServer:
                 loading.cancel()
                 await self.worker.stop()
 
-        return Starlette(routes=self.routes(), lifespan=lifespan,
+        routes = self.routes()
+        gate = Middleware(RequestGate, routes=routes, api_key=self.options.api_key,
+                          admin_api_key=self.options.admin_api_key,
+                          max_body_bytes=self.options.max_body_bytes,
+                          max_admin_body_bytes=self.options.max_admin_body_bytes)
+        return Starlette(routes=routes, lifespan=lifespan, middleware=[gate],
                          exception_handlers={BadRequest: lambda r, e: error_response(str(e))})
-
-
-def read_safetensors_dir(path: str) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of the ``*.safetensors`` files in ``path`` (shards of the index if any)."""
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise ValueError("no .safetensors file")
-    named: list[tuple[str, torch.Tensor]] = []
-    for name in files:
-        named += load_file(os.path.join(path, name)).items()
-    return named

@@ -5,12 +5,18 @@ Every error names the server and the endpoint, so a failed step says which machi
 Retries are for transient faults only: 400 (a bad request, or a server refusing an operation)
 fails at once, and a request that hits its timeout is not retried (a hung server would only
 hang again); the caller decides whether another server should get it.
+
+API keys come from the environment, never from a config file: ``$REPO_SGLANG_API_KEY`` is sent
+as ``Authorization: Bearer`` to every server and router (their ``--api-key``);
+``$REPO_SGLANG_ADMIN_API_KEY``, if set, instead to SGLang's management endpoints (their
+``--admin-api-key``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any, Optional, Sequence, Union
@@ -24,6 +30,15 @@ log = logging.getLogger(__name__)
 # 503: starting / overloaded / shutting down; 502 and 504: a router whose worker went away.
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 RETRYABLE_ERRORS = (httpx.TransportError,)
+
+API_KEY_ENV, ADMIN_API_KEY_ENV = "REPO_SGLANG_API_KEY", "REPO_SGLANG_ADMIN_API_KEY"
+# SGLang's ADMIN_OPTIONAL endpoints that the trainer calls (http_server.py, 0.5.23)
+ADMIN_ENDPOINTS = frozenset({
+    "/abort_request", "/pause_generation", "/continue_generation", "/flush_cache",
+    "/begin_weight_update", "/end_weight_update", "/update_weights_from_disk",
+    "/update_weights_from_tensor", "/init_weights_update_group",
+    "/update_weights_from_distributed", "/destroy_weights_update_group",
+    "/update_weight_version", "/release_memory_occupation", "/resume_memory_occupation"})
 
 
 class SGLangError(RuntimeError):
@@ -48,7 +63,10 @@ class SGLangClient:
     """
 
     def __init__(self, timeout_s: float = 600.0, max_concurrency_per_server: int = 64,
-                 max_retries: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 8.0):
+                 max_retries: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
+                 api_key: Optional[str] = None, admin_api_key: Optional[str] = None):
+        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        self.admin_api_key = admin_api_key or os.environ.get(ADMIN_API_KEY_ENV) or None
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency_per_server
         self.max_retries = max_retries
@@ -63,6 +81,12 @@ class SGLangClient:
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
             self._http = httpx.AsyncClient(limits=limits, trust_env=False)
         return self._http
+
+    def headers(self, endpoint: str) -> dict[str, str]:
+        """The ``Authorization`` header for ``endpoint`` (none without keys)."""
+        admin = self.admin_api_key and endpoint.split("?")[0] in ADMIN_ENDPOINTS
+        key = self.admin_api_key if admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
@@ -104,6 +128,7 @@ class SGLangClient:
         async with limit:
             try:
                 response = await self.http.request(method, server + endpoint, json=body,
+                                                   headers=self.headers(endpoint),
                                                    timeout=timeout)
             except httpx.TimeoutException as e:
                 raise SGLangTimeout(server, endpoint, f"no answer within {timeout:g} s "

@@ -43,7 +43,8 @@ def pool(model_dir, tmp_path_factory):
     base = free_ports(3)
     cfg = SGLangLaunchConfig(
         num_servers=2, command=serve_command(),
-        args=["--model", model_dir, "--threads", "1", "--batch-size", "16"],
+        args=["--model", model_dir, "--threads", "1", "--batch-size", "16",
+              "--weights-root", str(tmp_path_factory.getbasetemp())],   # tests' disk syncs
         base_port=base, router=True, router_port=base + 2,
         router_command=[sys.executable, "-m", "sglang_router.launch_router"],
         # a loaded CI machine can be slow to answer health checks: do not evict on one miss

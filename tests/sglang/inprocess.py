@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional
 
-from repo_megatron.serve.app import SGLangServer
+from repo_megatron.serve.app import ServeOptions, SGLangServer
 from repo_megatron.serve.worker import EngineWorker
 
 from .servers import free_ports, serve_in_thread, wait_healthy
@@ -32,11 +32,12 @@ def perturbed(model_dir: str, seed: int):
 
 
 @contextlib.contextmanager
-def serve_model(model_dir: str, version: str = "0.5.23",
-                load: Optional[Callable] = None, wait: bool = True) -> Iterator[tuple[str, SGLangServer]]:
+def serve_model(model_dir: str, version: str = "0.5.23", load: Optional[Callable] = None,
+                wait: bool = True, options: Optional[ServeOptions] = None
+                ) -> Iterator[tuple[str, SGLangServer]]:
     """(URL, server) of an in-process server of the tiny model emulating ``version``."""
     worker = EngineWorker(load or (lambda: load_tiny_engine(model_dir)), batch_size=16)
-    server = SGLangServer(worker, model_dir, version=version)
+    server = SGLangServer(worker, model_dir, version=version, options=options)
     with serve_in_thread(server.app(), free_ports(1)) as url:
         if wait:
             wait_healthy(url)

@@ -8,9 +8,9 @@ from repo_megatron.sglang.client import SGLangClient
 from repo_megatron.sglang.protocol import (error_message, generate_body, generation_result,
                                            parse_version)
 from repo_megatron.sglang.weight_sync import STRATEGIES, build_strategy
+from repo_megatron.serve.tensor_payload import deserialize, named_tensors
 from repo_megatron.sglang.weight_sync.buckets import iter_buckets
-from repo_megatron.sglang.weight_sync.flattened_bucket import (bucket_payloads, deserialize,
-                                                               dtype_groups, reconstruct)
+from repo_megatron.sglang.weight_sync.flattened_bucket import bucket_payloads, dtype_groups
 
 # what sglang-router 0.3 forwards of a /generate body (it re-serialises and drops the rest)
 ROUTER_KEPT = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",
@@ -75,13 +75,10 @@ def test_dtype_groups_keep_one_dtype_per_flattened_tensor_unless_mixed_is_suppor
 def test_flattened_bucket_round_trips_through_the_payload():
     bucket = [("q.weight", torch.randn(3, 4)), ("norm.weight", torch.randn(4))]
     (text,) = bucket_payloads(bucket)
-    payload = deserialize(text)
-    rebuilt = reconstruct(payload)
+    rebuilt = named_tensors(deserialize(text), "flattened_bucket")
     assert [n for n, _ in rebuilt] == ["q.weight", "norm.weight"]
     for (_, want), (_, got) in zip(bucket, rebuilt):
         assert torch.equal(want, got)
-    meta = payload["metadata"][1]
-    assert (meta.start_idx, meta.end_idx, meta.numel) == (12, 16, 4)
 
 
 def test_every_configured_strategy_is_registered():

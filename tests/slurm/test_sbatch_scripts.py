@@ -100,14 +100,22 @@ def test_disaggregated_llama_job(tmp_path):
     server = step_running(records, "sglang.launch_server")
     assert {"--overlap", "--nodes=2", "--ntasks-per-node=1", "--nodelist=gpu005,gpu006",
             "--gpus-per-node=8"} <= options(server["argv"])
+    key_file = run_dir / "slurm-4242" / "sglang-auth.yaml"
     assert command_after(server["argv"], "-m")[1:] == [
-        "sglang.launch_server", "--model-path", str(model), "--tp", "8", "--host", "0.0.0.0", "--port", "30000"]
+        "sglang.launch_server", "--model-path", str(model), "--tp", "8", "--port", "30000",
+        "--config", str(key_file)]
+    assert_bound_to_its_node(server["argv"])
 
     router = step_running(records, "sglang_router.launch_router")
     assert "--nodelist=gpu001" in router["argv"]
     assert command_after(router["argv"], "--worker-urls")[1:] == [
         "http://gpu005:30000", "http://gpu006:30000"]
     assert router["argv"][router["argv"].index("--port") + 1] == "30080"  # from router_url
+    assert router["argv"][router["argv"].index("--host") + 1] == "gpu001"
+    key = router["argv"][router["argv"].index("--api-key") + 1]
+    assert len(key) == 64                          # a random key of this job
+    assert key_file.read_text() == f'api-key: "{key}"\n'
+    assert key_file.stat().st_mode & 0o777 == 0o600
     polled = [r["argv"][-1] for r in records if r["tool"] == "curl"]
     assert polled == ["http://gpu005:30000/health_generate",
                       "http://gpu006:30000/health_generate", "http://gpu001:30080/health"]
@@ -121,10 +129,40 @@ def test_disaggregated_llama_job(tmp_path):
         f"model.hf_path={model}", f"run_dir={run_dir}",
         "rollout.engine=sglang", "rollout.sglang.router_url=http://gpu001:30080"]
     env = trainer["env"]
+    assert env["REPO_SGLANG_API_KEY"] == key       # the trainer's client sends it
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu001", "29500")
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert (run_dir / "slurm-4242").is_dir()
     assert not any(a.startswith("--container") for r in sruns(records) for a in r["argv"])
+
+
+def assert_bound_to_its_node(argv: list) -> None:
+    """The server command runs behind ON_NODE_ADDRESS, which appends --host <its node>: run
+    that prefix here as a node would (SLURMD_NODENAME set) and see what it executes."""
+    prefix = argv[argv.index("bash"):argv.index("-m") - 1]
+    shown = subprocess.run([*prefix, "echo", "server"], capture_output=True, text=True,
+                           env={"SLURMD_NODENAME": "gpu005", "PATH": os.environ["PATH"]})
+    assert shown.stdout.split() == ["server", "--host", "gpu005"]
+
+
+def test_api_key_from_the_environment_reaches_servers_router_and_trainer(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, records = render(tmp_path, "llama3_70b_repo.sbatch", f"run_dir={run_dir}", nodes=6,
+                           env={"REPO_SGLANG_API_KEY": "team-secret-1"})
+    assert proc.returncode == 0, proc.stderr
+    router = step_running(records, "sglang_router.launch_router")
+    assert router["argv"][router["argv"].index("--api-key") + 1] == "team-secret-1"
+    assert (run_dir / "slurm-4242" / "sglang-auth.yaml").read_text() == \
+        'api-key: "team-secret-1"\n'
+    assert step_running(records, "repo-megatron")["env"]["REPO_SGLANG_API_KEY"] == \
+        "team-secret-1"
+    assert not any("team-secret-1" in a for a in step_running(
+        records, "sglang.launch_server")["argv"])
+    (tmp_path / "bad").mkdir()
+    proc, records = render(tmp_path / "bad", "llama3_70b_repo.sbatch", f"run_dir={run_dir}",
+                           nodes=6, env={"REPO_SGLANG_API_KEY": 'x" --evil'})
+    assert proc.returncode != 0 and "REPO_SGLANG_API_KEY may hold only" in proc.stderr
+    assert not sruns(records)
 
 
 def test_qwen_job_takes_tp_pp_and_dp_from_config_and_node_count(tmp_path):

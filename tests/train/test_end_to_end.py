@@ -79,7 +79,8 @@ def test_training_through_sglang_protocol_workers(tmp_path):
         "sglang": {"weight_sync": "disk", "disk_dir": str(tmp_path / "sync"),
                    "launch": {"num_servers": 1, "base_port": free_ports(1),
                               "command": [sys.executable, "-m", "repo_megatron.cli", "serve"],
-                              "args": ["--model", model_dir, "--threads", "1"],
+                              "args": ["--model", model_dir, "--threads", "1",
+                                       "--weights-root", str(tmp_path)],
                               "startup_timeout_s": 240}}})
     assert run_distributed(_train, 1, cfg, timeout=600) == [0]
     rows = read_rows(str(tmp_path / "run"))

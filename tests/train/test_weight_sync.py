@@ -154,7 +154,7 @@ def _colocated_sync(cfg_dict: dict, worker_tp: int, workers: int) -> dict:
     import torch
 
     from repo_megatron.sglang import SGLangEngine
-    from repo_megatron.sglang.weight_sync.flattened_bucket import deserialize, reconstruct
+    from repo_megatron.serve.tensor_payload import deserialize, named_tensors
     from tests.sglang.servers import RecordingWorker, free_ports, serve_in_thread
 
     cfg, _, streamer = _megatron_streamer(cfg_dict)
@@ -180,7 +180,7 @@ def _colocated_sync(cfg_dict: dict, worker_tp: int, workers: int) -> dict:
             for body in bodies[:len(bodies) // 2]:               # the first sync
                 assert len(body["serialized_named_tensors"]) == worker_tp
                 for i, entry in enumerate(body["serialized_named_tensors"]):
-                    per_rank[i].update(reconstruct(deserialize(entry)))
+                    per_rank[i].update(named_tensors(deserialize(entry), "flattened_bucket"))
             received[url] = {"ranks": per_rank, "version": engine.weight_version,
                              "endpoints": recorder.endpoints()}
         return received

@@ -18,12 +18,14 @@ tensor as ``flattened_tensor[start_idx:end_idx].view(dtype).reshape(shape)``. Ea
   own tensor rebuild functions. SGLang is not imported for it: importing SGLang patches
   transformers in the importing process. Buckets are one dtype, offsets in elements, which
   SGLang's readers before and after its multi-dtype (byte offset) buckets both rebuild.
+
+The server side (unpickling through SGLang's allow-list) is
+:mod:`repo_megatron.serve.tensor_payload`.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import pickle
 import types
 from typing import Any
@@ -31,9 +33,6 @@ from typing import Any
 import torch
 
 from .base import Bucket
-
-SGLANG_METADATA = ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata")
-
 
 def sglang_ipc():
     """SGLang's (FlattenedTensorBucket, MultiprocessingSerializer) with its torch reductions
@@ -102,47 +101,6 @@ def bucket_payloads(bucket: Bucket) -> list[str]:
     return payloads
 
 
-class PayloadUnpickler(pickle.Unpickler):
-    """Loads what a flattened-bucket payload may hold, nothing else: the globals of SGLang's
-    ``SafeUnpickler`` that a CPU payload uses, SGLang's metadata class mapped to a namespace
-    (so a payload made by SGLang loads without SGLang)."""
-    ALLOWED = {
-        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
-        ("builtins", "int"), ("builtins", "str"), ("builtins", "slice"),
-        ("collections", "OrderedDict"), ("types", "SimpleNamespace"), ("torch", "Size"),
-        ("torch._utils", "_rebuild_tensor_v2"), ("copyreg", "__newobj__"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == SGLANG_METADATA:
-            return FlattenedTensorMetadata
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _load_storage
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"weight payload may not load {module}.{name}")
-
-
 class FlattenedTensorMetadata(types.SimpleNamespace):
     """Stands in for SGLang's dataclass of that name when a payload made by SGLang is loaded
     without SGLang (same attributes)."""
-
-
-def _load_storage(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def deserialize(text: str) -> Any:
-    """A payload entry as loaded by :class:`PayloadUnpickler` (for servers without SGLang)."""
-    return PayloadUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
-
-
-def reconstruct(payload: dict[str, Any]) -> Bucket:
-    """``(name, tensor)`` pairs of a deserialised flattened bucket, as SGLang rebuilds them
-    (a slice of the flat tensor viewed as the tensor's dtype: byte offsets in a uint8 bucket,
-    element offsets in a same-dtype one)."""
-    flat = payload["flattened_tensor"]
-    return [(meta.name, flat[meta.start_idx:meta.end_idx].view(meta.dtype).reshape(meta.shape))
-            for meta in payload["metadata"]]
