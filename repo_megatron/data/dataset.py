@@ -1,6 +1,8 @@
-"""Prompt datasets: local jsonl/parquet read with Hugging Face ``datasets``, validated row by row.
+"""Prompt datasets: local jsonl/parquet files or Hugging Face datasets, read with ``datasets``
+and validated row by row.
 
-Every problem is a :class:`DataError` naming the file, the row (1-based) and the column.
+Every problem is a :class:`DataError` naming the source (its file), the row (1-based) and the
+column.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Optional
 from ..config.data import DataConfig
 from ..rollout.types import Prompt
 from .chat import ChatFormatter
+from .sources import Source, resolve_sources, shorthand_source
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -36,9 +39,10 @@ def _kind(value: Any) -> str:
     return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def find_jsonl_problem(path: str) -> Optional[DataError]:
+def find_jsonl_problem(path: str, label: Optional[str] = None) -> Optional[DataError]:
     """The first line of a jsonl file that is not a JSON object (what makes ``datasets`` fail
-    with an error that names no line), or None."""
+    with an error that names no line), or None; ``label`` names the file (default: its path)."""
+    label = label or path
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -46,39 +50,56 @@ def find_jsonl_problem(path: str) -> Optional[DataError]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                return DataError(path, f"not valid JSON ({e.msg} at column {e.colno})", line_no)
+                return DataError(label, f"not valid JSON ({e.msg} at column {e.colno})", line_no)
             if not isinstance(record, dict):
-                return DataError(path, f"must be a JSON object, got {_kind(record)}", line_no)
+                return DataError(label, f"must be a JSON object, got {_kind(record)}", line_no)
     return None
 
 
-def read_table(path: str):
-    """The file as a ``datasets.Dataset`` (jsonl or parquet, chosen by extension)."""
+def read_table(path: str, key: str = "data.path", label: Optional[str] = None):
+    """The file as a ``datasets.Dataset`` (jsonl or parquet, chosen by extension). Errors name
+    the file as ``label`` (default: its path) and a missing file by its config ``key``."""
     import datasets
 
+    label = label or path
     if not os.path.exists(path):
-        raise DataError(path, "no such file (data.path)")
+        raise DataError(label, f"no such file ({key})")
     fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
-        raise DataError(path, f"unsupported file type (use {', '.join(_FORMATS)})")
+        raise DataError(label, f"unsupported file type (use {', '.join(_FORMATS)})")
     try:
         return datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as e:  # datasets/Arrow errors name neither row nor column: find them
-        problem = find_jsonl_problem(path) if fmt == "json" else None
-        raise (problem or DataError(path, f"cannot be read: {type(e).__name__}: {e}")) from None
+        problem = find_jsonl_problem(path, label) if fmt == "json" else None
+        raise (problem or DataError(label, f"cannot be read: {type(e).__name__}: {e}")) from None
 
 
-def check_columns(path: str, columns: list[str], cfg: DataConfig) -> None:
+def read_source(source: Source):
+    """A source's rows as a ``datasets.Dataset``: its file, or ``split`` of its Hugging Face
+    dataset (a Hub name, read from the local cache when offline, or a dataset directory)."""
+    if source.path is not None:
+        return read_table(source.path, source.location_key, source.label)
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.dataset, source.subset, split=source.split)
+    except Exception as e:  # Hub, cache and split errors: keep the first line, name the source
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(source.label, f"cannot load {source.where} ({source.location_key}): "
+                                      f"{type(e).__name__}: {first}") from None
+
+
+def check_columns(source: Source, columns: list[str]) -> None:
     """Every configured column exists; the error names the config key to change."""
-    keys = [("question_key", cfg.question_key), ("answer_key", cfg.answer_key)]
-    if cfg.solution_key is not None:
-        keys.append(("solution_key", cfg.solution_key))
-    for key, column in keys:
-        if column not in columns:
-            hint = " (or data.solution_key: null to train without solutions)" \
-                if key == "solution_key" else ""
-            raise DataError(path, f"no column {column!r} (data.{key}); the file has "
-                                  f"{', '.join(columns)}{hint}", column=column)
+    for name in ("question", "answer", "solution"):
+        column = source.columns[name]
+        if column is None or column in columns:
+            continue
+        hint = f" (or {source.keys['solution']}: null to train without solutions)" \
+            if name == "solution" else ""
+        raise DataError(source.label, f"no column {column!r} ({source.keys[name]}); the "
+                                      f"{'file' if source.path else 'dataset'} has "
+                                      f"{', '.join(columns)}{hint}", column=column)
 
 
 def text_field(path: str, row: int, column: str, value: Any, optional: bool = False) -> Optional[str]:
@@ -95,29 +116,48 @@ def text_field(path: str, row: int, column: str, value: Any, optional: bool = Fa
     return value
 
 
-def load_prompts(cfg: DataConfig, formatter: ChatFormatter, path: Optional[str] = None) -> list[Prompt]:
-    """Validated :class:`Prompt` s of ``path`` (default ``cfg.path``), prompt ids through the
-    chat template. A row without a solution gets ``solution=None`` (no injection for it)."""
-    path = path or cfg.path
-    if path is None:
-        raise DataError("data.path", "not set: give a .jsonl or .parquet file of prompts")
-    table = read_table(path)
-    check_columns(path, table.column_names, cfg)
-    stem = os.path.splitext(os.path.basename(path))[0]
+def load_source(source: Source, formatter: ChatFormatter, max_prompt_tokens: int) -> list[Prompt]:
+    """Validated :class:`Prompt` s of ``source`` (uids ``NAME:ROW``, prompt ids through the chat
+    template). A row without a solution gets ``solution=None`` (no injection for it)."""
+    table = read_source(source)
+    check_columns(source, table.column_names)
+    label, cols = source.label, source.columns
     prompts = []
     for index, record in enumerate(table):
         row = index + 1
-        question = text_field(path, row, cfg.question_key, record[cfg.question_key])
-        answer = text_field(path, row, cfg.answer_key, record[cfg.answer_key])
-        solution = None if cfg.solution_key is None else text_field(
-            path, row, cfg.solution_key, record[cfg.solution_key], optional=True)
+        question = text_field(label, row, cols["question"], record[cols["question"]])
+        answer = text_field(label, row, cols["answer"], record[cols["answer"]])
+        solution = None if cols["solution"] is None else text_field(
+            label, row, cols["solution"], record[cols["solution"]], optional=True)
         prompt_ids = formatter.prompt_ids(question)
-        if len(prompt_ids) > cfg.max_prompt_tokens:
-            raise DataError(path, f"prompt is {len(prompt_ids)} tokens, more than "
-                                  f"data.max_prompt_tokens={cfg.max_prompt_tokens}",
-                            row, cfg.question_key)
-        prompts.append(Prompt(uid=f"{stem}:{row}", question=question, answer=answer,
-                              prompt_ids=tuple(prompt_ids), solution=solution))
+        if len(prompt_ids) > max_prompt_tokens:
+            raise DataError(label, f"prompt is {len(prompt_ids)} tokens, more than "
+                                   f"data.max_prompt_tokens={max_prompt_tokens}",
+                            row, cols["question"])
+        prompts.append(Prompt(uid=f"{source.name}:{row}", question=question, answer=answer,
+                              prompt_ids=tuple(prompt_ids), solution=solution,
+                              source=source.name))
     if not prompts:
-        raise DataError(path, "has no rows")
+        raise DataError(label, "has no rows")
     return prompts
+
+
+def load_prompts(cfg: DataConfig, formatter: ChatFormatter, path: Optional[str] = None) -> list[Prompt]:
+    """The prompts of file ``path`` (default ``cfg.path``) with the data-level columns."""
+    path = path or cfg.path
+    if path is None:
+        raise _not_set()
+    return load_source(shorthand_source(cfg, path), formatter, cfg.max_prompt_tokens)
+
+
+def load_sources(cfg: DataConfig, formatter: ChatFormatter) -> list[tuple[Source, list[Prompt]]]:
+    """Every source of the run (``data.sources``, or ``data.path``) with its prompts."""
+    sources = resolve_sources(cfg)
+    if not sources:
+        raise _not_set()
+    return [(source, load_source(source, formatter, cfg.max_prompt_tokens)) for source in sources]
+
+
+def _not_set() -> DataError:
+    return DataError("data.path", "not set: give a .jsonl or .parquet file of prompts "
+                                  "(or data.sources)")
