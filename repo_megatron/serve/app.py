@@ -11,8 +11,9 @@ errors with status 400), ``python/sglang/srt/managers/io_struct.py`` (request fi
 ``/begin_weight_update`` / ``/end_weight_update`` exist and tensor and distributed updates
 are refused outside them.
 
-Not served: streaming, text prompts' chat templates, images, LoRA, the OpenAI API. Tensor
-updates are pickles (as in SGLang): bind to loopback unless every client is trusted.
+Not served: streaming, images, LoRA, the OpenAI API beyond non-streaming chat completions
+(:mod:`.openai`). Tensor updates are pickles (as in SGLang): bind to loopback unless every
+client is trusted.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..rollout.engine import GenerationResult, SamplingParams
 from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_version
 from ..sglang.weight_sync import flattened_bucket
 from ..sglang.weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
+from .openai import ChatCompletions
 from .worker import EngineWorker, Request
 
 
@@ -334,6 +336,7 @@ class SGLangServer:
             ("/update_weights_from_distributed", self.update_weights_from_distributed, post),
             ("/destroy_weights_update_group", self.destroy_weights_update_group, post),
             ("/update_weight_version", self.update_weight_version, post),
+            ("/v1/chat/completions", ChatCompletions(self).completions, post),
         ]
         return [Route(path, handler, methods=methods) for path, handler, methods in table]
 
