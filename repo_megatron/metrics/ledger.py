@@ -17,7 +17,8 @@ its gate had fired.
 ``RUN_DIR/ledger.jsonl`` holds one line per prompt (in the order they were first seen). It is
 rewritten whole, atomically (written aside, fsynced, renamed over the old one), so a run killed
 at any moment leaves the previous complete ledger; a resumed run rewrites it from the
-checkpoint's state at once.
+checkpoint's state at once. Lines of prompts not sampled since the last export are kept
+serialised, so an export costs the step's prompts plus writing the file.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class HardSampleLedger:
                                              {"source": group.prompt.source, "history": []})
             record["history"].append(entry)
             record["summary"] = summarise(record["history"])
+            record.pop("line", None)            # its ledger.jsonl line changed
             if entry["rephrase_overlap"] is not None:
                 overlaps.append(entry["rephrase_overlap"])
         counts = prompt_counts(r["summary"] for r in self.prompts.values())
@@ -128,8 +130,11 @@ class HardSampleLedger:
 
     def records(self) -> list[dict]:
         """One record per prompt: uid, source, summary fields and the history."""
-        return [{"uid": uid, "source": r["source"], **r["summary"], "history": r["history"]}
-                for uid, r in self.prompts.items()]
+        return [self.record_of(uid) for uid in self.prompts]
+
+    def record_of(self, uid: str) -> dict:
+        r = self.prompts[uid]
+        return {"uid": uid, "source": r["source"], **r["summary"], "history": r["history"]}
 
     def state(self) -> dict:
         """Plain data for the checkpoint: each prompt's source and history."""
@@ -148,8 +153,10 @@ class HardSampleLedger:
         """Write the records to ``path`` atomically: aside, fsynced, then renamed over it."""
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            for record in self.records():
-                f.write(json.dumps(record) + "\n")
+            for uid, r in self.prompts.items():
+                if "line" not in r:         # only prompts sampled since the last export
+                    r["line"] = json.dumps(self.record_of(uid)) + "\n"
+                f.write(r["line"])
             f.flush()
             os.fsync(f.fileno())
         failpoint("ledger_before_replace", step)      # the new ledger written, not yet in place

@@ -30,11 +30,15 @@ LEDGER_PANEL = "hard prompts (ledger, cumulative)"
 
 
 def metric_curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{panel title: {label: [(step, value)]}}`` of the :data:`PANELS` that have data."""
+    """``{panel title: {label: [(step, value)]}}`` of the :data:`PANELS` that have data, plus
+    the on-policy reward of each source of a mixture (``rollout/<source>/...``)."""
+    per_source = sorted({k for r in rows for k in r
+                         if k.count("/") == 2 and k.startswith("rollout/")
+                         and k.endswith("/reward_onpolicy_mean")})
     curves = {}
-    for title, keys in PANELS.items():
-        lines = {key.split("/", 1)[-1]: [(r["step"], r[key]) for r in rows
-                                         if r.get(key) is not None] for key in keys}
+    for title, keys in {**PANELS, "on-policy reward per source": per_source}.items():
+        lines = {key.split("/", 1)[-1].removesuffix("/reward_onpolicy_mean"):
+                 [(r["step"], r[key]) for r in rows if r.get(key) is not None] for key in keys}
         lines = {label: pts for label, pts in lines.items() if pts}
         if lines:
             curves[title] = lines

@@ -62,3 +62,16 @@ def test_a_source_without_groups_reports_zero_groups():
     assert metrics["rollout/math/groups"] == 0.0
     assert not [k for k in metrics if k.startswith("rollout/math/") and k != "rollout/math/groups"]
     assert metrics["rollout/easy/groups"] == 3.0
+
+
+def test_the_plot_has_a_panel_of_each_sources_reward():
+    from repo_megatron.metrics.plot import metric_curves
+
+    rows = [{"step": 1, "rollout/reward_onpolicy_mean": 0.5, "rollout/math/reward_onpolicy_mean":
+             0.25, "rollout/easy/reward_onpolicy_mean": 1.0},
+            {"step": 2, "rollout/reward_onpolicy_mean": 0.5, "rollout/easy/groups": 0.0,
+             "rollout/math/reward_onpolicy_mean": 0.5}]
+    curves = metric_curves(rows)
+    assert curves["on-policy reward per source"] == {"easy": [(1, 1.0)],
+                                                     "math": [(1, 0.25), (2, 0.5)]}
+    assert curves["reward"] == {"reward_onpolicy_mean": [(1, 0.5), (2, 0.5)]}
