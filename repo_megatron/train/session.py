@@ -24,15 +24,18 @@ from ..algorithm import LossParams
 from ..checkpoint.manager import CheckpointManager, latest_checkpoint
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
+from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
+from ..metrics.sources import source_metrics
 from ..metrics.writer import MetricsWriter, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
+from ..rewards.scorers import build_rewards, scorer_metrics
 from ..runtime import distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from .engine_sync import gather_hf_weights
-from .prompts import PromptSampler
+from .prompts import MixtureSampler
 
 log = logging.getLogger(__name__)
 
@@ -280,30 +283,31 @@ class RolloutSide:
     """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
 
     def __init__(self, cfg: Config):
-        from ..data import ChatFormatter, load_prompts, load_tokenizer
-        from ..rewards import RewardRunner
+        from ..data import ChatFormatter, load_prompts, load_sources, load_tokenizer
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
         tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
         self.formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template,
                                        cfg.data.system_prompt)
-        self.sampler = PromptSampler(load_prompts(cfg.data, self.formatter), cfg.seed,
-                                     cfg.data.shuffle)
+        sources = load_sources(cfg.data, self.formatter)
+        self.sampler = MixtureSampler({s.name: (prompts, s.weight) for s, prompts in sources},
+                                      cfg.seed, cfg.data.shuffle)
+        self.ledger = HardSampleLedger(cfg.algorithm.repo.reward_threshold)
         self.eval_prompts = (load_prompts(cfg.data, self.formatter, cfg.data.eval_path)
                              [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
         self.hf_config = hf_config(cfg)
         self.servers = None  # SGLang servers this run started (rollout.sglang.launch)
         if cfg.rollout.sglang.launch.num_servers > 0:
             cfg = self._launch_servers(cfg)
+        self.engine = self.rewards = None
         try:
             self.engine = build_engine(cfg, tokenizer, self.hf_config)
+            self.rewards = build_rewards(cfg.data, {s.name: s.reward for s, _ in sources},
+                                         log_dir=os.path.join(cfg.run_dir, "judge_servers"))
         except BaseException:
-            if self.servers is not None:
-                self.servers.stop()
+            self.close()
             raise
-        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers)
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
 
@@ -326,7 +330,18 @@ class RolloutSide:
     def rollout(self, step: int):
         n = self.cfg.rollout.prompts_per_step
         batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
-        return batch.groups, batch.metrics
+        threshold = self.cfg.algorithm.repo.reward_threshold
+        metrics = {**batch.metrics, **scorer_metrics(self.rewards),
+                   **self.ledger.record(step, batch.sampled)}
+        if len(self.sampler.names) > 1:
+            metrics.update(source_metrics(batch.sampled, batch.groups, self.sampler.names,
+                                          threshold))
+        self.ledger.export(self.ledger_path, step)
+        return batch.groups, metrics
+
+    @property
+    def ledger_path(self) -> str:
+        return os.path.join(self.cfg.run_dir, LEDGER_FILE)
 
     def evaluate(self) -> dict:
         """Solve rate of greedy answers on the held-out prompts (the hard-set solve rate)."""
@@ -339,7 +354,7 @@ class RolloutSide:
         greedy = type(params)(**{**params.__dict__, "temperature": 0.0, "seed": 0})
         results = self.engine.generate([list(p.prompt_ids) for p in self.eval_prompts],
                                        [greedy] * len(self.eval_prompts))
-        scores = self.rewards.score([RewardRequest(r.text, p.answer, p.question)
+        scores = self.rewards.score([RewardRequest.for_prompt(p, r.text)
                                      for p, r in zip(self.eval_prompts, results)])
         threshold = self.cfg.algorithm.repo.reward_threshold
         return {"eval/solve_rate": fmean(s.value >= threshold for s in scores),
@@ -360,14 +375,20 @@ class RolloutSide:
         log.info("Exported Hugging Face weights to %s", out)
 
     def state(self) -> dict:
-        return {"sampler": self.sampler.state(), "replay": self.stage.replay}
+        return {"sampler": self.sampler.state(), "replay": self.stage.replay,
+                "ledger": self.ledger.state()}
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state["sampler"])
         self.stage.replay = state.get("replay")
+        self.ledger.load_state(state.get("ledger"))
+        self.ledger.export(self.ledger_path)    # drop what a killed run recorded after it
 
     def close(self) -> None:
-        self.rewards.close()
+        """Stop the reward workers, judge servers, engine and rollout servers (whatever was
+        started)."""
+        if self.rewards is not None:
+            self.rewards.close()
         if hasattr(self.engine, "close"):
             self.engine.close()
         if self.servers is not None:
