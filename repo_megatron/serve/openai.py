@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from .worker import Request
-
-if TYPE_CHECKING:
-    from .app import SGLangServer
 
 DEFAULT_MODEL_NAME = "default"          # SGLang's name when a request gives none
 ROLES = ("system", "developer", "user", "assistant")
@@ -77,9 +74,10 @@ def native_sampling_params(body: dict) -> dict:
 
 
 class ChatCompletions:
-    """The endpoint over one :class:`~.app.SGLangServer` (its worker, tokenizer, versions)."""
+    """The endpoint over one :class:`~.app.SGLangServer` (its worker, tokenizer, versions;
+    not imported here: the server imports this module)."""
 
-    def __init__(self, server: "SGLangServer"):
+    def __init__(self, server):
         self.server = server
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
