@@ -29,7 +29,7 @@ LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads
 
 def write_synthetic_checkpoint(directory: str, layers: int) -> tuple[int, int]:
     """A bf16 Llama checkpoint of random bits in 5 GB shards; (total bytes, largest tensor)."""
-    from repo_megatron.convert.mapping import mappings_for, tensor_order
+    from repo_megatron.models.weight_mapping import mappings_for, tensor_order
     from repo_megatron.convert.safetensors_io import PlannedTensor, write_safetensors
     from repo_megatron.models.architecture import parse_hf_config
 

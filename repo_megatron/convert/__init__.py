@@ -1,17 +1,28 @@
-"""Checkpoint conversion between Hugging Face and Megatron-Core, and the weight mapping that
-weight sync shares with it.
+"""Checkpoint conversion between Hugging Face and Megatron-Core, and weight sync's view of the
+model as Hugging Face tensors.
 
-- :func:`convert_hf_to_megatron` / :func:`convert_megatron_to_hf`: streaming converters
-  (``repo-megatron convert ...``, ``tools/convert_*.py``).
-- :func:`megatron_to_hf_named_tensors`: this rank's parameters as full HF tensors.
-- :mod:`.mapping`: per-family :class:`ParamMapping` registry (families live in
-  ``models/families/``), :mod:`.transforms`: the pure layout transforms.
+- :func:`convert_hf_to_megatron` (:mod:`.hf_to_megatron`) / :func:`convert_megatron_to_hf`
+  (:mod:`.megatron_to_hf`): streaming converters (``repo-megatron convert ...``,
+  ``tools/convert_*.py``).
+- :func:`megatron_to_hf_named_tensors` (:mod:`.weight_sync`): this rank's parameters as full
+  HF tensors.
+
+The weight mapping they share lives in :mod:`repo_megatron.models.weight_mapping`. Importing
+this package loads none of its submodules: each name above is imported on first use.
 """
 
-from .hf_to_megatron import convert_hf_to_megatron
-from .mapping import ModelDims, ParamMapping, mappings_for, register_weight_mapping
-from .megatron_to_hf import convert_megatron_to_hf
-from .weight_sync import megatron_to_hf_named_tensors
+from __future__ import annotations
 
-__all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf", "megatron_to_hf_named_tensors",
-           "ModelDims", "ParamMapping", "mappings_for", "register_weight_mapping"]
+import importlib
+
+_EXPORTS = {"convert_hf_to_megatron": ".hf_to_megatron",
+            "convert_megatron_to_hf": ".megatron_to_hf",
+            "megatron_to_hf_named_tensors": ".weight_sync"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

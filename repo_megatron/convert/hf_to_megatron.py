@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config.base import ConfigError
 from ..models.architecture import Architecture, padded_vocab_size, read_architecture
-from .mapping import ModelDims, extra_state_keys, mappings_for, tensor_order
+from ..models.weight_mapping import ModelDims, extra_state_keys, mappings_for, tensor_order
 from .safetensors_io import SafetensorsCheckpoint, copy_model_files
 from .torch_dist_io import Chunk, ChunkGroup, sharded_object_key, write_torch_dist
 
@@ -107,7 +107,7 @@ def materialize_gguf(hf_path: Optional[str], gguf_file: str, directory: str) -> 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.architecture import resolve_gguf
+    from ..hf_files import resolve_gguf
 
     src, name = resolve_gguf(hf_path, gguf_file)
     log.info("Dequantizing %s/%s through transformers", src, name)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..config.base import ConfigError
 from ..models.architecture import read_architecture
 from .hf_to_megatron import HF_FILES_DIR
-from .mapping import ModelDims, mappings_for, megatron_shape, tensor_order
+from ..models.weight_mapping import ModelDims, mappings_for, megatron_shape, tensor_order
 from .reading import prefetched
 from .safetensors_io import PlannedTensor, copy_model_files, write_safetensors
 from .torch_dist_io import TorchDistReader

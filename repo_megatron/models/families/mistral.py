@@ -1,8 +1,8 @@
 """Mistral (Llama layout; sliding-window attention is not supported beyond the window)."""
 
-from ...convert.mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
-                               register_weight_mapping)
 from ..architecture import Architecture, llama_like, register_family
+from ..weight_mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
+                              register_weight_mapping)
 
 
 @register_family("mistral", ["MistralForCausalLM", "mistral"])

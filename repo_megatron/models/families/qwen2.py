@@ -1,8 +1,8 @@
 """Qwen2 / Qwen2.5: bias on the QKV projection, tied embeddings in the small sizes."""
 
-from ...convert.mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
-                               register_weight_mapping)
 from ..architecture import Architecture, llama_like, register_family
+from ..weight_mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
+                              register_weight_mapping)
 
 
 @register_family("qwen2", ["Qwen2ForCausalLM", "qwen2"])

@@ -1,8 +1,8 @@
 """Qwen3 (dense): RMSNorm on queries and keys per head, no QKV bias."""
 
-from ...convert.mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
-                               qk_layernorm, register_weight_mapping)
 from ..architecture import Architecture, llama_like, register_family
+from ..weight_mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
+                              qk_layernorm, register_weight_mapping)
 
 
 @register_family("qwen3", ["Qwen3ForCausalLM", "qwen3"])

@@ -1,15 +1,18 @@
 """How each model family's Hugging Face tensors map onto Megatron-Core checkpoint tensors.
 
+A leaf shared by the converters (``repo_megatron.convert``) and weight sync: it depends only on
+the architecture description (:mod:`.architecture`) and torch.
+
 A :class:`ParamMapping` ties one Megatron checkpoint key (the ``ShardedTensor`` key, which uses
 Transformer Engine names for both layer specs, e.g.
 ``decoder.layers.self_attention.linear_qkv.weight``) to the Hugging Face tensors it is made of,
-with the pure transforms both ways (:mod:`.transforms`). Keys under ``decoder.layers.`` are
-stacked over layers in the checkpoint (global shape ``[num_layers, ...]``); their HF names
-hold ``{layer}``, the global layer number. Each family file in ``models/families/`` registers
-its list with :func:`register_weight_mapping`; the builders below are the shared pieces.
+with the pure layout transforms both ways (below). Keys under ``decoder.layers.`` are stacked
+over layers in the checkpoint (global shape ``[num_layers, ...]``); their HF names hold
+``{layer}``, the global layer number. Each family file in ``families/`` registers its list with
+:func:`register_weight_mapping`, composed from the shared builders here.
 
-The same mappings serve the HF -> Megatron converter, the Megatron -> HF exporter and weight
-sync (:mod:`.weight_sync`).
+The transforms are shape-generic (weights ``[rows, hidden]`` and biases ``[rows]`` alike) and
+work on ``meta`` tensors, which the converters use to plan shapes before reading any data.
 """
 
 from __future__ import annotations
@@ -20,11 +23,67 @@ from typing import Callable, Optional
 import torch
 
 from ..config.base import ConfigError
-from ..models.architecture import Architecture
-from . import transforms
+from .architecture import Architecture
 
 LAYER_PREFIX = "decoder.layers."
 
+
+# ---- pure layout transforms ---------------------------------------------------------------
+
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   num_query_groups: int) -> torch.Tensor:
+    """Megatron's fused QKV rows: per query group ``g``, ``[q heads of g; k_g; v_g]``.
+
+    q: [heads * head_dim, ...], k and v: [groups * head_dim, ...] -> [(heads + 2 * groups) *
+    head_dim, ...]. Grouping by query group is what lets TP split the fused tensor by rows."""
+    rest = q.shape[1:]
+    q = q.reshape(num_query_groups, -1, *rest)  # [groups, heads/groups * head_dim, ...]
+    k = k.reshape(num_query_groups, -1, *rest)  # [groups, head_dim, ...]
+    v = v.reshape(num_query_groups, -1, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, num_attention_heads: int, num_query_groups: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave_qkv`: (q, k, v) in Hugging Face's row order."""
+    rest = qkv.shape[1:]
+    q_rows = num_attention_heads // num_query_groups * head_dim
+    grouped = qkv.reshape(num_query_groups, q_rows + 2 * head_dim, *rest)
+    q, k, v = grouped.split([q_rows, head_dim, head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) of a global Megatron ``linear_fc1`` weight ``cat(gate, up)``."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate, up
+
+
+def merge_tp_gate_up(shards: list[torch.Tensor]) -> torch.Tensor:
+    """The global ``cat(gate, up)`` from the ``linear_fc1`` shards of TP ranks ``i``, each of
+    which holds ``[gate_i; up_i]`` (what a plain row concatenation would get wrong)."""
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def pad_vocab_rows(weight: torch.Tensor, padded_vocab_size: int) -> list[torch.Tensor]:
+    """``weight`` [vocab, hidden] padded with zero rows to ``padded_vocab_size``, as row pieces
+    ``[weight, zeros]`` (kept apart so that the original rows are never copied)."""
+    extra = padded_vocab_size - weight.shape[0]
+    if extra < 0:
+        raise ValueError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size "
+                         f"{padded_vocab_size}")
+    if extra == 0:
+        return [weight]
+    return [weight, weight.new_zeros(extra, *weight.shape[1:])]
+
+
+def truncate_vocab_rows(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The first ``vocab_size`` rows of a padded embedding / output layer (a view)."""
+    return weight[:vocab_size]
+
+
+# ---- the mapping and its registry ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -78,8 +137,6 @@ def register_weight_mapping(family: str):
 
 def mappings_for(arch: Architecture) -> list[ParamMapping]:
     """The weight mappings of ``arch``'s family; a family without one is a ConfigError."""
-    from ..models import families  # noqa: F401  (registers the mappings)
-
     if arch.family not in WEIGHT_MAPPINGS:
         raise ConfigError(f"architecture {arch.hf_architecture} (family {arch.family}) has no "
                           f"weight mapping (supported: {', '.join(sorted(WEIGHT_MAPPINGS))})")
@@ -98,8 +155,8 @@ def vocab_rows(megatron: str, hf: str) -> ParamMapping:
     """Embedding / output layer: rows padded to the Megatron vocabulary, truncated on export."""
     return ParamMapping(
         megatron, (hf,), lambda a: ((a.vocab_size, a.hidden_size),),
-        to_megatron=lambda d, ts: transforms.pad_vocab_rows(ts[0], d.padded_vocab_size),
-        to_hf=lambda d, t: (transforms.truncate_vocab_rows(t, d.arch.vocab_size),))
+        to_megatron=lambda d, ts: pad_vocab_rows(ts[0], d.padded_vocab_size),
+        to_hf=lambda d, t: (truncate_vocab_rows(t, d.arch.vocab_size),))
 
 
 def fused_qkv(megatron: str, q: str, k: str, v: str, bias: bool = False) -> ParamMapping:
@@ -111,9 +168,9 @@ def fused_qkv(megatron: str, q: str, k: str, v: str, bias: bool = False) -> Para
 
     return ParamMapping(
         megatron, (q, k, v), shapes,
-        to_megatron=lambda d, ts: [transforms.interleave_qkv(*ts, d.arch.num_query_groups)],
-        to_hf=lambda d, t: transforms.split_qkv(t, d.arch.num_attention_heads,
-                                                d.arch.num_query_groups, d.arch.head_dim))
+        to_megatron=lambda d, ts: [interleave_qkv(*ts, d.arch.num_query_groups)],
+        to_hf=lambda d, t: split_qkv(t, d.arch.num_attention_heads,
+                                     d.arch.num_query_groups, d.arch.head_dim))
 
 
 def gate_up(megatron: str, gate: str, up: str) -> ParamMapping:
@@ -123,8 +180,8 @@ def gate_up(megatron: str, gate: str, up: str) -> ParamMapping:
     return ParamMapping(
         megatron, (gate, up), lambda a: (shape(a), shape(a)),
         to_megatron=lambda d, ts: [ts[0], ts[1]],
-        to_hf=lambda d, t: transforms.split_gate_up(t),
-        merge_tp=lambda shards, dim: transforms.merge_tp_gate_up(shards))
+        to_hf=lambda d, t: split_gate_up(t),
+        merge_tp=lambda shards, dim: merge_tp_gate_up(shards))
 
 
 def _hidden(a: Architecture) -> Shape:
