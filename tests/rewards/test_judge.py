@@ -171,3 +171,16 @@ def test_the_api_key_is_sent_as_a_bearer_token(backend, monkeypatch):
     with running(fake) as urls:
         ask(judge_for(urls, backend, api_key_env="MY_JUDGE_KEY"), "right")
     assert fake.headers[0]["authorization"] == "Bearer s3cret"
+
+
+def test_a_judge_command_that_is_not_installed_is_a_one_line_config_error(tmp_path):
+    from repo_megatron.config import ConfigError
+    from repo_megatron.config.rollout import SGLangLaunchConfig
+    from tests.sglang.servers import free_ports
+
+    launch = SGLangLaunchConfig(num_servers=1, command=["no-such-judge-server"],
+                                base_port=free_ports(1))
+    with pytest.raises(ConfigError) as error:
+        JudgeReward(JudgeConfig(launch=launch), log_dir=str(tmp_path))
+    assert str(error.value) == ("data.judge.launch.command: cannot run 'no-such-judge-server' "
+                                "(not found; is the virtual environment active?)")
