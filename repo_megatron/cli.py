@@ -64,9 +64,11 @@ def _not_built(name: str):
 
 
 def quiet_libraries() -> None:
-    """Megatron logs every bucketed parameter and its configs at INFO, and warns at import
-    that apex / Transformer Engine are missing (the README says why that is fine on CPU)."""
+    """Megatron logs every bucketed parameter and its configs at INFO, httpx every request,
+    and megatron warns at import that apex / Transformer Engine are missing (the README says
+    why that is fine on CPU)."""
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)    # a line per judge / health request
     warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine).*(not installed|"
                                               r"Falling back).*")
 

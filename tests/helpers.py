@@ -38,3 +38,35 @@ def write_tiny_chat_model(directory: str, with_weights: bool = False, **override
         config = AutoConfig.from_pretrained(directory)
         AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
+
+
+def write_scripted_chat_model(directory: str, reply: str) -> str:
+    """A tiny chat model (SmolLM2's tokenizer) whose greedy answer to any chat prompt is
+    ``reply``: attention and MLP outputs are zero, so each next token depends only on the
+    current one, and the embeddings and LM head chain the generation prompt's last token
+    through ``reply``'s tokens to EOS (the tokens of ``reply`` must be distinct)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    write_tiny_chat_model(directory, with_weights=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+    last = tokenizer.encode(prompt, add_special_tokens=False)[-1]
+    chain = [last, *tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(f"the tokens of {reply!r} repeat: a next-token chain cannot say it")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (token, following) in enumerate(zip(chain, chain[1:])):
+            basis = torch.zeros(hidden)
+            basis[k] = hidden ** 0.5            # RMS 1: the final norm leaves it as it is
+            model.model.embed_tokens.weight[token] = basis
+            model.lm_head.weight[following] = 10 * basis
+    model.save_pretrained(directory)
+    return directory

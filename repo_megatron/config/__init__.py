@@ -190,6 +190,12 @@ def resolve_input_paths(data: dict, base_dir: str, overridden: set = frozenset()
             if isinstance(value, dict):
                 resolve_input_paths(value, base_dir, overridden, hints[f.name], key + ".")
             continue
+        item = typing.get_args(hints[f.name])
+        if typing.get_origin(hints[f.name]) is list and item and dataclasses.is_dataclass(item[0]):
+            for i, entry in enumerate(value if isinstance(value, list) else []):  # data.sources
+                if isinstance(entry, dict):
+                    resolve_input_paths(entry, base_dir, overridden, item[0], f"{key}[{i}].")
+            continue
         kind = f.metadata.get("path")
         if kind not in ("input", "gguf") or not isinstance(value, str) or not value:
             continue

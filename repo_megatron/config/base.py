@@ -88,6 +88,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):      # a list item that is itself a section
+        return build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -203,6 +205,9 @@ def iter_knobs(cls: type, path: str = "") -> Iterator[tuple[str, str, Any, str, 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         yield key, _type_name(hints[f.name]), default, f.metadata.get("help", ""), dict(f.metadata)
+        item = (typing.get_args(hints[f.name]) or (None,))[0]
+        if typing.get_origin(hints[f.name]) is list and dataclasses.is_dataclass(item):
+            yield from iter_knobs(item, f"{key}[]")   # the keys of each list item
 
 
 def reference_markdown(cls: type, title: str) -> str:

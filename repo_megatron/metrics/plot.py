@@ -1,12 +1,15 @@
-"""``repo-megatron plot RUN_DIR``: PNG curves of a run's metrics (from ``metrics.jsonl``)."""
+"""``repo-megatron plot RUN_DIR``: PNG curves of a run's metrics (from ``metrics.jsonl``) and of
+its hard prompts (from ``ledger.jsonl``: prompts whose gate fired, solved on-policy, rescued)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from bisect import bisect_right
 
 from ..algorithm.provenance import PROVENANCES
+from .ledger import LEDGER_FILE, read_ledger
 from .writer import read_rows
 
 # Panel title -> metric keys drawn on it (missing keys are skipped; a panel with none is not drawn)
@@ -23,11 +26,41 @@ PANELS = {
     "response length": ["rollout/response_length_mean", "rollout/injected_length_mean"],
     "per-token NLL under q, by provenance": [f"train/{kind}/nll" for kind in PROVENANCES],
     "mean advantage by provenance": [f"train/{kind}/advantage" for kind in PROVENANCES],
+    "rephrase faithfulness (4-gram overlap)": ["rollout/rephrase_overlap_mean",
+                                               "rollout/rephrase_overlap_max"],
 }
+LEDGER_PANEL = "hard prompts (ledger, cumulative)"
+
+
+def metric_curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{panel title: {label: [(step, value)]}}`` of the :data:`PANELS` that have data, plus
+    the on-policy reward of each source of a mixture (``rollout/<source>/...``)."""
+    per_source = sorted({k for r in rows for k in r
+                         if k.count("/") == 2 and k.startswith("rollout/")
+                         and k.endswith("/reward_onpolicy_mean")})
+    curves = {}
+    for title, keys in {**PANELS, "on-policy reward per source": per_source}.items():
+        lines = {key.split("/", 1)[-1].removesuffix("/reward_onpolicy_mean"):
+                 [(r["step"], r[key]) for r in rows if r.get(key) is not None] for key in keys}
+        lines = {label: pts for label, pts in lines.items() if pts}
+        if lines:
+            curves[title] = lines
+    return curves
+
+
+def ledger_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Cumulative prompts gated, solved on-policy and rescued, at every step of the ledger."""
+    steps = sorted({h["step"] for r in records for h in r["history"]})
+    curves = {}
+    for label, key in (("gated", "first_gate_step"), ("solved on-policy", "first_solved_step"),
+                       ("rescued", "rescued_step")):
+        firsts = sorted(r[key] for r in records if r[key] is not None)
+        curves[label] = [(step, float(bisect_right(firsts, step))) for step in steps]
+    return curves
 
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
-    """Draw the panels that have data; returns the PNG path."""
+    """Draw the panels that have data (and the ledger's rescued prompts); returns the PNG path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -35,16 +68,16 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     rows = read_rows(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl rows to plot")
-    panels = {title: [k for k in keys if any(k in r for r in rows)] for title, keys in PANELS.items()}
-    panels = {t: ks for t, ks in panels.items() if ks}
+    panels = metric_curves(rows)
+    records = read_ledger(os.path.join(run_dir, LEDGER_FILE))
+    if records:
+        panels[LEDGER_PANEL] = ledger_curves(records)
     cols = 3
     nrows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels.items()):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                    label=key.split("/", 1)[-1])
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
+        for label, pts in lines.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

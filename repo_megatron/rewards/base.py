@@ -15,7 +15,7 @@ import importlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..config.base import ConfigError
 
@@ -26,10 +26,19 @@ REWARDS: dict[str, RewardFn] = {}
 
 @dataclass(frozen=True)
 class RewardRequest:
-    """What a reward sees of one sample."""
+    """What a reward sees of one sample: the response, the prompt's reference answer and
+    question, its expert solution (LLM judges may read it) and the source it came from (which
+    picks the reward in a mixture)."""
     response: str
     answer: str
     question: str = ""
+    solution: Optional[str] = None
+    source: str = ""
+
+    @classmethod
+    def for_prompt(cls, prompt, response: str) -> "RewardRequest":
+        """``response`` to ``prompt`` (a :class:`~repo_megatron.rollout.types.Prompt`)."""
+        return cls(response, prompt.answer, prompt.question, prompt.solution, prompt.source)
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class _StepTools:
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> list[RewardResult]:
         if not prompts:
             return []
-        return self.stage.rewards.score([RewardRequest(text, p.answer, p.question)
+        return self.stage.rewards.score([RewardRequest.for_prompt(p, text)
                                          for p, text in zip(prompts, texts)])
 
 
@@ -145,7 +145,8 @@ class RolloutStage:
         metrics = rollout_metrics(sampled, rollouts, len(kept), self.gate.reward_threshold)
         metrics.update({k: float(v) for k, v in tools.counters.items()})
         metrics["time_s"] = time.perf_counter() - start
-        return RolloutBatch(groups=kept, metrics={f"rollout/{k}": v for k, v in metrics.items()})
+        return RolloutBatch(groups=kept, metrics={f"rollout/{k}": v for k, v in metrics.items()},
+                            sampled=sampled)
 
     def sample_groups(self, prompts: Sequence[Prompt],
                       tools: _StepTools) -> tuple[list[Group], list[Sample]]:

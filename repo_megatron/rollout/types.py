@@ -21,13 +21,15 @@ class Prompt:
     """One dataset row, ready to sample from.
 
     ``uid`` identifies the prompt across steps (replay buffer key, per-request seeds);
-    ``solution`` is the off-policy knowledge ``k`` (an expert's worked solution) or None.
+    ``solution`` is the off-policy knowledge ``k`` (an expert's worked solution) or None;
+    ``source`` names the dataset source it came from (per-source rewards and metrics).
     """
     uid: str
     question: str
     answer: str
     prompt_ids: tuple[int, ...]
     solution: Optional[str] = None
+    source: str = ""
 
 
 @dataclass
@@ -106,6 +108,9 @@ class Group:
 
 @dataclass
 class RolloutBatch:
-    """What one call of the rollout stage returns: the groups to train on and step metrics."""
+    """What one call of the rollout stage returns: the groups to train on and step metrics;
+    ``sampled`` holds every group sampled in the step, kept or dropped by dynamic sampling
+    (for per-source metrics and the hard-sample ledger)."""
     groups: list[Group]
     metrics: dict[str, float]
+    sampled: list[Group] = field(default_factory=list)

@@ -21,7 +21,8 @@ To add a route: append it to :meth:`SGLangServer.routes` (mark management endpoi
 ``@ADMIN``); the gate then covers it, and it reads its body with
 :func:`~.gate.json_object` / :func:`~.gate.typed` and raises :class:`~.gate.BadRequest`.
 
-Not served: streaming, chat templates, images, LoRA, the OpenAI API.
+Not served: streaming, images, LoRA, the OpenAI API beyond non-streaming chat completions
+(:mod:`.openai`, behind the same gate).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from . import tensor_payload
 from .auth import AuthLevel, auth_level
 from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed
 from .generate_request import GenerateItem, GenerateLimits, parse_generate
+from .openai import ChatCompletions
 from .weights_dir import WeightsDirError, read_weights_dir
 from .worker import EngineWorker, Request
 
@@ -403,6 +405,7 @@ class SGLangServer:
             ("/update_weights_from_distributed", self.update_weights_from_distributed, post),
             ("/destroy_weights_update_group", self.destroy_weights_update_group, post),
             ("/update_weight_version", self.update_weight_version, post),
+            ("/v1/chat/completions", ChatCompletions(self).completions, post),
         ]
         return [Route(path, handler, methods=methods) for path, handler, methods in table]
 

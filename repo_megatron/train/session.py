@@ -25,9 +25,12 @@ from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_su
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config, ConfigError
+from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
+from ..metrics.sources import source_metrics
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
+from ..rewards.scorers import build_rewards, scorer_metrics
 from ..runtime import distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
@@ -35,7 +38,7 @@ from . import batch as B
 from ..rollout.metrics import mean
 from .engine_sync import WeightStreamer, gather_hf_weights
 from .guard import TrainingStopped
-from .prompts import PromptSampler
+from .prompts import MixtureSampler
 
 log = logging.getLogger(__name__)
 
@@ -363,47 +366,46 @@ class RunData:
     """What rank 0 reads before the model is built: the tokenizer and the checked prompts."""
     tokenizer: object
     formatter: object
-    prompts: list
+    sources: list        # [(Source, [Prompt])]: data.sources, or the one file of data.path
     eval_prompts: list
 
 
 def load_run_data(cfg: Config) -> RunData:
-    """The tokenizer and every prompt of ``data.path`` / ``data.eval_path``, validated
-    (DataError names the file, row and column)."""
-    from ..data import ChatFormatter, load_prompts, load_tokenizer
+    """The tokenizer and every prompt of ``data.sources`` (or ``data.path``) and
+    ``data.eval_path``, validated (DataError names the file or source, row and column)."""
+    from ..data import ChatFormatter, load_prompts, load_sources, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
     formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template, cfg.data.system_prompt)
-    prompts = load_prompts(cfg.data, formatter)
+    sources = load_sources(cfg.data, formatter)
     eval_prompts = (load_prompts(cfg.data, formatter, cfg.data.eval_path)
                     [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
-    return RunData(tokenizer, formatter, prompts, eval_prompts)
+    return RunData(tokenizer, formatter, sources, eval_prompts)
 
 
 class RolloutSide:
     """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
 
     def __init__(self, cfg: Config, data: "RunData"):
-        from ..rewards import RewardRunner
         from ..rollout.stage import RolloutStage
 
         self.cfg = cfg
-        # started first: the workers import the reward while the engine is built
-        self.rewards = RewardRunner(cfg.data.reward, cfg.data.reward_timeout_s,
-                                    cfg.data.reward_workers, cfg.data.reward_max_abs)
+        self.engine = self.servers = None
+        # started first: the reward workers import the reward while the engine is built
+        self.rewards = build_rewards(cfg.data, {s.name: s.reward for s, _ in data.sources},
+                                     log_dir=os.path.join(cfg.run_dir, "judge_servers"))
         tokenizer, self.formatter = data.tokenizer, data.formatter
-        self.sampler = PromptSampler(data.prompts, cfg.seed, cfg.data.shuffle)
+        self.sampler = MixtureSampler({s.name: (prompts, s.weight) for s, prompts in data.sources},
+                                      cfg.seed, cfg.data.shuffle)
+        self.ledger = HardSampleLedger(cfg.algorithm.repo.reward_threshold)
         self.eval_prompts = data.eval_prompts
-        self.hf_config = hf_config(cfg)
-        self.servers = None  # SGLang servers this run started (rollout.sglang.launch)
-        if cfg.rollout.sglang.launch.num_servers > 0:
-            cfg = self._launch_servers(cfg)
         try:
+            self.hf_config = hf_config(cfg)
+            if cfg.rollout.sglang.launch.num_servers > 0:  # SGLang servers this run starts
+                cfg = self._launch_servers(cfg)
             self.engine = build_engine(cfg, tokenizer, self.hf_config)
         except BaseException:
-            self.rewards.close()
-            if self.servers is not None:
-                self.servers.stop()
+            self.close()
             raise
         self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
                                   cfg.algorithm, seed=cfg.seed)
@@ -428,7 +430,18 @@ class RolloutSide:
         n = self.cfg.rollout.prompts_per_step
         batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
         self.engine.release_memory()          # colocated servers free their GPU for training
-        return batch.groups, batch.metrics
+        threshold = self.cfg.algorithm.repo.reward_threshold
+        metrics = {**batch.metrics, **scorer_metrics(self.rewards),
+                   **self.ledger.record(step, batch.sampled)}
+        if len(self.sampler.names) > 1:
+            metrics.update(source_metrics(batch.sampled, batch.groups, self.sampler.names,
+                                          threshold))
+        self.ledger.export(self.ledger_path, step)
+        return batch.groups, metrics
+
+    @property
+    def ledger_path(self) -> str:
+        return os.path.join(self.cfg.run_dir, LEDGER_FILE)
 
     def evaluate(self) -> dict:
         """Solve rate of greedy answers on the held-out prompts (the hard-set solve rate)."""
@@ -441,7 +454,7 @@ class RolloutSide:
         greedy = type(params)(**{**params.__dict__, "temperature": 0.0, "seed": 0})
         results = self.engine.generate([list(p.prompt_ids) for p in self.eval_prompts],
                                        [greedy] * len(self.eval_prompts))
-        scores = self.rewards.score([RewardRequest(r.text, p.answer, p.question)
+        scores = self.rewards.score([RewardRequest.for_prompt(p, r.text)
                                      for p, r in zip(self.eval_prompts, results)])
         threshold = self.cfg.algorithm.repo.reward_threshold
         return {"eval/solve_rate": fmean(s.value >= threshold for s in scores),
@@ -465,15 +478,21 @@ class RolloutSide:
         """Plain data only (checkpoints are loaded with ``weights_only``)."""
         replay = self.stage.replay
         return {"sampler": self.sampler.state(),
-                "replay": replay.state() if replay is not None else None}
+                "replay": replay.state() if replay is not None else None,
+                "ledger": self.ledger.state()}
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state["sampler"])
         if self.stage.replay is not None and state.get("replay") is not None:
             self.stage.replay.load_state(state["replay"])
+        self.ledger.load_state(state.get("ledger"))
+        self.ledger.export(self.ledger_path)    # drop what a killed run recorded after it
 
     def close(self) -> None:
-        self.rewards.close()
+        """Stop the reward workers, judge servers, engine and rollout servers (whatever was
+        started)."""
+        if self.rewards is not None:
+            self.rewards.close()
         if hasattr(self.engine, "close"):
             self.engine.close()
         if self.servers is not None:

@@ -1,0 +1,1 @@
+from tests.rollout.conftest import smollm2_tokenizer  # noqa: F401  (shared session fixture)
