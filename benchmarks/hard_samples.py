@@ -227,9 +227,11 @@ def plot(runs: dict[str, list[list[dict]]], path: str) -> None:
             points = [[c[s] for c in curves if s in c] for s in steps]
             mean = [fmean(p) for p in points]
             std = [statistics.pstdev(p) for p in points]
-            line, = ax.plot(steps, mean, marker="o", markersize=2, label=arm)
+            color = f"C{list(ARMS).index(arm)}"      # an arm keeps its colour in every panel
+            ax.plot(steps, mean, marker="o", markersize=2, label=arm, color=color,
+                    linestyle="--" if arm == "repo_eager" else "-")  # eager can overlay lazy
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
-                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+                            [m + s for m, s in zip(mean, std)], color=color, alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

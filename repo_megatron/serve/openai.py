@@ -93,7 +93,7 @@ class ChatCompletions:
         # the template writes its own BOS
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def parse(self, body: Any) -> tuple[GenerateItem, Request]:
+    def parse(self, body: Any) -> GenerateItem:
         """The engine request of a ``ChatCompletionRequest`` body: the chat template applied,
         then the checks and limits of a ``/generate`` request (``GenerateReqInput``)."""
         if not isinstance(body, dict):
@@ -113,7 +113,7 @@ class ChatCompletions:
                                         lambda: f"chatcmpl-{uuid.uuid4().hex}")
         except BadRequest as e:                   # invalid sampling params, limits
             raise ChatRequestError(str(e)) from None
-        return item, Request(item.rid, item.input_ids, item.params)
+        return item
 
     async def completions(self, request: HTTPRequest) -> Response:
         """``POST /v1/chat/completions``."""
@@ -122,9 +122,10 @@ class ChatCompletions:
         try:
             body = await json_object(request)
             # the chat template and tokenising take a while: off the event loop
-            item, engine_request = await asyncio.to_thread(self.parse, body)
+            item = await asyncio.to_thread(self.parse, body)
         except (BadRequest, ChatRequestError) as e:
             return openai_error(str(e))
+        engine_request = Request(item.rid, item.input_ids, item.params)  # needs the event loop
         start = time.perf_counter()
         (outcome,) = await self.server.until_disconnected(request, [engine_request])
         if isinstance(outcome, Exception):

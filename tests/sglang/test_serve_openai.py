@@ -76,7 +76,7 @@ def test_requests_and_responses_match_sglangs_own_protocol_classes(model_dir, ex
      "messages[0] must be an object with a role in system, developer, user, assistant"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content: only text parts are supported by repo-megatron serve"),
-    ({"messages": MESSAGES, "top_p": 0}, "invalid sampling_params"),
+    ({"messages": MESSAGES, "top_p": 0}, "sampling_params: top_p must be in (0, 1]"),
 ])
 def test_requests_it_cannot_serve_get_sglangs_400_error_shape(model_dir, body, message):
     with serve_model(model_dir) as (url, _):
@@ -93,4 +93,4 @@ def test_invalid_json_is_a_400(model_dir):
     with serve_model(model_dir) as (url, _):
         answer = httpx.post(url + "/v1/chat/completions", content=b"{not json",
                             headers={"content-type": "application/json"}, timeout=60)
-    assert answer.status_code == 400 and answer.json()["message"].startswith("invalid JSON")
+    assert answer.status_code == 400 and answer.json()["message"].startswith("the body is not valid JSON")
