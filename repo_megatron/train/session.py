@@ -27,7 +27,7 @@ from ..config import Config
 from ..metrics.writer import MetricsWriter, truncate_after
 from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model
-from ..runtime import distributed
+from ..runtime import control, distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
@@ -41,13 +41,6 @@ LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs")
 
 def _rank() -> int:
     return torch.distributed.get_rank()
-
-
-def _broadcast(obj):
-    """``obj`` of rank 0 on every rank."""
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def converted_checkpoint(cfg: Config, arch) -> str:
@@ -70,7 +63,7 @@ def converted_checkpoint(cfg: Config, arch) -> str:
         convert_hf_to_megatron(m.hf_path, tmp, tp=tp, gguf_file=m.gguf_file,
                                make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
         os.rename(tmp, out)
-    torch.distributed.barrier()
+    control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
     return out
 
 
@@ -112,6 +105,7 @@ class Session:
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
         self.rollout_side = RolloutSide(cfg) if (self.is_rank0 and rollout) else None
+        control.barrier()  # rank 0 may have launched SGLang servers: minutes
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -137,7 +131,7 @@ class Session:
                 save_model(self.chunks, path + ".tmp")
                 if self.is_rank0:
                     os.rename(path + ".tmp", path)
-                torch.distributed.barrier()
+                control.barrier()
         else:
             path = converted_checkpoint(self.cfg, self.arch)
         load_model(self.chunks, path)
@@ -183,7 +177,7 @@ class Session:
     def rollout(self, step: int):
         """Groups (and rollout metrics) of this step, identical on every rank."""
         payload = self.rollout_side.rollout(step) if self.rollout_side is not None else None
-        return _broadcast(payload)
+        return control.broadcast_object(payload)  # the others wait on gloo, not NCCL
 
     def prepare(self, groups) -> PreparedBatch:
         cfg, ps = self.cfg, self.ps
@@ -255,7 +249,7 @@ class Session:
         weights = gather_hf_weights(self.chunks, self.arch)
         if self.rollout_side is not None:
             self.rollout_side.engine.update_weights(weights.items())
-        torch.distributed.barrier()
+        control.barrier()
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
@@ -264,10 +258,11 @@ class Session:
         if self.rollout_side is not None:
             out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
             self.rollout_side.export(weights, out)
-        torch.distributed.barrier()
+        control.barrier()
 
     def evaluate(self) -> dict:
-        return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
+        return control.broadcast_object(
+            self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
         self.writer.close()
