@@ -26,7 +26,7 @@ from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
 from ..metrics.writer import MetricsWriter, truncate_after
 from ..models.architecture import padded_vocab_size
-from ..models.builder import build_model
+from ..models.builder import build_model, sequence_length_multiple
 from ..runtime import control, distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
@@ -201,7 +201,8 @@ class Session:
                 part, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                 alg.micro_batch_size,
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
+            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard),
+                                  length_multiple=sequence_length_multiple(cfg.model, cfg.parallel))
             olds = self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
