@@ -195,5 +195,8 @@ def build_model(arch: Architecture, model_cfg: ModelConfig, parallel: ParallelCo
         if arch.rope_scaling is not None and hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = llama3_inv_freq(
                 arch.head_dim, arch.rope_theta, arch.rope_scaling)
-        chunks.append(model.to(cpu_compat.device()))
+        # Everything in params_dtype, norms too (the local spec builds them in fp32): what
+        # Megatron's Float16Module makes of the model for training, so that forward-only
+        # chunks (the reference policy) compute exactly as the trained ones.
+        chunks.append(model.to(device=cpu_compat.device(), dtype=DTYPES[model_cfg.params_dtype]))
     return chunks
