@@ -37,6 +37,11 @@ from .prompts import PromptSampler
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs")
+# How the distributed optimizer's state is checkpointed: Megatron-LM's default, reshardable
+# across DP (the model weights reshard in any layout). megatron-core 0.16-0.19 cannot save
+# their own default (fully_sharded_model_space: "flattened_range is not supported"), and
+# fully_reshardable does not load back into torch's Adam (KeyError 'step' without TE/apex).
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _rank() -> int:
@@ -90,6 +95,9 @@ class Session:
             cfg.checkpoint.directory or os.path.join(cfg.run_dir, "checkpoints"),
             cfg.checkpoint.keep_last)
         self.checkpoints.remove_incomplete()
+        # The RL step the weights are from: the engine's weight version, so that a resumed run
+        # samples under the same versions as an uninterrupted one.
+        self.policy_version = 0
 
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
         init = self._initial_weights()
@@ -141,9 +149,11 @@ class Session:
 
     def _sharded_state(self, loading: bool) -> dict:
         model_state = sharded_model_state(self.chunks)
-        merged = {k: v for d in model_state.values() for k, v in d.items()}
+        # Nested per chunk, as Megatron-LM passes it: the chunks' dict keys repeat under
+        # virtual PP (local layer numbers), so a flat merge would lose chunks.
         return {**model_state,
-                "optimizer": self.trainer.optimizer.sharded_state_dict(merged, is_loading=loading)}
+                "optimizer": self.trainer.optimizer.sharded_state_dict(
+                    model_state, is_loading=loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT)}
 
     def save(self, step: int) -> str:
         trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict()}
@@ -160,10 +170,12 @@ class Session:
                             self.checkpoints.directory)
             return 0
         step, path = found
+        self.policy_version = step
         loaded, state = self.checkpoints.load(path, self._sharded_state(loading=True))
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
-        self.trainer.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the weights
+            self.trainer.optimizer.load_state_dict(loaded["optimizer"])
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         if self.rollout_side is not None:
             self.rollout_side.load_state(state)
@@ -243,13 +255,14 @@ class Session:
             "train/optimizer_steps": float(len(results)),
             "train/skipped_updates": float(sum(not r.update_successful for r in results)),
         })
+        self.policy_version += 1
         return {**metrics, **prepared.metrics}
 
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine (a new weight version)."""
         weights = gather_hf_weights(self.chunks, self.arch)
         if self.rollout_side is not None:
-            self.rollout_side.engine.update_weights(weights.items())
+            self.rollout_side.engine.update_weights(weights.items(), version=self.policy_version)
         control.barrier()
 
     def export_hf(self, step: int) -> None:
