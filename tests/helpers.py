@@ -70,3 +70,31 @@ def write_scripted_chat_model(directory: str, reply: str) -> str:
             model.lm_head.weight[following] = 10 * basis
     model.save_pretrained(directory)
     return directory
+
+
+def global_tensors(checkpoint: str, scratch: str) -> dict:
+    """Every tensor of a torch_dist checkpoint as a plain global tensor (``dcp_to_torch_save``
+    into ``scratch``): layout-independent, so checkpoints of any two layouts compare directly."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not os.path.exists(scratch):
+        dcp_to_torch_save(checkpoint, scratch)
+    state = torch.load(scratch, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def bf16_layout_bound(error: float, tensor_model_parallel_size: int) -> float:
+    """How far a bf16 run in another layout may be from the bf16 run at TP=1, given ``error``
+    = E = |bf16 - fp32| of the TP=1 run (fp32 standing in for the exact value).
+
+    Both runs are within their own rounding error of the exact value, so they differ by at most
+    the sum of the two errors. Pipeline and data parallelism round at the same places as TP=1
+    (error E). Tensor parallelism rounds more: each rank's partial sum of a row-parallel GEMM
+    is rounded to bf16 before the all-reduce, which sums in bf16 (three roundings where TP=1
+    has one), so its error is up to 3E."""
+    return (1 + (3 if tensor_model_parallel_size > 1 else 1)) * error
+
+
+# bf16's relative resolution: 8 significant bits, a number is known to 2^-8 of itself.
+BF16_RESOLUTION = 2.0 ** -8

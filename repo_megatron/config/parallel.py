@@ -19,6 +19,9 @@ class ParallelConfig:
     distributed_backend: str = knob("auto", "torch.distributed backend: auto = nccl with GPUs, "
                                             "gloo without", choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = knob(30, "Timeout of collective operations", ge=1)
+    control_timeout_minutes: int = knob(
+        1440, "Timeout of the gloo control plane: how long trainer ranks wait for rank 0 "
+              "(rollout, evaluation, checkpoint conversion, weight sync, export)", ge=1)
 
     def validate(self, path: str) -> None:
         vpp = self.virtual_pipeline_model_parallel_size

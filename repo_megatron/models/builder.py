@@ -18,7 +18,7 @@ from ..config.model import ModelConfig
 from ..config.parallel import ParallelConfig
 from ..runtime import cpu_compat
 from .architecture import Architecture, RopeScaling, padded_vocab_size
-from .fp8 import check_fp8
+from .fp8 import check_fp8, fp8_token_multiple
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
     )
 
 
+def sequence_length_multiple(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:
+    """The multiple every micro-batch's sequence length is padded to in this layout and
+    precision: TP under sequence parallelism (Megatron splits the sequence dimension over the
+    TP ranks and asserts ``seq % TP == 0`` in ``tensor_parallel/mappings.py``), the FP8 GEMM
+    alignment (:func:`~.fp8.fp8_token_multiple`: 16, 32 for mxfp8, per TP share under sequence
+    parallelism), and their least common multiple when both apply; 1 otherwise."""
+    tp = parallel.tensor_model_parallel_size
+    multiple = tp if parallel.sequence_parallel else 1
+    if model_cfg.fp8 is not None:
+        multiple = math.lcm(multiple, fp8_token_multiple(model_cfg.fp8_recipe, tp,
+                                                         parallel.sequence_parallel))
+    return multiple
+
+
 def layer_spec(arch: Architecture, impl: str, model_cfg: ModelConfig):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
@@ -181,5 +195,8 @@ def build_model(arch: Architecture, model_cfg: ModelConfig, parallel: ParallelCo
         if arch.rope_scaling is not None and hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = llama3_inv_freq(
                 arch.head_dim, arch.rope_theta, arch.rope_scaling)
-        chunks.append(model.to(cpu_compat.device()))
+        # Everything in params_dtype, norms too (the local spec builds them in fp32): what
+        # Megatron's Float16Module makes of the model for training, so that forward-only
+        # chunks (the reference policy) compute exactly as the trained ones.
+        chunks.append(model.to(device=cpu_compat.device(), dtype=DTYPES[model_cfg.params_dtype]))
     return chunks

@@ -1,12 +1,20 @@
 """Megatron-Core on CPU: the one module that names CUDA.
 
-megatron-core 0.16 hard-codes CUDA in a few places that the CPU path goes through (checked
-file:line facts in the foundation issue). When CUDA is unavailable, :func:`enable` makes the
-genuine Megatron TP/PP/DP code run on CPU with the gloo backend:
+megatron-core (0.16 to 0.19) hard-codes CUDA in a few places that the CPU path goes through
+(checked file:line facts in the foundation issue). When CUDA is unavailable, :func:`enable`
+makes the genuine Megatron TP/PP/DP code run on CPU with the gloo backend:
 
 - ``torch.cuda.current_device()`` returns the CPU device (rotary embeddings, the global memory
   buffer, all-gather outputs, p2p receive buffers, dist_checkpointing's failure broadcast);
 - ``torch.cuda.synchronize()`` is a no-op (p2p batching, async checkpoint writer);
+- ``torch.cuda.current_stream()`` returns a stream whose ``wait_event`` / ``wait_stream`` /
+  ``synchronize`` do nothing: megatron-core 0.19 asks for it unconditionally in
+  ``param_and_grad_buffer.start_grad_sync`` (to wait for CUDA-graph events CPU runs never
+  record); on CPU every operation is already complete when it returns;
+- ``torch.cuda.get_rng_state()`` returns an empty state: activation recomputation
+  (``recompute_granularity``) saves the CUDA RNG state around each checkpointed region, and
+  a CPU process has no CUDA generator (the CPU generator is saved and restored as usual;
+  restoring the CUDA state is queued by torch until CUDA initialises, which never happens);
 - a :class:`~torch.overrides.TorchFunctionMode` maps ``device="cuda"`` factory arguments and
   ``Tensor.cuda()`` to the CPU (pipeline schedules' token counters, tied-embedding all-reduce
   under PP), and reports CPU float tensors as ``torch.cuda.*Tensor`` to the two type checks
@@ -98,6 +106,19 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CompletedStream:
+    """The CPU's stand-in for a CUDA stream: all work on it has completed already."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def enable() -> bool:
     """Install the CPU compatibility layer if there is no GPU. Idempotent; returns whether
     it is active."""
@@ -108,6 +129,9 @@ def enable() -> bool:
         return True
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _CompletedStream()
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = \
+        lambda device="cuda": torch.empty(0, dtype=torch.uint8)
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat")

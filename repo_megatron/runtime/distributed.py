@@ -1,8 +1,9 @@
 """Process-group set-up and teardown for Megatron-Core: torchrun or SLURM, GPU or CPU.
 
 ``initialize(parallel_cfg, seed)`` reads the launcher's environment, starts torch.distributed
-(nccl with GPUs, gloo without), builds Megatron's TP/PP/DP groups and seeds; ``teardown()``
-undoes it. On CPU it first installs :mod:`repo_megatron.runtime.cpu_compat`.
+(nccl with GPUs, gloo without), builds the gloo control plane (:mod:`.control`) and Megatron's
+TP/PP/DP groups and seeds; ``teardown()`` undoes it. On CPU it first installs
+:mod:`repo_megatron.runtime.cpu_compat`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..config.base import ConfigError
 from ..config.parallel import ParallelConfig
-from . import cpu_compat
+from . import control, cpu_compat
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234,
             backend=backend_for(parallel), rank=env.rank, world_size=env.world_size,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             timeout=timedelta(minutes=parallel.distributed_timeout_minutes))
+    control.initialize(timedelta(minutes=parallel.control_timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -129,5 +131,6 @@ def teardown() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    control.destroy()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

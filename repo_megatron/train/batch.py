@@ -106,16 +106,34 @@ def data_parallel_slice(batch: dict, rank: int, size: int, micro_batch_size: int
     return pad_rows(mine, per_rank - num_sequences(mine))
 
 
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
 def micro_batches(batch: dict, micro_batch_size: int,
-                  keys: Sequence[str] = ("tokens", "loss_mask", "advantages")) -> list[dict]:
-    """Cut ``batch`` into micro-batches of ``keys``, each trimmed to its longest sequence."""
+                  keys: Sequence[str] = ("tokens", "loss_mask", "advantages"),
+                  length_multiple: int = 1) -> list[dict]:
+    """Cut ``batch`` into micro-batches of ``keys``, each trimmed to its longest sequence and
+    right-padded to a multiple of ``length_multiple`` (what sequence parallelism and FP8
+    require: :func:`repo_megatron.models.builder.sequence_length_multiple`). The padding
+    positions are zeros (token 0, ``loss_mask`` 0): they count nowhere in the loss, and causal
+    attention leaves the real positions unchanged."""
     out = []
     for start in range(0, num_sequences(batch), micro_batch_size):
         mb = select(batch, slice(start, start + micro_batch_size))
         # padding rows have length 0; a sequence needs >= 2 positions to score a token
-        length = min(max(2, int(mb["lengths"].max())), mb["tokens"].shape[1])
-        out.append({k: (v[:, :length] if v.dim() == 2 else v) for k, v in mb.items() if k in keys})
+        length = padded_length(max(2, int(mb["lengths"].max())), length_multiple)
+        out.append({k: (_fit_length(v, length) if v.dim() == 2 else v)
+                    for k, v in mb.items() if k in keys})
     return out
+
+
+def _fit_length(values: torch.Tensor, length: int) -> torch.Tensor:
+    """``values`` [b, s] cut or right-padded with zeros to [b, length]."""
+    if values.shape[1] >= length:
+        return values[:, :length]
+    return torch.cat([values, values.new_zeros(values.shape[0], length - values.shape[1])], 1)
 
 
 def mismatch_metrics(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,

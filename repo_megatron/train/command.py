@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..config import load_config
 
@@ -22,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from .loop import train
-    if args.dry_run:
+    logging.getLogger().setLevel(cfg.logging.level)
+    if args.dry_run:  # this process only launches the ranks: it imports no trainer
         from .dry_run import dry_run
         return dry_run(cfg, data_parallel_size=args.dry_run_dp)
+    from .loop import train
     return train(cfg, resume=args.resume)

@@ -93,19 +93,21 @@ class WeightStreamer:
             raise RuntimeError(f"weight sync failed: {failures[0]}")
 
     # ---- entry point --------------------------------------------------------------------------
-    def sync(self, engine=None) -> None:
+    def sync(self, engine=None, version: Optional[int] = None) -> None:
         """Megatron's weights -> ``engine`` (rank 0's rollout engine; None elsewhere, and on
-        rank 0 of a run without rollouts). Collective over every rank."""
+        rank 0 of a run without rollouts) as weight ``version`` (default: the engine's next).
+        Collective over every rank."""
         from ..sglang.engine import SGLangEngine
 
         kind = None if engine is None else ("sglang" if isinstance(engine, SGLangEngine)
                                             else "embedded")
         kind = self._broadcast(kind)
         if kind == "embedded":
-            version = engine.weight_version + 1 if self.rank == 0 else None
+            if self.rank == 0 and version is None:
+                version = engine.weight_version + 1
             self.stream_to_rank0(lambda bucket: engine.update_weights(bucket, version))
         elif kind == "sglang":
-            self.sync_sglang(engine)
+            self.sync_sglang(engine, version)
         dist.barrier(group=self.group)
 
     def close(self) -> None:
@@ -164,12 +166,12 @@ class WeightStreamer:
             self.sender = engine.sender if self.rank == 0 else StageSender(cfg, self.stage)
         return self.sender
 
-    def sync_sglang(self, engine) -> None:
+    def sync_sglang(self, engine, version: Optional[int] = None) -> None:
         """Plan on rank 0, stream from the stages, finish on rank 0."""
         update, plan, error = None, None, None
         if self.rank == 0:
             try:
-                update = engine.begin_update().__enter__()
+                update = engine.begin_update(version).__enter__()
                 plan = update.plan
             except Exception as e:          # every rank must leave the collective with it
                 error = f"{type(e).__name__}: {e}"

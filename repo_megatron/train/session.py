@@ -29,9 +29,9 @@ from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
 from ..metrics.sources import source_metrics
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.architecture import padded_vocab_size
-from ..models.builder import build_model
+from ..models.builder import build_model, sequence_length_multiple
 from ..rewards.scorers import build_rewards, scorer_metrics
-from ..runtime import distributed
+from ..runtime import control, distributed
 from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
@@ -43,17 +43,15 @@ from .prompts import MixtureSampler
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs", "provenance")
+# How the distributed optimizer's state is checkpointed: Megatron-LM's default, reshardable
+# across DP (the model weights reshard in any layout). megatron-core 0.16-0.19 cannot save
+# their own default (fully_sharded_model_space: "flattened_range is not supported"), and
+# fully_reshardable does not load back into torch's Adam (KeyError 'step' without TE/apex).
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _rank() -> int:
     return torch.distributed.get_rank()
-
-
-def _broadcast(obj):
-    """``obj`` of rank 0 on every rank."""
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def converted_checkpoint(cfg: Config, arch) -> str:
@@ -81,7 +79,7 @@ def converted_checkpoint(cfg: Config, arch) -> str:
             if not os.path.isdir(out):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    torch.distributed.barrier()
+    control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
     return out
 
 
@@ -129,6 +127,9 @@ class Session:
         # Prompts are read and checked first: a bad dataset stops every rank in seconds,
         # before minutes of model building.
         data = self._rank0_first(lambda: load_run_data(cfg)) if rollout else None
+        # The RL step the weights are from: the engine's weight version, so that a resumed run
+        # samples under the same versions as an uninterrupted one.
+        self.policy_version = 0
 
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
         init = self._initial_weights()
@@ -144,6 +145,7 @@ class Session:
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
         self.rollout_side = RolloutSide(cfg, data) if (self.is_rank0 and rollout) else None
+        control.barrier()  # rank 0 may have launched SGLang servers: minutes
         self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -159,7 +161,8 @@ class Session:
                 result = fn()
             except (ConfigError, DataError) as e:
                 problem = e
-        failed = _broadcast(None if problem is None else f"{type(problem).__name__}: {problem}")
+        failed = control.broadcast_object(
+            None if problem is None else f"{type(problem).__name__}: {problem}")
         if problem is not None:
             raise problem
         if failed is not None:
@@ -188,7 +191,7 @@ class Session:
                 save_model(self.chunks, path + ".tmp")
                 if self.is_rank0:
                     os.rename(path + ".tmp", path)
-                torch.distributed.barrier()
+                control.barrier()
         else:
             path = converted_checkpoint(self.cfg, self.arch)
         load_model(self.chunks, path)
@@ -198,9 +201,11 @@ class Session:
 
     def _sharded_state(self, loading: bool) -> dict:
         model_state = sharded_model_state(self.chunks)
-        merged = {k: v for d in model_state.values() for k, v in d.items()}
+        # Nested per chunk, as Megatron-LM passes it: the chunks' dict keys repeat under
+        # virtual PP (local layer numbers), so a flat merge would lose chunks.
         return {**model_state,
-                "optimizer": self.trainer.optimizer.sharded_state_dict(merged, is_loading=loading)}
+                "optimizer": self.trainer.optimizer.sharded_state_dict(
+                    model_state, is_loading=loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT)}
 
     def save(self, step: int) -> str:
         """Checkpoint the current state; a weight that is not finite stops the run instead."""
@@ -223,9 +228,11 @@ class Session:
                 truncate_after(self.run_dir, 0)  # the killed run's steps are redone
             return 0
         step, path, loaded, state = found
+        self.policy_version = step
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
-        self.trainer.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the weights
+            self.trainer.optimizer.load_state_dict(loaded["optimizer"])
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         if self.rollout_side is not None:
             self.rollout_side.load_state(state)
@@ -239,7 +246,7 @@ class Session:
     def rollout(self, step: int):
         """Groups (and rollout metrics) of this step, identical on every rank."""
         payload = self.rollout_side.rollout(step) if self.rollout_side is not None else None
-        return _broadcast(payload)
+        return control.broadcast_object(payload)  # the others wait on gloo, not NCCL
 
     def prepare(self, groups) -> PreparedBatch:
         cfg, ps = self.cfg, self.ps
@@ -268,7 +275,8 @@ class Session:
                 part, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                 alg.micro_batch_size,
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard))
+            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard),
+                                  length_multiple=sequence_length_multiple(cfg.model, cfg.parallel))
             olds = [None] * len(mbs) if reuse else self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
@@ -326,13 +334,14 @@ class Session:
             "train/nonfinite_skipped": float(sum(r.nonfinite for r in results)),
             "train/nonfinite_in_a_row": float(self.trainer.nonfinite_in_a_row),
         })
+        self.policy_version += 1
         return {**metrics, **prepared.metrics, **mismatch}
 
     def sync_weights(self) -> None:
-        """Megatron's weights -> the rollout engine (a new weight version), streamed by every
-        pipeline stage (:mod:`.engine_sync`)."""
+        """Megatron's weights -> the rollout engine as weight version ``policy_version``,
+        streamed by every pipeline stage (:mod:`.engine_sync`)."""
         self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
-                                  else None)
+                                  else None, version=self.policy_version)
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
@@ -341,16 +350,17 @@ class Session:
         if self.rollout_side is not None:
             out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
             self.rollout_side.export(weights, out)
-        torch.distributed.barrier()
+        control.barrier()
 
     def initial_eval_recorded(self) -> bool:
         """Whether the run directory holds the step-0 eval already (a resumed run killed
         before its first checkpoint); the same answer on every rank."""
         rows = read_rows(self.run_dir) if self.is_rank0 else []
-        return _broadcast(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
+        return control.broadcast_object(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
-        return _broadcast(self.rollout_side.evaluate() if self.rollout_side is not None else {})
+        return control.broadcast_object(
+            self.rollout_side.evaluate() if self.rollout_side is not None else {})
 
     def close(self) -> None:
         self.checkpoints.close()  # commits a background save still in flight

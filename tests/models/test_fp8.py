@@ -13,6 +13,8 @@ from repo_megatron.models import builder
 from repo_megatron.models.architecture import parse_hf_config
 from repo_megatron.models.fp8 import check_fp8, fp8_padded_length
 from repo_megatron.runtime import cpu_compat
+# At the top, not inside the GPU-only test: a broken import fails collection on CPU too.
+from tests.distributed import free_port
 from tests.helpers import write_tiny_llama
 
 FP8 = dict(fp8="e4m3", params_dtype="bf16", transformer_impl="transformer_engine")
@@ -76,7 +78,6 @@ def test_te_fp8_model_forward_keeps_logprobs_fp32(tmp_path):
         pytest.skip("needs a GPU (sm90+) and Transformer Engine")
     from repo_megatron.runtime.distributed import LaunchEnv, initialize, teardown
     from repo_megatron.training.forward import forward_logprobs
-    from tests.distributed import free_port
 
     # FP8 GEMMs need dimensions that are multiples of 16: hidden 64, FFN 128, head_dim 16.
     write_tiny_llama(str(tmp_path))

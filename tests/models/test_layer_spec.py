@@ -76,3 +76,22 @@ def test_llama3_inv_freq_matches_transformers():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = builder.llama3_inv_freq(64, 500000.0, RopeScaling(32.0, 1.0, 4.0, 8192))
     assert torch.allclose(ours, ref.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("parallel, fp8, recipe, multiple", [
+    (dict(), None, "delayed", 1),
+    (dict(tensor_model_parallel_size=8), None, "delayed", 1),            # TP alone: no split
+    (dict(tensor_model_parallel_size=8, sequence_parallel=True), None, "delayed", 8),
+    (dict(tensor_model_parallel_size=8), "e4m3", "tensorwise", 16),
+    (dict(tensor_model_parallel_size=8), "e4m3", "mxfp8", 32),
+    # sequence parallel + FP8: each TP share of the sequence is FP8-aligned
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), "hybrid", "delayed", 32),
+    (dict(tensor_model_parallel_size=4, sequence_parallel=True), "e4m3", "mxfp8", 128),
+], ids=["plain", "tp8", "tp8-sp", "fp8", "mxfp8", "sp2-fp8", "sp4-mxfp8"])
+def test_sequence_length_multiple_of_layout_and_precision(parallel, fp8, recipe, multiple):
+    model = ModelConfig(fp8=fp8, fp8_recipe=recipe, params_dtype="bf16")
+    got = builder.sequence_length_multiple(model, ParallelConfig(**parallel))
+    assert got == multiple
+    tp = parallel.get("tensor_model_parallel_size", 1)
+    if parallel.get("sequence_parallel"):
+        assert got % tp == 0  # Megatron splits the sequence over the TP ranks

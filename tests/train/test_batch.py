@@ -78,3 +78,19 @@ def test_mismatch_and_tis_ignore_rephrased_samples():
     assert torch.equal(w[1], torch.ones(3))
     assert torch.equal(B.truncated_importance_weights(old, behaviour, mask, onpolicy, None),
                        torch.ones_like(old))
+
+
+def test_micro_batches_pad_to_the_length_multiple_with_masked_zeros():
+    groups = _groups()
+    full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
+    mbs = B.micro_batches(full, 2, keys=("tokens", "loss_mask", "behaviour_logprobs"),
+                          length_multiple=16)
+    assert [mb["tokens"].shape for mb in mbs] == [torch.Size([2, 16]), torch.Size([2, 16])]
+    trimmed = B.micro_batches(full, 2, keys=("tokens", "loss_mask", "behaviour_logprobs"))
+    for padded, mb in zip(mbs, trimmed):
+        s = mb["tokens"].shape[1]
+        for key in mb:
+            assert torch.equal(padded[key][:, :s], mb[key])
+            assert not padded[key][:, s:].any(), f"{key}: padding must be zeros"
+    # a multiple the longest sequence already meets adds nothing
+    assert B.micro_batches(full, 4, length_multiple=7)[0]["tokens"].shape == (4, 7)
