@@ -1,13 +1,16 @@
 """Benchmark: HF -> Megatron -> HF conversion of 70B-shaped layers, against `cp`.
 
 Writes a synthetic bf16 Llama checkpoint with Llama-3-70B's layer shapes (hidden 8192, 64
-heads, 8 KV heads, FFN 28672, vocab 128256) but only ``--layers`` layers (2: ~7.6 GB), then
-times, with the page cache dropped before each run: ``cp`` of the HF directory (+ sync), the
+heads, 8 KV heads, FFN 28672, vocab 128256) but only ``--layers`` layers (2: ~7.6 GB), then,
+``--repeats`` times, with the page cache dropped before each step: ``cp -r`` of the HF
+directory + ``sync`` (the floor: the same bytes read and written by the kernel), the
 ``hf-to-megatron`` command and the ``megatron-to-hf`` command (each a fresh process, imports
-included, files fsynced). Peak ``RssAnon`` of each conversion process is sampled from
-/proc (ru_maxrss would count the memory-mapped file pages). Ends with one JSON line.
+included, output fsynced). The round's ratio is the slower conversion over its own ``cp``
+(taken in the same round, so a busier disk slows both). Peak ``RssAnon`` of each conversion
+process is sampled from /proc (ru_maxrss would count mapped file pages). The exported model is
+checked bitwise against the input. Ends with one JSON line (median and every round).
 
-    python benchmarks/convert.py --workdir /work/bench-convert [--layers 2] [--keep]
+    python benchmarks/convert.py [--workdir DIR] [--layers 2] [--repeats 3] [--keep]
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -29,9 +34,9 @@ LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads
 
 def write_synthetic_checkpoint(directory: str, layers: int) -> tuple[int, int]:
     """A bf16 Llama checkpoint of random bits in 5 GB shards; (total bytes, largest tensor)."""
-    from repo_megatron.models.weight_mapping import mappings_for, tensor_order
     from repo_megatron.convert.safetensors_io import PlannedTensor, write_safetensors
     from repo_megatron.models.architecture import parse_hf_config
+    from repo_megatron.models.weight_mapping import mappings_for, tensor_order
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "num_hidden_layers": layers, "max_position_embeddings": 8192,
@@ -53,7 +58,7 @@ def write_synthetic_checkpoint(directory: str, layers: int) -> tuple[int, int]:
             data.random_(-2**15, 2**15, generator=gen)
             yield t.name, data.view(torch.bfloat16)
 
-    write_safetensors(directory, planned, tensors(), 5 * 2**30)
+    write_safetensors(directory, tensors(), 5 * 2**30, planned=planned)
     return sum(t.nbytes for t in planned), max(t.nbytes for t in planned)
 
 
@@ -81,7 +86,7 @@ def rss_anon(pid: int) -> int:
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall time of ``cmd`` and the peak RssAnon of its process (sampled every 10 ms)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     peak = [0]
 
     def sample():
@@ -99,42 +104,81 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return elapsed, peak[0]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="Scratch directory (needs ~4x the model)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--keep", action="store_true", help="Keep the files afterwards")
-    args = p.parse_args()
-    hf, cp_dir, meg, back = (os.path.join(args.workdir, n) for n in ("hf", "cp", "megatron", "hf_back"))
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    total, largest = write_synthetic_checkpoint(hf, args.layers)
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.workdir))).free
-    if free < 3.2 * total:
-        raise SystemExit(f"{free / 1e9:.1f} GB free, need ~{3.2 * total / 1e9:.1f}: use --layers 1")
+def same_files(a: str, b: str) -> bool:
+    """Whether the safetensors tensors of two model directories are bitwise identical."""
+    from repo_megatron.convert.safetensors_io import SafetensorsCheckpoint, same_bytes
+
+    sa, sb = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
+    return sa.files.keys() == sb.files.keys() and all(
+        same_bytes(sa.location(n), sb.location(n)) for n in sa.files)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def one_round(hf: str, workdir: str) -> dict:
+    cp_dir, meg, back = (os.path.join(workdir, n) for n in ("cp", "megatron", "hf_back"))
+    for d in (cp_dir, meg, back):
+        shutil.rmtree(d, ignore_errors=True)
     cli = [sys.executable, "-m", "repo_megatron.cli", "convert"]
-    dropped = drop_page_cache()
+    drop_page_cache()
     start = time.perf_counter()
     subprocess.run(["cp", "-r", hf, cp_dir], check=True)
     os.sync()
     t_cp = time.perf_counter() - start
     shutil.rmtree(cp_dir)
     drop_page_cache()
-    t_import, rss_import = timed(cli + ["hf-to-megatron", "--hf", hf, "--out", meg])
+    t_import, rss_import = timed(cli + ["hf-to-megatron", "--hf", hf, "--out", meg,
+                                        "--no-progress"])
     drop_page_cache()
-    t_export, rss_export = timed(cli + ["megatron-to-hf", "--megatron", meg, "--out", back])
-    if not args.keep:
-        shutil.rmtree(args.workdir)
+    t_export, rss_export = timed(cli + ["megatron-to-hf", "--megatron", meg, "--out", back,
+                                        "--no-progress"])
+    return {"cp_s": round(t_cp, 2), "hf_to_megatron_s": round(t_import, 2),
+            "megatron_to_hf_s": round(t_export, 2),
+            "time_ratio_vs_cp": round(max(t_import, t_export) / t_cp, 3),
+            "rss_anon_peak": max(rss_import, rss_export)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default=None,
+                   help="Scratch directory (needs ~4x the model; default: a new temporary "
+                        "directory, deleted afterwards)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="Rounds of cp / import / export")
+    p.add_argument("--keep", action="store_true", help="Keep the files afterwards")
+    args = p.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-convert-")
+    os.makedirs(workdir, exist_ok=True)
+    load_start = loadavg()
+    dropped = drop_page_cache()
+    try:
+        hf = os.path.join(workdir, "hf")
+        shutil.rmtree(hf, ignore_errors=True)
+        total, largest = write_synthetic_checkpoint(hf, args.layers)
+        free = shutil.disk_usage(workdir).free
+        if free < 2.2 * total:
+            raise SystemExit(f"{free / 1e9:.1f} GB free in {workdir}, need "
+                             f"~{2.2 * total / 1e9:.1f}: use --layers 1")
+        rounds = [one_round(hf, workdir) for _ in range(args.repeats)]
+        identical = same_files(hf, os.path.join(workdir, "hf_back"))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     gb = 1e9
+    ratios = [r["time_ratio_vs_cp"] for r in rounds]
+    peak = max(r.pop("rss_anon_peak") for r in rounds)
     print(json.dumps({
         "model_gb": round(total / gb, 2), "layers": args.layers,
         "largest_tensor_gb": round(largest / gb, 3), "page_cache_dropped": dropped,
-        "cp_s": round(t_cp, 2), "hf_to_megatron_s": round(t_import, 2),
-        "megatron_to_hf_s": round(t_export, 2),
-        "time_ratio_vs_cp": round(max(t_import, t_export) / t_cp, 2),
-        "rss_anon_peak_gb": round(max(rss_import, rss_export) / gb, 3),
-        "rss_anon_peak_vs_largest_tensor": round(max(rss_import, rss_export) / largest, 2),
-        "rss_anon_hf_to_megatron_gb": round(rss_import / gb, 3),
-        "rss_anon_megatron_to_hf_gb": round(rss_export / gb, 3),
+        "time_ratio_vs_cp": round(statistics.median(ratios), 3),
+        "time_ratio_vs_cp_min": min(ratios), "time_ratio_vs_cp_max": max(ratios),
+        "rss_anon_peak_gb": round(peak / gb, 3),
+        "rss_anon_peak_vs_largest_tensor": round(peak / largest, 3),
+        "roundtrip_bitwise_identical": identical,
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "rounds": rounds,
     }))
 
 

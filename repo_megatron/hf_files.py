@@ -39,7 +39,7 @@ def load_hf_config_dict(hf_path: Optional[str], gguf_file: Optional[str] = None)
     through transformers, once: :mod:`.gguf_cache`)."""
     if gguf_file is not None:
         from .gguf_cache import gguf_config_dict
-        return gguf_config_dict(*resolve_gguf(hf_path, gguf_file))
+        return strip_gguf_quantization(gguf_config_dict(*resolve_gguf(hf_path, gguf_file)))
     path = os.path.join(hf_path, "config.json") if os.path.isdir(hf_path) else hf_path
     if not os.path.isfile(path):
         raise ConfigError(f"model.hf_path={hf_path}: no config.json there")
@@ -50,4 +50,14 @@ def load_hf_config_dict(hf_path: Optional[str], gguf_file: Optional[str] = None)
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: not a JSON object")
+    return config
+
+
+def strip_gguf_quantization(config: dict) -> dict:
+    """The config without transformers' GGUF tag (``quantization_config: {quant_method:
+    gguf}``): the converted tensors are dequantized, and transformers treats a tagged model
+    as quantized (it refuses ``save_pretrained``)."""
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
     return config

@@ -1,16 +1,26 @@
-"""``repo-megatron convert``: hf-to-megatron and megatron-to-hf subcommands."""
+"""``repo-megatron convert``: hf-to-megatron and megatron-to-hf subcommands.
+
+Bad input is a one-line error naming the file or flag (exit code 2); an I/O failure such as a
+full disk is one line too (exit code 1). Either way the output directory is left as it was.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-import torch
+import sys
 
 from ..config.base import ConfigError
-from .hf_to_megatron import convert_hf_to_megatron
-from .megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, convert_megatron_to_hf
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
+DEFAULT_MAX_SHARD_GB = 5.0
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace a non-empty --out (whole, once the new output is complete)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="Concurrent copy threads (I/O, not CPU, bound)")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar")
 
 
 def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +35,7 @@ def add_hf_to_megatron_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vpp", type=int, default=None, help="Virtual pipeline size to check")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this times --tp")
-    p.add_argument("--no-progress", action="store_true", help="No progress bar")
+    _common_arguments(p)
 
 
 def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,11 +44,11 @@ def add_megatron_to_hf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-config", default=None,
                    help="Directory with config.json and tokenizer files (default: the "
                         "checkpoint's hf/ directory, written by hf-to-megatron)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="Cast tensors to this dtype (default: the checkpoint's)")
-    p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30,
+    p.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_GB,
                    help="Largest safetensors shard")
-    p.add_argument("--no-progress", action="store_true", help="No progress bar")
+    _common_arguments(p)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,18 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "megatron-to-hf", help="Megatron torch_dist -> Hugging Face safetensors"))
 
 
-def run(args: argparse.Namespace) -> int:
+def _convert(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be a positive integer")
     if args.direction == "hf-to-megatron":
+        from .hf_to_megatron import convert_hf_to_megatron
+
         if args.hf is None and args.gguf_file is None:
             raise ConfigError("hf-to-megatron needs --hf DIR (or --gguf-file)")
         s = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp,
                                    args.make_vocab_size_divisible_by, args.gguf_file,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, overwrite=args.overwrite,
+                                   threads=args.threads)
         print(f"{s.architecture}: {s.tensors} HF tensors, {s.bytes / 2**30:.2f} GiB -> {s.out} "
               f"(vocabulary padded to {s.padded_vocab_size} for TP={args.tp})")
     else:
-        s = convert_megatron_to_hf(args.megatron, args.out, args.hf_config,
-                                   DTYPES.get(args.dtype), int(args.max_shard_size_gb * 2**30),
-                                   progress=not args.no_progress)
+        import torch
+
+        from .megatron_to_hf import convert_megatron_to_hf
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}.get(args.dtype)
+        s = convert_megatron_to_hf(args.megatron, args.out, args.hf_config, dtype,
+                                   int(args.max_shard_size_gb * 2**30),
+                                   progress=not args.no_progress, overwrite=args.overwrite,
+                                   threads=args.threads)
         print(f"{s.architecture}: {s.bytes / 2**30:.2f} GiB -> {s.out} ({len(s.files)} shards)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _convert(args)
+    except OSError as e:  # a full disk, a vanished file: nothing was written to --out
+        where = f": {e.filename}" if e.filename else ""
+        print(f"OSError: {e.strerror or e}{where} (--out {args.out} left as it was)",
+              file=sys.stderr)
+        return 1
     return 0

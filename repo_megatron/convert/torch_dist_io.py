@@ -1,11 +1,19 @@
-"""Megatron ``torch_dist`` checkpoints written and read tensor by tensor, without a model.
+"""Megatron ``torch_dist`` checkpoints, written and read without a model and without moving
+tensor bytes through Python.
 
 A ``torch_dist`` checkpoint is a PyTorch Distributed Checkpoint (DCP) directory of global
-tensors stored as chunks, plus Megatron's ``metadata.json`` and ``common.pt``.
-:func:`write_torch_dist` saves through DCP's own ``FileSystemWriter`` with a planner that
-computes each chunk only when the writer asks for it (``resolve_data``), so memory holds the
-chunk group being written and at most one read ahead. :class:`TorchDistReader` reads any region of a key from whatever chunks
-a checkpoint holds (ours, or Megatron's own TP/PP-sharded saves).
+tensors stored as chunks (each chunk one ``torch.save`` record inside a ``.distcp`` file),
+plus Megatron's ``metadata.json`` and ``common.pt``.
+
+- :func:`write_torch_dist_layout` saves every planned chunk through DCP (its planner, file
+  naming and ``.metadata``), each chunk's record written by ``torch.save`` under
+  ``torch.serialization.skip_data()``: the files are what DCP writes, with each chunk's data
+  left as a hole; it returns where each chunk's bytes go, for the converter to fill in.
+- :class:`TorchDistReader` reads ``.metadata`` through an allow-list unpickler (it is a pickle:
+  a plain ``pickle.load`` would run whatever a crafted file asks), locates every chunk's bytes
+  from its record (``torch.load(map_location="meta", weights_only=True)`` reads only the
+  record's small pickle) and checks dtype, shape and bounds; it reads regions into memory for
+  layouts that whole-row copies cannot serve.
 """
 
 from __future__ import annotations
@@ -14,25 +22,32 @@ import io
 import json
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
                                                    TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
                                                   WriteItemType)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from ..config.base import ConfigError
-from .reading import pread_into, prefetched
+from .byte_copy import pread_into
+from .row_plan import Segment
 
 # What megatron.core.dist_checkpointing.save writes next to the DCP files.
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -50,11 +65,13 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class ChunkGroup:
-    """Chunks computed together: ``compute()`` returns their tensors in order (each of shape
-    ``chunk.sizes``), e.g. the gate and up pieces of one layer's ``linear_fc1``."""
-    chunks: tuple[Chunk, ...]
-    compute: Callable[[], list[torch.Tensor]]
+class ChunkData:
+    """Where the bytes of a stored chunk are: ``path`` from ``offset``, C-contiguous."""
+    path: str
+    offset: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def sharded_object_key(key: str, offset: int, count: int) -> str:
@@ -62,105 +79,134 @@ def sharded_object_key(key: str, offset: int, count: int) -> str:
     return f"{key}/shard_{offset}_{count}"
 
 
-class _LazySavePlanner(DefaultSavePlanner):
-    """A save plan made from chunk descriptions; data is computed in ``resolve_data``.
+class _LayoutPlanner(DefaultSavePlanner):
+    """A save plan made from chunk descriptions; every tensor handed to the writer is an
+    untouched ``torch.empty`` (no memory is committed: skip_data never reads it)."""
 
-    Groups are computed in the order the writer asks for their chunks, one group ahead of
-    it within ``budget`` bytes (:func:`~.reading.prefetched`); a group's chunks wait in
-    ``_pending`` until written."""
-
-    def __init__(self, groups: list[ChunkGroup], objects: dict[str, bytes],
-                 on_chunk: Callable[[int], None], budget: int):
+    def __init__(self, chunks: list[Chunk], objects: dict[str, bytes]):
         super().__init__()
-        self._groups = groups
+        self._chunks = {MetadataIndex(c.key, torch.Size(c.offsets)): c for c in chunks}
         self._objects = objects
-        self._on_chunk = on_chunk
-        self._budget = budget
-        self._where: dict[MetadataIndex, tuple[int, int]] = {}
-        self._pending: dict[int, dict[int, torch.Tensor]] = {}
-        self._stream: Optional[Iterator[tuple[int, list[torch.Tensor]]]] = None
-        self._written: Optional[torch.Tensor] = None
 
     def create_local_plan(self) -> SavePlan:
         items = [WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO)
                  for name in self._objects]
-        for g, group in enumerate(self._groups):
-            for c, chunk in enumerate(group.chunks):
-                index = MetadataIndex(chunk.key, torch.Size(chunk.offsets))
-                self._where[index] = (g, c)
-                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes)),
-                    properties=TensorProperties(dtype=chunk.dtype),
-                    size=torch.Size(chunk.global_shape))))
+        items += [WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
+            properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
+            for index, c in self._chunks.items()]
         self.plan = SavePlan(items, planner_data={})
         return self.plan
-
-    def _write_order(self) -> list[int]:
-        """Groups in the order of the final plan, which a one-thread writer follows (any
-        other order stays correct: groups computed early wait in ``_pending``)."""
-        return list(dict.fromkeys(self._where[i.index][0] for i in self.plan.items
-                                  if i.type != WriteItemType.BYTE_IO))
-
-    def _compute(self, g: int) -> tuple[int, list[torch.Tensor]]:
-        group = self._groups[g]
-        return g, [t.reshape(ch.sizes).contiguous() for t, ch in zip(group.compute(), group.chunks)]
 
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
-        if self._stream is None:
-            nbytes = lambda g: sum(c.nbytes for c in self._groups[g].chunks)  # noqa: E731
-            self._stream = prefetched(self._write_order(), self._compute, nbytes, self._budget)
-        g, c = self._where[write_item.index]
-        while g not in self._pending:
-            done, tensors = next(self._stream)
-            self._pending[done] = dict(enumerate(tensors))
-        tensor = self._pending[g].pop(c)
-        if not self._pending[g]:
-            del self._pending[g]
-        self._release_written()
-        self._written = tensor
-        self._on_chunk(tensor.nbytes)
-        return tensor
-
-    def _release_written(self) -> None:
-        """Free the chunk handed out before: the writer asks for the next one only once it is
-        written, but keeps a reference to every tensor it wrote until the file is closed
-        (for its safetensors format), which would hold the whole model in memory."""
-        if self._written is None:
-            return
-        storage = self._written.untyped_storage()
-        in_use = {t.untyped_storage().data_ptr() for p in self._pending.values() for t in p.values()}
-        if storage.data_ptr() not in in_use:
-            storage.resize_(0)
-        self._written = None
+        chunk = self._chunks[write_item.index]
+        return torch.empty(chunk.sizes, dtype=chunk.dtype)
 
 
-def write_torch_dist(directory: str, groups: list[ChunkGroup], object_keys: list[str],
-                     budget: int, on_chunk: Callable[[int], None] = lambda nbytes: None) -> None:
-    """Write a Megatron ``torch_dist`` checkpoint of ``groups`` into ``directory`` in this
-    process (no process group needed), holding at most ``budget`` bytes of computed chunks
-    (and at least one group). ``object_keys`` are DCP names of ``ShardedObject`` entries
-    saved as ``None`` (the local spec's ``_extra_state``)."""
-    os.makedirs(directory, exist_ok=True)
+class _LayoutWriter(FileSystemWriter):
+    """DCP's ``FileSystemWriter`` (planning, file naming, ``.metadata``) whose ``write_data``
+    appends each item to the rank's one ``.distcp`` file itself, tensors through
+    ``torch.save`` under ``skip_data`` (DCP's own item writer wraps the file in a stream that
+    cannot seek, which skip_data needs)."""
+
+    def write_data(self, plan: SavePlan, planner) -> Future:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        with open(os.path.join(self.path, name), "wb") as f:
+            for item in plan.items:
+                offset = f.tell()
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    f.write(data.getbuffer())
+                else:
+                    with torch.serialization.skip_data():
+                        torch.save(data, f)
+                length = f.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+
+def write_torch_dist_layout(directory: str, chunks: list[Chunk], object_keys: list[str]
+                            ) -> dict[tuple[str, tuple[int, ...]], ChunkData]:
+    """Write the files of a ``torch_dist`` checkpoint of ``chunks`` into ``directory`` with
+    every chunk's data left unwritten (a hole reading as zeros); returns (key, offsets) ->
+    where its bytes go. ``object_keys`` are DCP names of ``ShardedObject`` entries saved as
+    ``None`` (the local spec's ``_extra_state``)."""
     buf = io.BytesIO()
     torch.save([None], buf)  # Megatron stores a list of the rank's objects for each key
     objects = {name: buf.getvalue() for name in object_keys}
-    writer = FileSystemWriter(directory, single_file_per_rank=True, thread_count=1)
-    crc32 = torch.serialization.get_crc32_options()
-    # torch.save's CRC32 of every record costs as much CPU as the write itself here; the
-    # loaders (torch.load, DCP) do not check it.
-    torch.serialization.set_crc32_options(False)
+    # sync_files=False: the caller fsyncs once the data is in.
+    writer = _LayoutWriter(directory, single_file_per_rank=True, sync_files=False)
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to save in one process": yes
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_save({}, storage_writer=writer,
-                     planner=_LazySavePlanner(groups, objects, on_chunk, budget), no_dist=True)
-    finally:
-        torch.serialization.set_crc32_options(crc32)
+            dcp_save({}, storage_writer=writer, planner=_LayoutPlanner(chunks, objects),
+                     no_dist=True)
+    except CheckpointException as e:  # DCP wraps errors (e.g. a full disk) with tracebacks
+        raise next(iter(e.failures.values()))[0] from None
     torch.save({}, os.path.join(directory, "common.pt"))
     with open(os.path.join(directory, "metadata.json"), "w") as f:
         json.dump(MEGATRON_METADATA, f)
+    reader = TorchDistReader(directory)
+    return {(c.key, c.offsets): reader.chunk_data(c.key, c.offsets) for c in chunks}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and nothing else: its dataclasses, the save-plan
+    dataclasses Megatron stores in it, torch sizes, dtypes, layouts and memory formats, paths
+    and plain containers (Megatron's planner data)."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+        # Megatron's saves keep their cached save plans (plain dataclasses and an enum).
+        "torch.distributed.checkpoint.planner": {
+            "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"},
+        "torch": {"Size", "strided", "contiguous_format", "channels_last", "preserve_format",
+                  *(str(d).removeprefix("torch.") for d in (
+                      torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                      torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool))},
+        "torch.serialization": {"_get_layout"},  # how torch.layout pickles (by name)
+        "pathlib": {"PosixPath", "PurePosixPath"},  # StorageMeta.checkpoint_id
+        "collections": {"OrderedDict"},
+        "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
+    }
+
+    def find_class(self, module: str, name: str):
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def read_metadata(directory: str) -> Metadata:
+    """The DCP ``Metadata`` of a checkpoint directory; one-line ConfigError when absent,
+    unreadable or not DCP metadata."""
+    path = os.path.join(directory, ".metadata")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory}: not a torch_dist checkpoint (no .metadata file)")
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as e:  # a corrupt pickle raises almost anything
+        raise ConfigError(f"{path}: not a torch_dist .metadata file ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+            or not isinstance(metadata.storage_data, dict):
+        raise ConfigError(f"{path}: not a torch_dist .metadata file (holds "
+                          f"{type(metadata).__name__})")
+    return metadata
 
 
 class _FileSlice(io.RawIOBase):
@@ -192,33 +238,104 @@ class _FileSlice(io.RawIOBase):
 
 
 class TorchDistReader:
-    """Random access to the tensors of a ``torch_dist`` checkpoint directory."""
+    """The tensors of a ``torch_dist`` checkpoint directory: metadata checked on creation,
+    chunk records located and checked on :meth:`chunk_data`."""
 
     def __init__(self, directory: str):
-        if not os.path.exists(os.path.join(directory, ".metadata")):
-            raise ConfigError(f"{directory}: not a torch_dist checkpoint (no .metadata file)")
         self.directory = directory
-        reader = FileSystemReader(directory)
-        self._metadata = reader.read_metadata()
+        self._metadata = read_metadata(directory)
         self._storage = self._metadata.storage_data
         self.tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in self._metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
+        self._located: dict[tuple[str, tuple[int, ...]], ChunkData] = {}
 
     def global_shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
 
-    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
-        info = self._storage[MetadataIndex(key, chunk.offsets)]
-        fd = os.open(os.path.join(self.directory, info.relative_path), os.O_RDONLY)
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def chunks(self, key: str) -> list[ChunkStorageMetadata]:
+        return list(self.tensors[key].chunks)
+
+    def _record(self, key: str, offsets: tuple[int, ...]) -> tuple[str, int, int]:
+        """(path, offset, length) of the record holding the chunk at ``offsets``."""
+        info = self._storage.get(MetadataIndex(key, torch.Size(offsets)))
+        if info is None:
+            raise ConfigError(f"{self.directory}/.metadata: tensor {key} chunk at {list(offsets)} "
+                              "has no storage entry")
+        path = os.path.normpath(os.path.join(self.directory, info.relative_path))
+        if os.path.dirname(path) != os.path.normpath(self.directory):
+            raise ConfigError(f"{self.directory}/.metadata: storage file {info.relative_path!r} "
+                              "is outside the checkpoint")
+        if getattr(info, "transform_descriptors", None):
+            raise ConfigError(f"{path}: tensor {key} is stored with transforms "
+                              f"{info.transform_descriptors} (not supported)")
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        if size < 0:
+            raise ConfigError(f"{path}: missing (named by .metadata for tensor {key})")
+        if info.offset < 0 or info.offset + info.length > size:
+            raise ConfigError(f"{path}: truncated (tensor {key} record ends at byte "
+                              f"{info.offset + info.length}, the file has {size})")
+        return path, info.offset, info.length
+
+    def _load_record(self, key: str, offsets: tuple[int, ...], meta: bool
+                     ) -> tuple[str, int, int, torch.Tensor]:
+        """(path, offset, length) of the chunk's record and its tensor (``meta``: shape and
+        storage location only), checked against ``.metadata``."""
+        path, offset, length = self._record(key, offsets)
+        fd = os.open(path, os.O_RDONLY)
         try:
-            return torch.load(_FileSlice(fd, info.offset, info.length), map_location="cpu",
-                              weights_only=True)
+            tensor = torch.load(_FileSlice(fd, offset, length), weights_only=True,
+                                map_location="meta" if meta else "cpu")
+        except Exception as e:  # corrupt records raise anything from the zip or the unpickler
+            why = "refused by torch.load(weights_only=True)" if isinstance(
+                e, pickle.UnpicklingError) else f"{type(e).__name__}: {_first_line(e)}"
+            raise ConfigError(f"{path}: tensor {key} record at byte {offset} is unreadable "
+                              f"({why})") from None
         finally:
             os.close(fd)
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{path}: tensor {key} record at byte {offset} holds a "
+                              f"{type(tensor).__name__}")
+        chunk = next((c for c in self.tensors[key].chunks if tuple(c.offsets) == offsets), None)
+        if tensor.dtype != self.dtype(key) or chunk is None or \
+                tuple(tensor.shape) != tuple(chunk.sizes):
+            raise ConfigError(f"{path}: tensor {key} record holds {tensor.dtype} "
+                              f"{list(tensor.shape)}, .metadata says {self.dtype(key)} "
+                              f"{list(chunk.sizes) if chunk is not None else '?'}")
+        return path, offset, length, tensor
+
+    def chunk_data(self, key: str, offsets: tuple[int, ...]) -> Optional[ChunkData]:
+        """Where the chunk's bytes are (checked against ``.metadata``), or None when its record
+        is not one C-contiguous run (then only :meth:`read` serves it)."""
+        offsets = tuple(offsets)
+        if (key, offsets) in self._located:
+            return self._located[(key, offsets)]
+        path, start, length, meta = self._load_record(key, offsets, meta=True)
+        storage_start = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+        located = None
+        if storage_start is not None and meta.is_contiguous():
+            data = start + storage_start + meta.storage_offset() * meta.element_size()
+            if data + meta.nbytes > start + length:
+                raise ConfigError(f"{path}: tensor {key} record at byte {start} is truncated")
+            located = ChunkData(path, data, offsets, tuple(meta.shape), meta.dtype)
+        self._located[(key, offsets)] = located
+        return located
+
+    def check(self) -> None:
+        """Locate every chunk record, checking it against ``.metadata``: a corrupt, truncated
+        or mislabelled record is a ConfigError before anything is read or written."""
+        for key, md in self.tensors.items():
+            if md.properties.dtype not in FLOAT_DTYPES:
+                raise ConfigError(f"{self.directory}: tensor {key} is {md.properties.dtype}; "
+                                  "only float32, bfloat16 and float16 checkpoints convert")
+            for chunk in md.chunks:
+                self.chunk_data(key, tuple(chunk.offsets))
 
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """The global tensor ``key``, or its slice ``[layer]`` (layer-stacked keys)."""
+        """The global tensor ``key``, or its slice ``[layer]`` (layer-stacked keys), in memory."""
         md = self.tensors[key]
         shape = tuple(md.size)
         start = (layer, *[0] * (len(shape) - 1)) if layer is not None else (0,) * len(shape)
@@ -229,7 +346,7 @@ class TorchDistReader:
             hi = [min(s + n, o + m) for s, n, o, m in zip(start, size, chunk.offsets, chunk.sizes)]
             if any(h <= l for l, h in zip(lo, hi)):
                 continue
-            data = self._load_chunk(key, chunk)
+            *_, data = self._load_record(key, tuple(chunk.offsets), meta=False)
             if tuple(chunk.offsets) == start and tuple(chunk.sizes) == size:
                 out = data  # the common case: one chunk is exactly the region, no copy
                 break
@@ -242,3 +359,35 @@ class TorchDistReader:
             raise ConfigError(f"{self.directory}: tensor {key} has no stored data"
                               + (f" for layer {layer}" if layer is not None else ""))
         return out[0] if layer is not None else out
+
+    def row_segments(self, key: str, layer: Optional[int]) -> Optional[list[Segment]]:
+        """The region ``key`` (``[layer]`` of a layer-stacked key) as stored runs of whole rows
+        covering every row in order, or None when a chunk splits rows (e.g. a row-parallel TP
+        shard) or has no plain layout, or the chunks do not cover the region exactly."""
+        md = self.tensors[key]
+        shape = tuple(md.size)
+        row_dim = 1 if layer is not None else 0
+        if len(shape) <= row_dim:
+            return None
+        row_bytes = math.prod(shape[row_dim + 1:]) * md.properties.dtype.itemsize
+        segments = []
+        for chunk in md.chunks:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
+                continue
+            if sizes[row_dim + 1:] != shape[row_dim + 1:]:
+                return None  # the chunk holds part of each row
+            located = self.chunk_data(key, offsets)
+            if located is None:
+                return None
+            # A layer's rows follow the chunk's earlier layers: [layers, rows, ...] C-order.
+            skip = (layer - offsets[0]) * sizes[row_dim] if layer is not None else 0
+            segments.append(Segment(offsets[row_dim], sizes[row_dim], located.path,
+                                    located.offset + skip * row_bytes))
+        segments.sort(key=lambda s: s.first)
+        row = 0
+        for s in segments:
+            if s.first != row:
+                return None  # overlapping or missing rows: leave it to read()
+            row += s.rows
+        return segments if row == shape[row_dim] else None

@@ -3,10 +3,10 @@
 :func:`megatron_to_hf_named_tensors` walks the model chunks' sharded state dicts, which give
 each parameter its checkpoint key and, for layer keys, its *global* layer number (Megatron
 adds the PP / virtual-PP layer offset there), gathers TP shards over the tensor-parallel group
-(``linear_fc1`` through :func:`~repo_megatron.models.weight_mapping.merge_tp_gate_up`) and maps the result to HF
-names with the same family mapping the converters use. Collective over the TP group: every
-TP rank of a pipeline stage must iterate it, and each gets the same tensors; which rank sends
-them to the rollout engine is the sync strategy's choice.
+(``linear_fc1`` through :func:`~repo_megatron.models.weight_mapping.merge_tp_gate_up`) and
+maps the result to HF names with the same family mapping the converters use. Collective over
+the TP group: every TP rank of a pipeline stage must iterate it, and each gets the same
+tensors; which rank sends them to the rollout engine is the sync strategy's choice.
 """
 
 from __future__ import annotations

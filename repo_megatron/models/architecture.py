@@ -43,6 +43,10 @@ class Architecture:
     qkv_bias: bool = False           # Qwen2
     qk_layernorm: bool = False       # Qwen3
     rope_scaling: Optional[RopeScaling] = None
+    # Sliding-window attention (Mistral, Qwen): a query sees itself and the sliding_window - 1
+    # positions before it, in the layers marked True in sliding_window_layers (None: all).
+    sliding_window: Optional[int] = None
+    sliding_window_layers: Optional[tuple[bool, ...]] = None
 
     def replace(self, **changes: Any) -> "Architecture":
         return dataclasses.replace(self, **changes)
@@ -82,6 +86,31 @@ def rope_settings(hf: dict) -> tuple[float, Optional[RopeScaling]]:
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
     )
+
+
+def sliding_window(hf: dict, per_layer: bool) -> dict[str, Any]:
+    """The ``sliding_window`` / ``sliding_window_layers`` fields, read as transformers reads
+    them: Mistral (``per_layer=False``) applies ``sliding_window`` to every layer; Qwen2/3 only
+    with ``use_sliding_window``, in the layers ``layer_types`` marks ``sliding_attention``
+    (default: layers from ``max_window_layers`` on)."""
+    window = hf.get("sliding_window")
+    if window is None or (per_layer and not hf.get("use_sliding_window", False)):
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"config.json: sliding_window={window} must be a positive integer")
+    if not per_layer:
+        return {"sliding_window": window}
+    layers = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention"
+        for i in range(layers)]
+    if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ConfigError(f"config.json: layer_types must list sliding_attention / "
+                          f"full_attention for each of the {layers} layers")
+    marks = tuple(t == "sliding_attention" for t in types)
+    if not any(marks):
+        return {}
+    return {"sliding_window": window, "sliding_window_layers": None if all(marks) else marks}
 
 
 def llama_like(hf: dict, family: str, **extra: Any) -> Architecture:

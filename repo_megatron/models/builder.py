@@ -82,6 +82,10 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
+        # Sliding-window attention as transformers applies it: a query sees keys i - (W-1)..i.
+        window_size=(arch.sliding_window - 1, 0) if arch.sliding_window else None,
+        window_attn_skip_freq=None if arch.sliding_window_layers is None
+        else [int(s) for s in arch.sliding_window_layers],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Always set both: without them tied embeddings are silently not synchronised under PP.

@@ -107,13 +107,17 @@ class ParamMapping:
     ``to_megatron(dims, hf_tensors)`` returns row pieces whose concatenation along dim 0 is the
     Megatron tensor (of one layer, for layer keys): pieces are written as separate checkpoint
     chunks, so nothing is concatenated in memory. ``to_hf(dims, tensor)`` is the inverse.
-    ``merge_tp(shards, dim)`` rebuilds the global tensor from the TP shards of a parameter."""
+    ``merge_tp(shards, dim)`` rebuilds the global tensor from the TP shards of a parameter.
+    ``moves_rows``: both transforms only select, reorder, zero-pad or truncate whole rows (dim
+    0) and accept 1-D tensors, so the converters may run them on row ids to plan byte copies
+    instead of loading tensors; leave it False for anything that computes values."""
     megatron: str
     hf: tuple[str, ...]
     hf_shapes: Callable[[Architecture], tuple[Shape, ...]]
     to_megatron: Callable[[ModelDims, list[torch.Tensor]], list[torch.Tensor]]
     to_hf: Callable[[ModelDims, torch.Tensor], tuple[torch.Tensor, ...]]
     merge_tp: Callable[[list[torch.Tensor], int], torch.Tensor] = field(default=_cat_rows)
+    moves_rows: bool = False
 
     @property
     def per_layer(self) -> bool:
@@ -148,7 +152,8 @@ def mappings_for(arch: Architecture) -> list[ParamMapping]:
 def direct(megatron: str, hf: str, shape: Callable[[Architecture], Shape]) -> ParamMapping:
     """Same tensor on both sides."""
     return ParamMapping(megatron, (hf,), lambda a: (shape(a),),
-                        to_megatron=lambda d, ts: [ts[0]], to_hf=lambda d, t: (t,))
+                        to_megatron=lambda d, ts: [ts[0]], to_hf=lambda d, t: (t,),
+                        moves_rows=True)
 
 
 def vocab_rows(megatron: str, hf: str) -> ParamMapping:
@@ -156,7 +161,7 @@ def vocab_rows(megatron: str, hf: str) -> ParamMapping:
     return ParamMapping(
         megatron, (hf,), lambda a: ((a.vocab_size, a.hidden_size),),
         to_megatron=lambda d, ts: pad_vocab_rows(ts[0], d.padded_vocab_size),
-        to_hf=lambda d, t: (truncate_vocab_rows(t, d.arch.vocab_size),))
+        to_hf=lambda d, t: (truncate_vocab_rows(t, d.arch.vocab_size),), moves_rows=True)
 
 
 def fused_qkv(megatron: str, q: str, k: str, v: str, bias: bool = False) -> ParamMapping:
@@ -170,7 +175,8 @@ def fused_qkv(megatron: str, q: str, k: str, v: str, bias: bool = False) -> Para
         megatron, (q, k, v), shapes,
         to_megatron=lambda d, ts: [interleave_qkv(*ts, d.arch.num_query_groups)],
         to_hf=lambda d, t: split_qkv(t, d.arch.num_attention_heads,
-                                     d.arch.num_query_groups, d.arch.head_dim))
+                                     d.arch.num_query_groups, d.arch.head_dim),
+        moves_rows=True)
 
 
 def gate_up(megatron: str, gate: str, up: str) -> ParamMapping:
@@ -181,7 +187,7 @@ def gate_up(megatron: str, gate: str, up: str) -> ParamMapping:
         megatron, (gate, up), lambda a: (shape(a), shape(a)),
         to_megatron=lambda d, ts: [ts[0], ts[1]],
         to_hf=lambda d, t: split_gate_up(t),
-        merge_tp=lambda shards, dim: merge_tp_gate_up(shards))
+        merge_tp=lambda shards, dim: merge_tp_gate_up(shards), moves_rows=True)
 
 
 def _hidden(a: Architecture) -> Shape:

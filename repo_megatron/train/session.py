@@ -13,7 +13,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Optional
@@ -68,17 +67,13 @@ def converted_checkpoint(cfg: Config, arch) -> str:
     out = os.path.join(os.path.expanduser(m.cache_dir), f"{name}-{key}-vocab{vocab}")
     if _rank() == 0 and not os.path.isdir(out):
         log.info("Converting %s to Megatron torch_dist (first use) -> %s", m.gguf_file or source, out)
-        tmp = out + f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        convert_hf_to_megatron(m.hf_path, tmp, tp=tp, gguf_file=m.gguf_file,
-                               make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+        # Written aside and renamed into place: out exists only once complete.
         try:
-            os.rename(tmp, out)
-        except OSError:  # a concurrent run converted the same model first: use theirs
+            convert_hf_to_megatron(m.hf_path, out, tp=tp, gguf_file=m.gguf_file,
+                                   make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+        except ConfigError:  # a concurrent run converted the same model first: use theirs
             if not os.path.isdir(out):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
     control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
     return out
 
@@ -471,17 +466,14 @@ class RolloutSide:
                 "eval/prompts": float(len(scores))}
 
     def export(self, weights: dict, out: str) -> None:
-        from ..convert.safetensors_io import PlannedTensor, write_safetensors
+        from ..convert.output import atomic_directory
+        from ..convert.safetensors_io import write_safetensors
 
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        planned = [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in weights.items()]
-        write_safetensors(tmp, planned, iter(weights.items()), max_shard_bytes=4 << 30)
-        self.hf_config.save_pretrained(tmp)
-        self.formatter.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        # Written aside, then swapped in whole: a reader never sees a mix of two exports.
+        with atomic_directory(out, overwrite=True, flag="export") as tmp:
+            write_safetensors(tmp, weights.items(), max_shard_bytes=4 << 30)
+            self.hf_config.save_pretrained(tmp)
+            self.formatter.tokenizer.save_pretrained(tmp)
         log.info("Exported Hugging Face weights to %s", out)
 
     def state(self) -> dict:

@@ -1,5 +1,6 @@
 """Converted checkpoints give transformers' log-probs in Megatron layouts (real TP/PP on gloo),
-and weight sync returns the original HF weights.
+sliding-window attention included; weight sync returns the original HF weights, and so does
+the export of Megatron's own TP2 x PP2 saves.
 
 One launch per layout checks every family (each launch costs 10+ s of imports). Log-probs are
 taken over the model's true vocabulary (TP-gathered logits, padding rows dropped) through
@@ -14,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repo_megatron.convert import convert_hf_to_megatron
+from repo_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from tests.convert.tiny_models import FAMILIES, hf_logprobs, make_tiny_model
 from tests.distributed import run_distributed
 
 TOKENS = torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(0))
 UNPADDED = "mistral"  # also converted with no vocabulary padding (vocab 1000, divisor 8)
+SAVED_BY_MEGATRON = ("llama", "qwen2")  # untied; tied with QKV bias
 
 
 def _true_vocab_logprob_step(vocab_size: int, data_iterator, model):
@@ -37,12 +39,14 @@ def _true_vocab_logprob_step(vocab_size: int, data_iterator, model):
     return model(tokens, pos, mask), loss
 
 
-def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool):
+def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool,
+                       save: tuple = ()):
     """Per family, on the last pipeline stage: true-vocabulary log-probs of the converted
-    checkpoint in this layout; (``sync``) this rank's weight-sync output on every rank."""
+    checkpoint in this layout; (``sync``) this rank's weight-sync output on every rank. The
+    families in ``save`` are saved back by Megatron itself (``ROOT/family/saved``)."""
     from megatron.core import parallel_state
 
-    from repo_megatron.checkpoint.model_io import load_model
+    from repo_megatron.checkpoint.model_io import load_model, save_model
     from repo_megatron.config.model import ModelConfig
     from repo_megatron.config.parallel import ParallelConfig
     from repo_megatron.convert import megatron_to_hf_named_tensors
@@ -71,6 +75,8 @@ def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool):
         synced = {k: v.numpy() for k, v in megatron_to_hf_named_tensors(model, arch)} \
             if sync else None
         out[family] = (logp, synced)
+        if family in save:
+            save_model(model, os.path.join(root, family, "saved"))
     if tp == 1 and pp == 1:  # no padding: forward_logprobs' own normalisation is exact
         ckpt = os.path.join(root, UNPADDED, "megatron_unpadded")
         arch = read_architecture(os.path.join(ckpt, "hf"))
@@ -101,6 +107,11 @@ def converted(tmp_path_factory):
         convert_hf_to_megatron(hf, os.path.join(root, family, "megatron"), tp=2, pp=2,
                                progress=False)
         refs[family] = (hf_logprobs(hf, TOKENS), load_file(os.path.join(hf, "model.safetensors")))
+    # The windows are short enough to matter: without them transformers' log-probs change.
+    for family in ("mistral_swa", "qwen2_swa"):
+        full = make_tiny_model(family, os.path.join(root, family, "full_attention"),
+                               sliding_window=None)
+        assert (hf_logprobs(full, TOKENS) - refs[family][0]).abs().max() > 1e-2, family
     convert_hf_to_megatron(os.path.join(root, UNPADDED, "hf"),
                            os.path.join(root, UNPADDED, "megatron_unpadded"),
                            make_vocab_size_divisible_by=8, progress=False)
@@ -138,8 +149,18 @@ def test_tp1_logprobs_equal_transformers(converted):
 def test_tp2pp2_logprobs_and_weight_sync(converted):
     """4 gloo processes: TP=2 x PP=2."""
     root, refs = converted
-    results = run_distributed(_megatron_logprobs, 4, root, 2, 2, list(FAMILIES), True)
+    results = run_distributed(_megatron_logprobs, 4, root, 2, 2, list(FAMILIES), True,
+                              SAVED_BY_MEGATRON)
     _check_logprobs(results, refs, "tp2pp2")
+    # Megatron's own TP2 x PP2 saves export to the original weights, bit for bit: TP row
+    # shards are copied as bytes, column-split shards (linear_proj, linear_fc2) go through
+    # memory, PP stages hold their own layers.
+    for family in SAVED_BY_MEGATRON:
+        out = os.path.join(root, family, "saved_hf")
+        convert_megatron_to_hf(os.path.join(root, family, "saved"), out,
+                               hf_config_dir=os.path.join(root, family, "hf"), progress=False)
+        back, hf = load_file(os.path.join(out, "model.safetensors")), refs[family][1]
+        assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf), family
     for family in FAMILIES:
         hf = refs[family][1]
         # Ranks 0, 1 (TP group of stage 0) and 2, 3 (stage 1): TP peers get the same tensors,

@@ -21,6 +21,11 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(vocab_size=1000, tie_word_embeddings=True)),
     # Per-head q/k RMSNorm.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=1000)),
+    # Sliding windows shorter than the test sequences: every layer (Mistral), and only the
+    # layers from max_window_layers on (Qwen2's layer_types).
+    "mistral_swa": ("MistralConfig", "MistralForCausalLM", dict(vocab_size=1000, sliding_window=5)),
+    "qwen2_swa": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=1000, use_sliding_window=True, sliding_window=4, max_window_layers=2)),
 }
 
 
