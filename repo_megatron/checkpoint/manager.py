@@ -39,6 +39,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..runtime.failpoints import failpoint
+from ..runtime.fs import fsync_path
 from . import writers
 from .errors import CheckpointError
 from .manifest import build_entries, check_entries, list_files, unlisted_files
@@ -172,14 +173,6 @@ def _layout() -> dict:
     except ImportError:
         pass
     return layout
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -316,13 +309,13 @@ class CheckpointManager:
         """Rank 0: ``meta.json`` with the manifest, the atomic rename, a re-check, pruning."""
         _write_json(os.path.join(tmp, META), {"format": FORMAT, "step": step, "layout": _layout(),
                                                **meta, "manifest": manifest})
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         replaced = final + ".replaced"
         if os.path.exists(final):  # a re-save of the same step after a resume
             shutil.rmtree(replaced, ignore_errors=True)
             os.rename(final, replaced)
         os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         shutil.rmtree(replaced, ignore_errors=True)
         problems = check_entries(final, manifest, checksums=False)
         if problems:

@@ -19,6 +19,7 @@ import tempfile
 from typing import Iterator
 
 from ..config.base import ConfigError
+from ..runtime.fs import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,12 @@ def check_output_directory(out: str, overwrite: bool, flag: str = "--out") -> No
                           "it whole)")
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(directory: str) -> None:
     """fsync every file and directory under ``directory`` (the directory included)."""
     for root, dirs, files in os.walk(directory):
         for name in files:
-            _fsync_path(os.path.join(root, name))
-        _fsync_path(root)
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -80,7 +73,7 @@ def _replace(tmp: str, out: str) -> None:
         os.rename(out, os.path.join(old, "old"))
         os.rename(tmp, out)
         shutil.rmtree(old)
-    _fsync_path(parent)
+    fsync_path(parent)
 
 
 def leftovers(out: str) -> list[str]:
