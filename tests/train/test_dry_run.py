@@ -43,7 +43,9 @@ def test_70b_config_dry_runs_in_its_tp2_pp2_form():
             "optimizer") in out
     # what a CPU cannot run is substituted, each in one line of the log
     for substitution in (
-            "model.load=checkpoints/llama3_70b_torch_dist -> random weights",
+            # the config's relative path, resolved against the config file's directory
+            f"model.load={os.path.join(ROOT, 'checkpoints', 'llama3_70b_torch_dist')} -> "
+            "random weights",
             "model.transformer_impl=transformer_engine -> local (Transformer Engine needs a GPU)",
             "parallel.sequence_parallel=true -> false",
             "model.fp8=e4m3 -> null",
