@@ -55,8 +55,9 @@ def _comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not (k.startswith("time/") or k.endswith("time_s"))}
 
 
-def _final_state(run_dir: str, scratch: str) -> tuple[dict, object]:
-    """Every tensor of the last checkpoint (weights and optimizer state) and its replay buffer."""
+def _final_state(run_dir: str, scratch: str) -> tuple[dict, dict]:
+    """Every tensor of the last checkpoint (weights and optimizer state) and its replay buffer
+    (``ReplayBuffer.state()``: prompt uid -> stored samples)."""
     (step, path), = complete_checkpoints(os.path.join(run_dir, "checkpoints"))[-1:]
     assert step == 4
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
@@ -112,4 +113,4 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_chat_model, tmp
         k.startswith("optimizer.") for k in final)
     for name, tensor in final.items():
         assert torch.equal(tensor, straight_final[name]), f"final {name} differs"
-    assert len(replay) > 0 and replay._entries == straight_replay._entries
+    assert len(replay) > 0 and replay == straight_replay    # the buffers, as plain data
