@@ -22,13 +22,13 @@ def _tracker():
 def rng_state() -> dict:
     """This rank's generator states."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": cpu_compat.cuda_rng_states(), "megatron_tracker": _tracker().get_states()}
+            "gpu": cpu_compat.cuda_rng_states(), "megatron_tracker": _tracker().get_states()}
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned (CUDA states only on a GPU)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    cpu_compat.set_cuda_rng_states(state.get("cuda"))
+    cpu_compat.set_cuda_rng_states(state.get("gpu"))
     if state.get("megatron_tracker"):  # empty on CPU, where Megatron's tracker is a no-op
         _tracker().set_states(state["megatron_tracker"])

@@ -70,7 +70,10 @@ def _valid(kind: str, value: Any) -> bool:
         return False
     if kind == "int":
         return isinstance(value, int) and value >= 1
-    return math.isfinite(value) and value > 0
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:       # an int beyond the float range: no usable float
+        return False
 
 
 def check_shape(hf: Mapping[str, Any], overridden: set, source: str) -> None:
