@@ -175,6 +175,16 @@ def _layout() -> dict:
     return layout
 
 
+def _async_strategy(save) -> dict:
+    """megatron-core's own async writer: from 0.19 ``dist_checkpointing.save`` defaults to
+    ``async_strategy="nvrx"``, which needs nvidia-resiliency-ext (not a dependency of ours);
+    earlier releases have only megatron's own (no such argument)."""
+    import inspect
+
+    return ({"async_strategy": "mcore"}
+            if "async_strategy" in inspect.signature(save).parameters else {})
+
+
 def _write_json(path: str, data: dict) -> None:
     """Atomically: written aside, flushed to disk, renamed."""
     tmp = path + ".tmp"
@@ -247,7 +257,8 @@ class CheckpointManager:
         with writers.reaped_writers(step):
             try:
                 request = dist_checkpointing.save(sharded_state, tmp,
-                                                  async_sharded_save=self.async_save)
+                                                  async_sharded_save=self.async_save,
+                                                  **_async_strategy(dist_checkpointing.save))
             except FAILURES as e:
                 raise self._write_failed(step, tmp, e) from e
             self._guard(step, tmp, lambda: self._write_trainer_files(tmp, trainer_state))
