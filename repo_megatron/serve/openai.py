@@ -109,7 +109,8 @@ class ChatCompletions:
         ids = self.prompt_ids([message_text(i, m) for i, m in enumerate(messages)])
         generate = {"input_ids": ids, "sampling_params": native_sampling_params(body)}
         try:
-            _, (item,) = parse_generate(generate, self.server.limits, lambda text: [],
+            _, (item,) = parse_generate(generate, self.server.limits,
+                                        self.server.worker.engine.tokenizer.encode,
                                         lambda: f"chatcmpl-{uuid.uuid4().hex}")
         except BadRequest as e:                   # invalid sampling params, limits
             raise ChatRequestError(str(e)) from None
