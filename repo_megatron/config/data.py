@@ -122,6 +122,18 @@ class SourceConfig:
 
 
 @dataclass
+class FewShotExample:
+    user: str = knob("", "The example's question, as a user turn")
+    assistant: str = knob("", "The answer in the style the policy should write, as an "
+                              "assistant turn")
+
+    def validate(self, path: str) -> None:
+        for key in ("user", "assistant"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"{path}.{key} is empty: a few-shot example needs both turns")
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = knob(None, "Local .jsonl or .parquet file of prompts (the one-source "
                                      "shorthand of `sources`)", path="input")
@@ -140,6 +152,10 @@ class DataConfig:
     shuffle: bool = knob(True, "Shuffle prompts every epoch")
     apply_chat_template: bool = knob(True, "Wrap prompts in the tokenizer's chat template")
     system_prompt: Optional[str] = knob(None, "System message for the chat template")
+    few_shot: list[FewShotExample] = knob(default_factory=list, help=(
+        "Worked examples put before every prompt (rollouts, rephrases, eval) as earlier "
+        "user/assistant turns of the chat (without a chat template: as plain text). They set "
+        "the answer's format; a small model follows them better than a system message"))
     max_prompt_tokens: int = knob(1024, "Longer prompts are rejected with an error", ge=1)
     reward: str = knob("math", "Registered reward (`math`, `exact`), `judge` (an LLM judge: "
                                "data.judge) or `module:function`")

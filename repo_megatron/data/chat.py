@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 def load_tokenizer(hf_path: Optional[str], gguf_file: Optional[str] = None):
@@ -21,19 +21,30 @@ def load_tokenizer(hf_path: Optional[str], gguf_file: Optional[str] = None):
 
 @dataclass
 class ChatFormatter:
-    """Encodes prompts (through the chat template, with an optional system message) and
-    responses (plain text, optionally ending in EOS) for one tokenizer."""
+    """Encodes prompts (through the chat template, with an optional system message and
+    few-shot ``(user, assistant)`` turns before the question) and responses (plain text,
+    optionally ending in EOS) for one tokenizer."""
     tokenizer: Any
     apply_chat_template: bool = True
     system_prompt: Optional[str] = None
+    few_shot: Sequence[tuple[str, str]] = ()
+
+    @classmethod
+    def from_config(cls, tokenizer: Any, data: Any) -> "ChatFormatter":
+        """The formatter ``data`` (a :class:`~repo_megatron.config.data.DataConfig`) asks for."""
+        return cls(tokenizer, data.apply_chat_template, data.system_prompt,
+                   tuple((ex.user, ex.assistant) for ex in data.few_shot))
 
     def prompt_text(self, content: str) -> str:
         """The prompt as the model reads it (template applied, generation prompt added)."""
         if not self.apply_chat_template:
-            return content
-        messages = [{"role": "user", "content": content}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return "".join(f"{user}\n{answer}\n\n" for user, answer in self.few_shot) + content
+        messages = [{"role": "system", "content": self.system_prompt}] \
+            if self.system_prompt is not None else []
+        for user, answer in self.few_shot:
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
 

@@ -381,7 +381,7 @@ def load_run_data(cfg: Config) -> RunData:
     from ..data import ChatFormatter, load_prompts, load_sources, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
-    formatter = ChatFormatter(tokenizer, cfg.data.apply_chat_template, cfg.data.system_prompt)
+    formatter = ChatFormatter.from_config(tokenizer, cfg.data)
     sources = load_sources(cfg.data, formatter)
     eval_prompts = (load_prompts(cfg.data, formatter, cfg.data.eval_path)
                     [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])

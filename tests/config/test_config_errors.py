@@ -48,6 +48,10 @@ BAD_CONFIGS = [
      "ConfigError: {model}/config.json: architecture GPT2LMHeadModel is not supported "
      "(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
      "llama, mistral, qwen2, qwen3)"),
+    ("few_shot_without_answer", "model: {{hf_path: {model}}}\ndata: {{few_shot: [{{user: 'Compute 1 + 1.'}}]}}\n", [],
+     "ConfigError: {path}: data.few_shot[0].assistant is empty: a few-shot example needs both turns"),
+    ("few_shot_unknown_key", "model: {{hf_path: {model}}}\ndata: {{few_shot: [{{question: q, assistant: a}}]}}\n", [],
+     "ConfigError: {path}: data.few_shot[0].question is not a known key (known here: user, assistant)"),
 ]
 
 
