@@ -108,7 +108,19 @@ def atomic_directory(out: str, overwrite: bool = False, flag: str = "--out") -> 
         fsync_tree(tmp)
         # Checked again: another process may have filled the destination meanwhile.
         check_output_directory(out, overwrite, flag)
-        _replace(tmp, out)
+        try:
+            if overwrite:
+                _replace(tmp, out)
+            else:  # rename(2) replaces only an empty directory (or none)
+                os.rename(tmp, out)
+                fsync_path(parent)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or overwrite:
+                raise
+            # lost a race: another process renamed its complete copy into place after the
+            # check above; rename(2) refused to replace it, so theirs stands, intact
+            raise ConfigError(f"{flag} {out}: directory is not empty (another process wrote "
+                              f"it meanwhile)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ ORIGINAL prompts), :meth:`Session.update` (``ppo_epochs`` optimizer steps),
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
@@ -66,14 +67,22 @@ def converted_checkpoint(cfg: Config, arch) -> str:
     vocab = padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by, tp)
     out = os.path.join(os.path.expanduser(m.cache_dir), f"{name}-{key}-vocab{vocab}")
     if _rank() == 0 and not os.path.isdir(out):
-        log.info("Converting %s to Megatron torch_dist (first use) -> %s", m.gguf_file or source, out)
-        # Written aside and renamed into place: out exists only once complete.
-        try:
-            convert_hf_to_megatron(m.hf_path, out, tp=tp, gguf_file=m.gguf_file,
-                                   make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-        except ConfigError:  # a concurrent run converted the same model first: use theirs
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        # One conversion per cache entry at a time: runs started together (a sweep, the
+        # benchmarks' parallel arms) wait for the first one and reuse its copy.
+        with open(out + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.isdir(out):
-                raise
+                log.info("Converting %s to Megatron torch_dist (first use) -> %s",
+                         m.gguf_file or source, out)
+                # Written aside and renamed into place: out exists only once complete.
+                try:
+                    convert_hf_to_megatron(
+                        m.hf_path, out, tp=tp, gguf_file=m.gguf_file,
+                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+                except ConfigError:  # a run without the lock converted it first: use theirs
+                    if not os.path.isdir(out):
+                        raise
     control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
     return out
 

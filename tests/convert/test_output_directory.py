@@ -206,3 +206,71 @@ def test_trainer_export_replaces_the_previous_export_whole(tmp_path):
                        torch.ones(4))
     assert [what for what, _ in saved] == ["config", "tokenizer"]
     assert siblings(out) == []
+
+
+def test_a_copy_renamed_into_place_meanwhile_is_kept_and_the_loser_gets_one_line(tmp_path,
+                                                                                  monkeypatch):
+    """The window between the last check and the rename: another process's complete copy
+    lands there. rename(2) refuses to replace it; theirs stands and ours is removed."""
+    import repo_megatron.convert.output as output
+
+    out = tmp_path / "out"
+    checks = []
+    real_check = output.check_output_directory
+    monkeypatch.setattr(output, "check_output_directory",
+                        lambda *a, **k: checks.append(a) or (len(checks) == 1 and real_check(*a, **k)))
+    with pytest.raises(ConfigError, match=r"--out .*out: directory is not empty \(another "
+                                          r"process wrote it meanwhile\)"):
+        with atomic_directory(str(out)) as tmp:
+            (tmp_path / "ours.txt").write_text("")
+            open(os.path.join(tmp, "weights"), "w").write("ours")
+            out.mkdir()
+            (out / "weights").write_text("theirs")   # the other process's rename
+    assert len(checks) == 2
+    assert (out / "weights").read_text() == "theirs"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+
+
+def test_runs_started_together_convert_the_cached_model_once(tmp_path, monkeypatch):
+    """Two runs of one model start at once (a sweep, the benchmarks' parallel arms): the
+    second waits on the cache entry's lock and reuses the first one's conversion."""
+    import threading
+    import time
+
+    import repo_megatron.convert as convert
+    from repo_megatron.config import config_from_dict
+    from repo_megatron.train import session
+
+    calls = []
+
+    def slow_convert(hf_path, out, **_):
+        calls.append(out)
+        with atomic_directory(out) as tmp:
+            time.sleep(0.5)
+            open(os.path.join(tmp, "metadata.json"), "w").write("{}")
+
+    monkeypatch.setattr(convert, "convert_hf_to_megatron", slow_convert)
+    monkeypatch.setattr(session, "_rank", lambda: 0)
+    monkeypatch.setattr(session.control, "barrier", lambda: None)
+    cfg = config_from_dict({"model": {"hf_path": str(tmp_path / "hf"),
+                                      "cache_dir": str(tmp_path / "cache")}}, check_model=False)
+
+    class Arch:
+        vocab_size = 100
+
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(session.converted_checkpoint(cfg, Arch()))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(calls) == 1 and paths[0] == paths[1] == calls[0]
+    assert os.listdir(paths[0]) == ["metadata.json"]
