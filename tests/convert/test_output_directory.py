@@ -217,12 +217,16 @@ def test_a_copy_renamed_into_place_meanwhile_is_kept_and_the_loser_gets_one_line
     out = tmp_path / "out"
     checks = []
     real_check = output.check_output_directory
-    monkeypatch.setattr(output, "check_output_directory",
-                        lambda *a, **k: checks.append(a) or (len(checks) == 1 and real_check(*a, **k)))
+
+    def check_once(*args, **kwargs):  # the check after the work sees nothing yet: the window
+        checks.append(args)
+        if len(checks) == 1:
+            real_check(*args, **kwargs)
+
+    monkeypatch.setattr(output, "check_output_directory", check_once)
     with pytest.raises(ConfigError, match=r"--out .*out: directory is not empty \(another "
                                           r"process wrote it meanwhile\)"):
         with atomic_directory(str(out)) as tmp:
-            (tmp_path / "ours.txt").write_text("")
             open(os.path.join(tmp, "weights"), "w").write("ours")
             out.mkdir()
             (out / "weights").write_text("theirs")   # the other process's rename
