@@ -96,7 +96,8 @@ class ModelDims:
 Shape = tuple[int, ...]
 
 
-def _cat_rows(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+def concatenate_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The default ``merge_tp``: the TP shards concatenated along their split dimension."""
     return torch.cat(shards, dim=dim)
 
 
@@ -116,7 +117,7 @@ class ParamMapping:
     hf_shapes: Callable[[Architecture], tuple[Shape, ...]]
     to_megatron: Callable[[ModelDims, list[torch.Tensor]], list[torch.Tensor]]
     to_hf: Callable[[ModelDims, torch.Tensor], tuple[torch.Tensor, ...]]
-    merge_tp: Callable[[list[torch.Tensor], int], torch.Tensor] = field(default=_cat_rows)
+    merge_tp: Callable[[list[torch.Tensor], int], torch.Tensor] = field(default=concatenate_shards)
     moves_rows: bool = False
 
     @property

@@ -1,7 +1,7 @@
 """Weight sync, Megatron side: every pipeline stage streams its own weights, bucket by bucket.
 
 Each stage's TP group gathers one parameter at a time and maps it to Hugging Face names
-(:func:`repo_megatron.convert.megatron_to_hf_named_tensors`, the converters' mapping); the
+(:class:`repo_megatron.convert.weight_sync.HFExport`, the converters' mapping); the
 stage's *sender* (DP rank 0, TP rank 0) groups the tensors into buckets of at most
 ``rollout.sglang.weight_bucket_mb`` and sends each as soon as it is full (slime's
 ``update_weight_from_distributed.py``: one sender per stage after the TP gather). No rank holds
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.rollout import SGLangConfig
-from ..convert import megatron_to_hf_named_tensors
+from ..convert.weight_sync import HFExport
 from ..models.architecture import Architecture
 from ..sglang.weight_sync.base import Bucket, SyncPlan
 from ..sglang.weight_sync.buckets import iter_buckets
@@ -41,12 +41,6 @@ from ..sglang.weight_sync.buckets import iter_buckets
 log = logging.getLogger(__name__)
 
 END = None  # header that ends a stage's stream
-
-
-def stage_buckets(model_chunks: list, arch: Architecture, max_bytes: int) -> Iterator[Bucket]:
-    """This stage's weights as HF-named buckets of at most ``max_bytes``, in order. Collective
-    over the TP group: every TP rank of the stage must iterate it to the end."""
-    return iter_buckets(megatron_to_hf_named_tensors(model_chunks, arch), max_bytes)
 
 
 def drain(buckets: Iterator[Bucket]) -> None:
@@ -75,6 +69,16 @@ class WeightStreamer:
             (self.stage, self.rank) if self.is_sender else None)))
         self.sender = None            # this rank's StageSender (SGLang), made at first use
         self.engine_groups = None     # tensor sync: one gloo group per colocated engine
+        self.export: Optional[HFExport] = None    # parameter -> HF names plan, at first use
+
+    def stage_buckets(self) -> Iterator[Bucket]:
+        """This stage's weights as HF-named buckets of at most ``weight_bucket_mb``, in order.
+        Collective over the TP group: every TP rank of the stage must iterate it to the end.
+        The plan is read from the sharded state dicts once and kept while the chunks hold the
+        same parameters."""
+        if self.export is None or not self.export.describes(self.chunks):
+            self.export = HFExport(self.chunks, self.arch)
+        return iter_buckets(self.export.named_tensors(), self.bucket_bytes)
 
     # ---- control plane ------------------------------------------------------------------------
     def _broadcast(self, obj):
@@ -121,7 +125,7 @@ class WeightStreamer:
         """Every stage's buckets, in stage order, into ``sink`` on rank 0 (collective)."""
         if self.ps.get_data_parallel_rank() != 0:
             return
-        buckets = stage_buckets(self.chunks, self.arch, self.bucket_bytes)
+        buckets = self.stage_buckets()
         if self.rank == 0:
             for bucket in buckets:
                 sink(bucket)
@@ -214,7 +218,7 @@ class WeightStreamer:
     def _push_stage(self, plan: SyncPlan, engine):
         """(stage result, error) of this rank's part of its stage: the sender pushes, its TP
         peers only gather. A failed push keeps draining so the peers are not left waiting."""
-        buckets = stage_buckets(self.chunks, self.arch, self.bucket_bytes)
+        buckets = self.stage_buckets()
         if not self.is_sender:
             drain(buckets)
             return None, None
@@ -254,7 +258,7 @@ class WeightStreamer:
         poster = self._stage_sender(plan.cfg, engine) if self.rank == first else None
         error = None
         for stage in range(self.stages):
-            buckets = (stage_buckets(self.chunks, self.arch, self.bucket_bytes)
+            buckets = (self.stage_buckets()
                        if self.stage == stage else None)
             while (bucket := self._stage_bucket(buckets, stage)) is not END:
                 payloads = bucket_payloads(bucket)
