@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
 BLOCK = 16 << 20            # user-space copies: 16 MiB preadv/pwrite calls
-COPY_CHUNK = 1 << 30         # largest single copy_file_range request
+COPY_CHUNK = 256 << 20       # copy_file_range request (writeback is started after each)
 
 # copy_file_range is refused across some file systems / kernels: fall back to pread/pwrite.
 _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
@@ -55,9 +55,17 @@ def _copy_user_space(src: int, src_offset: int, dst: int, dst_offset: int, nbyte
         done += len(view)
 
 
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing a just-written range to disk now instead of once the
+    dirty-page threshold is reached (10% of memory by default), so the disk writes from the
+    first copy on and the final fsync waits less. ``POSIX_FADV_DONTNEED`` starts writeback of
+    dirty pages without waiting for it (and drops the range from the cache once clean)."""
+    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
     """Copy ``nbytes`` from ``src_offset`` of fd ``src`` to ``dst_offset`` of fd ``dst``,
-    inside the kernel where the file system allows it."""
+    inside the kernel where the file system allows it; writeback starts as it goes."""
     done = 0
     while done < nbytes:
         try:
@@ -70,6 +78,7 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int
             return
         if n == 0:
             raise EOFError(f"file ends {nbytes - done} bytes early (offset {src_offset})")
+        start_writeback(dst, dst_offset + done, n)
         done += n
 
 
