@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from .checkpoint.errors import CheckpointError
 from .config.base import ConfigError
-from .data.dataset import DataError
+from .data.errors import DataError
 from .train.guard import TrainingStopped
 
 # name -> (module providing add_arguments/run, one-line help)
@@ -41,11 +41,16 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or, given ``command``, of that one alone: the others
+    are listed but their modules are not imported (``convert`` then starts without torch's
+    training stack, transformers or the data pipeline)."""
     parser = argparse.ArgumentParser(prog="repo-megatron", description="RePO / GRPO post-training on Megatron-Core.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if command is not None and name != command:
+            continue
         module = _load(module_name)
         if module is None:
             p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -77,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     quiet_libraries()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # no top-level options
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ConfigError, DataError) as e:

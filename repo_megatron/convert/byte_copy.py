@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
 BLOCK = 16 << 20            # user-space copies: 16 MiB preadv/pwrite calls
-COPY_CHUNK = 1 << 30         # largest single copy_file_range request
+COPY_CHUNK = 256 << 20       # copy_file_range request (writeback is started after each)
 
 # copy_file_range is refused across some file systems / kernels: fall back to pread/pwrite.
 _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
@@ -55,9 +55,17 @@ def _copy_user_space(src: int, src_offset: int, dst: int, dst_offset: int, nbyte
         done += len(view)
 
 
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing a just-written range to disk now instead of once the
+    dirty-page threshold is reached (10% of memory by default), so the disk writes from the
+    first copy on and the final fsync waits less. ``POSIX_FADV_DONTNEED`` starts writeback of
+    dirty pages without waiting for it (and drops the range from the cache once clean)."""
+    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
 def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
     """Copy ``nbytes`` from ``src_offset`` of fd ``src`` to ``dst_offset`` of fd ``dst``,
-    inside the kernel where the file system allows it."""
+    inside the kernel where the file system allows it; writeback starts as it goes."""
     done = 0
     while done < nbytes:
         try:
@@ -70,7 +78,48 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int
             return
         if n == 0:
             raise EOFError(f"file ends {nbytes - done} bytes early (offset {src_offset})")
+        start_writeback(dst, dst_offset + done, n)
         done += n
+
+
+def prefetch(paths: Sequence[str], budget: int) -> threading.Thread:
+    """Start reading ``paths`` (files, or the files of directories in name order), in order and
+    at most ``budget`` bytes, into the page cache on a daemon thread, while the caller does
+    other work (importing torch from a cold cache takes seconds): later reads then find the
+    bytes in memory. The bytes go to ``/dev/null`` with ``sendfile``, so they never enter this
+    process (``POSIX_FADV_WILLNEED`` would be the obvious call, but the kernel caps it at one
+    readahead window). A hint only: errors end it silently."""
+    def files():
+        for path in paths:
+            if os.path.isdir(path):
+                yield from (os.path.join(path, n) for n in sorted(os.listdir(path)))
+            else:
+                yield path
+
+    def run():
+        left = budget
+        try:
+            with open(os.devnull, "wb") as null:
+                for path in files():
+                    if left <= 0:
+                        return
+                    if not os.path.isfile(path):
+                        continue
+                    with open(path, "rb") as f:
+                        offset, end = 0, min(os.fstat(f.fileno()).st_size, left)
+                        while offset < end:
+                            n = os.sendfile(null.fileno(), f.fileno(), offset,
+                                            min(COPY_CHUNK, end - offset))
+                            if n == 0:
+                                break
+                            offset += n
+                    left -= offset
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=run, name="prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True)
@@ -108,15 +157,18 @@ class Computed:
 
 
 class _Files:
-    """One descriptor per path, shared by the threads (all I/O is positional)."""
+    """Descriptors by path (all I/O is positional): one per thread for reading, since the
+    kernel keeps readahead state per open file and two threads reading different places
+    through one descriptor defeat it (measured: 2 threads exporting from one ``.distcp`` file
+    took 40 s with a shared descriptor, 25 s on 1 thread); one shared for writing."""
 
     def __init__(self):
-        self._fds: dict[tuple[str, bool], int] = {}
+        self._fds: dict[tuple[str, bool, int], int] = {}
         self._lock = threading.Lock()
 
     def fd(self, path: str, write: bool) -> int:
         with self._lock:
-            key = (path, write)
+            key = (path, write, 0 if write else threading.get_ident())
             if key not in self._fds:
                 self._fds[key] = os.open(path, os.O_RDWR if write else os.O_RDONLY)
             return self._fds[key]

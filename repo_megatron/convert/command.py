@@ -7,9 +7,13 @@ full disk is one line too (exit code 1). Either way the output directory is left
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from typing import Optional
 
 from ..config.base import ConfigError
+from .byte_copy import prefetch
 
 DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_SHARD_GB = 5.0
@@ -59,9 +63,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "megatron-to-hf", help="Megatron torch_dist -> Hugging Face safetensors"))
 
 
+def prefetch_inputs(source: Optional[str]) -> None:
+    """Read torch's shared libraries (sequentially: the loader would fault them in a page
+    range at a time) and then the checkpoint ``source`` into the page cache while torch and
+    DCP import; half the free memory at most, so a model larger than memory does not evict
+    its own first bytes before they are copied."""
+    spec = importlib.util.find_spec("torch")  # finds the package without importing it
+    paths = [os.path.join(spec.submodule_search_locations[0], "lib")] if spec else []
+    if source is not None and os.path.isdir(source):
+        paths.append(source)
+    prefetch(paths, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+
+
 def _convert(args: argparse.Namespace) -> None:
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be a positive integer")
+    prefetch_inputs(args.hf if args.direction == "hf-to-megatron" else args.megatron)
     if args.direction == "hf-to-megatron":
         from .hf_to_megatron import convert_hf_to_megatron
 

@@ -31,7 +31,7 @@ from ..config.base import ConfigError
 from ..hf_files import resolve_gguf, strip_gguf_quantization
 from ..models.architecture import Architecture, padded_vocab_size, read_architecture
 from ..models.weight_mapping import (ModelDims, ParamMapping, extra_state_keys, mappings_for,
-                                     tensor_order)
+                                     megatron_piece_shapes, tensor_order)
 from .byte_copy import Computed, Write, run_writes
 from .output import atomic_directory, check_output_directory
 from .row_plan import Segment, row_pieces
@@ -129,24 +129,22 @@ class TensorGroup:
     chunks: tuple[Chunk, ...]
 
 
-def plan_chunks(source: SafetensorsCheckpoint, dims: ModelDims, mappings) -> list[TensorGroup]:
+def plan_chunks(dims: ModelDims, mappings, dtype: torch.dtype) -> list[TensorGroup]:
     """One group per (mapping, layer); its chunks are the row pieces that ``to_megatron``
-    returns, planned on meta tensors. Layer keys: chunk ``[1, rows, ...]`` at ``(layer, row,
-    0...)`` of ``[num_layers, *shape]``."""
+    returns (:func:`megatron_piece_shapes`, HF tensors of ``dtype``). Layer keys: chunk
+    ``[1, rows, ...]`` at ``(layer, row, 0...)`` of ``[num_layers, *shape]``."""
     layers = dims.arch.num_layers
     groups = []
     for m, layer in tensor_order(mappings, layers):
-        names = m.hf_names(layer)
-        pieces = m.to_megatron(dims, [source.meta(n) for n in names])
-        shape = (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
+        pieces = megatron_piece_shapes(m, dims, dtype)
+        shape = (sum(p[0] for p in pieces), *pieces[0][1:])
         lead = ((layer,), (1,), (layers,)) if m.per_layer else ((), (), ())
         chunks, row = [], 0
         for p in pieces:
             chunks.append(Chunk(m.megatron, lead[2] + shape,
-                                lead[0] + (row,) + (0,) * (p.dim() - 1),
-                                lead[1] + tuple(p.shape), p.dtype))
-            row += p.shape[0]
-        groups.append(TensorGroup(m, layer, names, tuple(chunks)))
+                                lead[0] + (row,) + (0,) * (len(p) - 1), lead[1] + p, dtype))
+            row += p[0]
+        groups.append(TensorGroup(m, layer, m.hf_names(layer), tuple(chunks)))
     return groups
 
 
@@ -237,8 +235,8 @@ def convert_hf_to_megatron(hf_dir: Optional[str], out: str, tp: int = 1, pp: int
     mappings = mappings_for(arch)
     dims = ModelDims(arch, padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp))
     source = SafetensorsCheckpoint(hf_dir)
-    check_hf_tensors(source, arch, expected_hf_tensors(arch, mappings))
-    groups = plan_chunks(source, dims, mappings)
+    dtype = check_hf_tensors(source, arch, expected_hf_tensors(arch, mappings))
+    groups = plan_chunks(dims, mappings, dtype)
     chunks = [c for g in groups for c in g.chunks]
     objects = [sharded_object_key(key, layer, arch.num_layers)
                for key in extra_state_keys(mappings) for layer in range(arch.num_layers)]

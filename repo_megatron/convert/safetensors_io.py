@@ -154,11 +154,6 @@ class SafetensorsCheckpoint:
     def location(self, name: str) -> TensorLocation:
         return self._tensors[name]
 
-    def meta(self, name: str) -> torch.Tensor:
-        """A ``meta`` tensor with the shape and dtype of ``name`` (reads no data)."""
-        t = self._tensors[name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read into its own memory with large sequential reads."""
         t = self._tensors[name]

@@ -1,9 +1,21 @@
 """Prompt datasets (local jsonl/parquet files or Hugging Face datasets, one source or a
-weighted mixture), the chat template, and a synthetic hard-sample task with worked solutions."""
+weighted mixture), the chat template, and a synthetic hard-sample task with worked solutions.
 
-from .chat import ChatFormatter, load_tokenizer
-from .dataset import DataError, load_prompts, load_sources
-from .sources import Source, resolve_sources
+Importing this package loads none of its submodules: each name below is imported on first use
+(the command line catches :class:`DataError` without loading the pipeline)."""
 
-__all__ = ["ChatFormatter", "DataError", "Source", "load_prompts", "load_sources",
-           "load_tokenizer", "resolve_sources"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"ChatFormatter": ".chat", "load_tokenizer": ".chat", "DataError": ".errors",
+            "load_prompts": ".dataset", "load_sources": ".dataset", "Source": ".sources",
+            "resolve_sources": ".sources"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -16,20 +16,10 @@ from typing import Any, Optional
 from ..config.data import DataConfig
 from ..rollout.types import Prompt
 from .chat import ChatFormatter
+from .errors import DataError
 from .sources import Source, resolve_sources, shorthand_source
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """``<file>: row <n>, column <c>: <what is wrong>``."""
-
-    def __init__(self, path: str, message: str, row: Optional[int] = None,
-                 column: Optional[str] = None):
-        where = "".join([f", row {row}" if row is not None else "",
-                         f", column {column!r}" if column is not None else ""])
-        super().__init__(f"{path}{where}: {message}")
-        self.path, self.row, self.column = path, row, column
 
 
 def _kind(value: Any) -> str:

@@ -49,6 +49,8 @@ def _known_keys(hf: Mapping[str, Any], model_type: Any) -> tuple[str, set[str]]:
 
 def check_override_keys(overrides: Mapping[str, Any], hf: Mapping[str, Any]) -> None:
     """Every key of ``overrides`` is a key of the (overridden) config's model type."""
+    if not overrides:
+        return  # nothing to check: transformers (seconds to import) is not asked
     name, known = _known_keys(hf, overrides.get("model_type", hf.get("model_type")))
     for key in overrides:
         if key not in known:

@@ -256,9 +256,24 @@ def tensor_order(mappings: list[ParamMapping], num_layers: int
     return first + layers + last
 
 
+def megatron_piece_shapes(mapping: ParamMapping, dims: ModelDims, dtype: torch.dtype
+                          ) -> list[Shape]:
+    """Shapes of the row pieces ``mapping.to_megatron`` makes from the family's HF shapes (one
+    layer's, for layer keys). A mapping that only moves rows runs on row ids (its transforms
+    are shape-generic); others on meta tensors, whose Python kernels import ``torch._dynamo``
+    (4 s from a cold page cache, so the converters avoid them where they can)."""
+    shapes = mapping.hf_shapes(dims.arch)
+    rests = {tuple(s[1:]) for s in shapes}
+    if mapping.moves_rows and len(rests) == 1:
+        (rest,) = rests
+        pieces = mapping.to_megatron(dims, [torch.arange(s[0]) for s in shapes])
+        return [(p.shape[0], *rest) for p in pieces]
+    metas = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+    return [tuple(p.shape) for p in mapping.to_megatron(dims, metas)]
+
+
 def megatron_shape(mapping: ParamMapping, dims: ModelDims, dtype: torch.dtype) -> Shape:
-    """Shape of ``mapping``'s Megatron tensor (one layer's, for layer keys), derived from
-    the HF shapes by running ``to_megatron`` on meta tensors."""
-    metas = [torch.empty(s, dtype=dtype, device="meta") for s in mapping.hf_shapes(dims.arch)]
-    pieces = mapping.to_megatron(dims, metas)
-    return (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
+    """Shape of ``mapping``'s Megatron tensor (one layer's, for layer keys): its pieces
+    (:func:`megatron_piece_shapes`) stacked by rows."""
+    pieces = megatron_piece_shapes(mapping, dims, dtype)
+    return (sum(p[0] for p in pieces), *pieces[0][1:])

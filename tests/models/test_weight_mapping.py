@@ -59,3 +59,26 @@ def test_transforms_plan_shapes_on_meta_tensors():
     kv = torch.empty(4, 4, device="meta")
     assert weight_mapping.interleave_qkv(q, kv, kv, 2).shape == (16, 4)
     assert [p.shape for p in weight_mapping.pad_vocab_rows(q, 12)] == [(8, 4), (4, 4)]
+
+
+def test_piece_shapes_on_row_ids_equal_meta_tensor_shapes():
+    """Planning on row ids (no meta kernels, no torch._dynamo import) gives the shapes that
+    ``to_megatron`` gives on meta tensors, for every family, with GQA, biases, QK norms and
+    a padded vocabulary."""
+    from repo_megatron.models.architecture import parse_hf_config
+
+    for arch_name, model_type in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"),
+                                  ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")):
+        arch = parse_hf_config({
+            "architectures": [arch_name], "model_type": model_type, "hidden_act": "silu",
+            "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
+            "vocab_size": 1003, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": False})
+        dims = weight_mapping.ModelDims(arch, 1024)
+        for m in weight_mapping.mappings_for(arch):
+            metas = [torch.empty(s, dtype=torch.bfloat16, device="meta")
+                     for s in m.hf_shapes(arch)]
+            expected = [tuple(p.shape) for p in m.to_megatron(dims, metas)]
+            assert weight_mapping.megatron_piece_shapes(m, dims, torch.bfloat16) == expected, \
+                (model_type, m.megatron)
