@@ -13,16 +13,11 @@ this package loads none of its submodules: each name above is imported on first 
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {"convert_hf_to_megatron": ".hf_to_megatron",
             "convert_megatron_to_hf": ".megatron_to_hf",
             "megatron_to_hf_named_tensors": ".weight_sync"}
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -6,16 +6,11 @@ Importing this package loads none of its submodules: each name below is imported
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _EXPORTS = {"ChatFormatter": ".chat", "load_tokenizer": ".chat", "DataError": ".errors",
             "load_prompts": ".dataset", "load_sources": ".dataset", "Source": ".sources",
             "resolve_sources": ".sources"}
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
