@@ -66,7 +66,7 @@ class TPGroup:
         itself (one copy fewer).
 
         NCCL: one all-gather. gloo: one broadcast per member into its slot; on one host
-        gloo's allgather is about twice as slow as that for the same bytes (measured by
+        gloo's allgather is 1.5-2x slower than that for the same bytes (measured by
         ``benchmarks/weight_sync.py``: ``torch_all_gather`` against ``transport``)."""
         gathered = local.new_empty((self.size * local.shape[0], *local.shape[1:]))
         shards = list(gathered.chunk(self.size))
