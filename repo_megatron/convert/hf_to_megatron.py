@@ -31,7 +31,7 @@ from ..config.base import ConfigError
 from ..hf_files import resolve_gguf, strip_gguf_quantization
 from ..models.architecture import Architecture, padded_vocab_size, read_architecture
 from ..models.weight_mapping import (ModelDims, ParamMapping, extra_state_keys, mappings_for,
-                                     megatron_piece_shapes, tensor_order)
+                                     megatron_piece_shapes, stacked_shape, tensor_order)
 from .byte_copy import Computed, Write, run_writes
 from .output import atomic_directory, check_output_directory
 from .row_plan import Segment, row_pieces
@@ -137,7 +137,7 @@ def plan_chunks(dims: ModelDims, mappings, dtype: torch.dtype) -> list[TensorGro
     groups = []
     for m, layer in tensor_order(mappings, layers):
         pieces = megatron_piece_shapes(m, dims, dtype)
-        shape = (sum(p[0] for p in pieces), *pieces[0][1:])
+        shape = stacked_shape(pieces)
         lead = ((layer,), (1,), (layers,)) if m.per_layer else ((), (), ())
         chunks, row = [], 0
         for p in pieces:

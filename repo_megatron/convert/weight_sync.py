@@ -101,10 +101,10 @@ class ExportedParam:
         when the parameter is split)."""
         local = self.param.detach()
         if self.partition_dim is None:
-            return PendingParam(self, local, [], ())
+            return PendingParam(self, local, [], (), None)
         local = local.contiguous()
         gathered, shards, handles = tp.start_gather(local, into_buffer=self.gathers_in_place)
-        return PendingParam(self, gathered, shards, (local, *handles))
+        return PendingParam(self, gathered, shards, tuple(handles), local)
 
 
 @dataclass(frozen=True)
@@ -113,17 +113,16 @@ class PendingParam:
     entry: ExportedParam
     buffer: torch.Tensor                # the gathered [tp * rows, ...] or the local tensor
     shards: list                        # the TP shards in rank order ([] when not gathered)
-    work: tuple                         # (the gather's input, its handles...); () if none
+    handles: tuple                      # the gather's collectives, to wait on
+    source: Optional[torch.Tensor]      # the gather's input, alive until they finish
 
     def global_tensor(self) -> torch.Tensor:
         """The parameter as one tensor of the whole model: the gathered buffer for a plain
         row split; one copy through ``merge_tp`` for other splits."""
-        if not self.work:
-            return self.buffer
-        for handle in self.work[1:]:
+        for handle in self.handles:
             handle.wait()
         entry = self.entry
-        if entry.gathers_in_place:
+        if entry.partition_dim is None or entry.gathers_in_place:
             return self.buffer
         return entry.mapping.merge_tp(self.shards, entry.partition_dim)
 

@@ -275,5 +275,9 @@ def megatron_piece_shapes(mapping: ParamMapping, dims: ModelDims, dtype: torch.d
 def megatron_shape(mapping: ParamMapping, dims: ModelDims, dtype: torch.dtype) -> Shape:
     """Shape of ``mapping``'s Megatron tensor (one layer's, for layer keys): its pieces
     (:func:`megatron_piece_shapes`) stacked by rows."""
-    pieces = megatron_piece_shapes(mapping, dims, dtype)
+    return stacked_shape(megatron_piece_shapes(mapping, dims, dtype))
+
+
+def stacked_shape(pieces: list[Shape]) -> Shape:
+    """The shape of row pieces concatenated along dim 0."""
     return (sum(p[0] for p in pieces), *pieces[0][1:])
