@@ -7,6 +7,11 @@ token for every running row, and finished rows leave the batch and the cache. So
 submitted while others decode (a rephrase whose group was just scored) starts at the next step
 instead of waiting for the batch to drain.
 
+Decoding appends each token's keys and values in place: the cache layers keep room to grow
+(:class:`ReservedLayer`) instead of copying the whole cache at every step, as transformers'
+``DynamicLayer`` does. On CPU the model runs outside the CPU compatibility layer's function mode
+(``cpu_compat.suspended``): it asks for no CUDA, and the hook on every torch call costs time.
+
 Each request samples with its own ``torch.Generator`` seeded from ``SamplingParams.seed``, so
 its response does not depend on the other requests in the batch, nor on when it joined (up to
 float rounding of the padded batch).
@@ -22,6 +27,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ..runtime import cpu_compat
 from .engine import (GenerationResult, GenerationStream, RolloutEngine, SamplingParams,
                      check_requests)
 from .sampling import sample_tokens
@@ -49,6 +57,50 @@ def eos_token_ids(model, tokenizer) -> frozenset[int]:
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
     return frozenset(i for i in ids if i is not None)
+
+
+class ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values ``[rows, kv_heads, width, head_dim]`` are the
+    first ``width`` columns of buffers with room for ``ROOM`` more: a decoded token is written
+    into the room, so a step copies one column, not the whole cache (``DynamicLayer`` does a
+    ``torch.cat`` per layer and step: 8% of the decode time of SmolLM2-135M at 20 rows).
+
+    Whoever replaces ``keys``/``values`` (a prefill, rows joining or leaving the batch, a trim)
+    is seen at the next update, whose first append copies them into new buffers."""
+
+    ROOM = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        width, new = self.keys.shape[-2], key_states.shape[-2]
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or buffers[2] is not self.keys or width + new > buffers[0].shape[-2]:
+            buffers = self._reserve(width + new + self.ROOM)
+        keys, values, _ = buffers
+        keys[..., width:width + new, :] = key_states
+        values[..., width:width + new, :] = value_states
+        self.keys, self.values = keys[..., :width + new, :], values[..., :width + new, :]
+        self._buffers = (keys, values, self.keys)
+        return self.keys, self.values
+
+    def _reserve(self, capacity: int) -> tuple:
+        """New buffers of ``capacity`` columns holding the current keys and values."""
+        out = []
+        for tensor in (self.keys, self.values):
+            buffer = tensor.new_empty(*tensor.shape[:-2], capacity, tensor.shape[-1])
+            buffer[..., :tensor.shape[-2], :] = tensor
+            out.append(buffer)
+        return (*out, self.keys)
+
+
+def reserved_cache(config) -> DynamicCache:
+    """An empty cache for ``config`` whose full-attention layers are :class:`ReservedLayer`
+    (sliding-window layers keep transformers' own class)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [ReservedLayer() if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -81,10 +133,11 @@ class HFEngine(RolloutEngine):
                            else "past_key_values")
 
     def forward(self, cache=None, **inputs):
-        """The model's outputs and its KV cache (``use_cache``), with ``cache`` as the past."""
-        if cache is not None:
-            inputs[self.cache_name] = cache
-        out = self.model(use_cache=True, **inputs)
+        """The model's outputs and its KV cache (``use_cache``), with ``cache`` as the past (a
+        new :func:`reserved_cache` when None)."""
+        inputs[self.cache_name] = reserved_cache(self.model.config) if cache is None else cache
+        with cpu_compat.suspended():
+            out = self.model(use_cache=True, **inputs)
         return out, getattr(out, self.cache_name)
 
     def stream(self) -> "HFStream":

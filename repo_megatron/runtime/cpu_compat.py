@@ -27,7 +27,8 @@ device placement elsewhere goes through :func:`device` / :func:`has_gpu`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -136,6 +137,19 @@ def enable() -> bool:
     _MODE.__enter__()
     log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat")
     return True
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Run torch without this layer's function mode, for code that never asks for CUDA (the
+    embedded rollout engine's transformers model): with the mode on, every torch call goes
+    through its Python hook, which made the engine's decode about 12% slower (SmolLM2-135M,
+    20 rows). Does nothing when the layer is not installed."""
+    if _MODE is None:
+        yield
+        return
+    with torch._C.DisableTorchFunction():
+        yield
 
 
 def active() -> bool:

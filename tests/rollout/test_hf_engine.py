@@ -156,3 +156,53 @@ def test_requests_beyond_the_batch_size_wait_and_join_as_rows_finish(smollm2_tok
                                               for p, q in zip(batch_prompts, params)]
     assert all(len(r.token_ids) == p.max_new_tokens if r.finish_reason == "length" else
                len(r.token_ids) < p.max_new_tokens for r, p in zip(results, params))
+
+
+def test_a_reserved_cache_layer_appends_in_place_and_sees_replaced_keys():
+    """ReservedLayer returns what DynamicLayer's torch.cat would, writes a decoded token into
+    its room (the storage stays put), and copies keys that others replaced (rows joining or
+    leaving the batch) into new buffers at the next append."""
+    from transformers.cache_utils import DynamicLayer
+
+    from repo_megatron.rollout.hf_engine import ReservedLayer
+
+    torch.manual_seed(0)
+    ours, plain = ReservedLayer(), DynamicLayer()
+    kept = []                            # alive, so that no buffer's address is reused
+    for i in range(100):                 # a 5-token prefill, then one token per step
+        new = torch.randn(3, 2, 5 if i == 0 else 1, 4)
+        if i == 10:                      # a row leaves the batch, as in HFStream._retire
+            for layer in (ours, plain):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+        if i >= 10:
+            new = new[[0, 2]]
+        keys, values = ours.update(new, -new)
+        want_keys, want_values = plain.update(new, -new)
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+        kept.append(keys)
+    storage = [k.untyped_storage().data_ptr() for k in kept]
+    # new buffers: at the first decoded token, after the row left (step 10: its 15 columns
+    # + 64 of room = 79, the width after step 74) and when that room ran out (step 75);
+    # every other step wrote into the room
+    assert [i for i in range(1, 100) if storage[i] != storage[i - 1]] == [1, 10, 75]
+    assert ReservedLayer.ROOM == 64
+
+
+def test_the_engine_runs_outside_the_cpu_compat_function_mode(tiny_engine, prompts,
+                                                               monkeypatch):
+    """The engine's model runs with no torch-function hook (cpu_compat.suspended); a model
+    that asked for CUDA there would fail loudly instead of being sent to the CPU."""
+    from repo_megatron.runtime import cpu_compat
+
+    if cpu_compat.has_gpu():
+        pytest.skip("the CPU compatibility layer is only installed without a GPU")
+    cpu_compat.enable()
+    seen = []
+    hook = tiny_engine.model.register_forward_pre_hook(
+        lambda *_: seen.append(torch._C._is_torch_function_enabled()))
+    try:
+        tiny_engine.generate(prompts[:1], [PARAMS])
+    finally:
+        hook.remove()
+    assert torch.zeros(1, device="cuda").device.type == "cpu"   # the mode is on outside
+    assert seen and not any(seen)
