@@ -34,11 +34,14 @@ class RePOConfig:
     failure_rate_threshold: float = knob(
         1.0, "rho: rephrase and inject when the group's failure rate gamma >= rho (ours: only "
              "groups that failed entirely, where GRPO has no signal)", ge=0, le=1)
-    schedule: str = knob("lazy", "`lazy`: rephrase once every group is gated (one more round); "
+    schedule: str = knob("auto", "`lazy`: rephrase once every group is gated (one more round); "
                                  "`overlap`: rephrase a group as soon as its own rollouts are "
                                  "scored and its gate fires, while others still decode; `eager`: "
                                  "rephrase alongside the rollouts, discard if the gate stays shut "
-                                 "(wasted tokens, no wait)", choices=["lazy", "overlap", "eager"])
+                                 "(wasted tokens, no wait); `auto`: eager for prompts whose "
+                                 "gate is likely to fire (their last group tripped it; unseen "
+                                 "ones when half the last round's groups did), overlap for the "
+                                 "rest", choices=["lazy", "overlap", "eager", "auto"])
     rephrase_template: str = knob(DEFAULT_REPHRASE_TEMPLATE,
                                   "Prompt P(q, k); {question} and {solution} are filled in")
     meta_patterns: list[str] = knob(default_factory=lambda: list(DEFAULT_META_PATTERNS),

@@ -490,13 +490,14 @@ class RolloutSide:
         replay = self.stage.replay
         return {"sampler": self.sampler.state(),
                 "replay": replay.state() if replay is not None else None,
-                "ledger": self.ledger.state()}
+                "ledger": self.ledger.state(), "injection": self.stage.injection.state()}
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state(state["sampler"])
         if self.stage.replay is not None and state.get("replay") is not None:
             self.stage.replay.load_state(state["replay"])
         self.ledger.load_state(state.get("ledger"))
+        self.stage.injection.load_state(state.get("injection") or {})
         self.ledger.export(self.ledger_path)    # drop what a killed run recorded after it
 
     def close(self) -> None:

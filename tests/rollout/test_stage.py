@@ -117,12 +117,14 @@ def run_schedule(schedule, engine=None, step=3):
     return stage.run(MANY, step=step), engine
 
 
-def test_eager_lazy_and_overlap_give_the_same_groups_under_a_fixed_seed():
+def test_eager_lazy_overlap_and_auto_give_the_same_groups_under_a_fixed_seed():
     lazy, _ = run_schedule("lazy")
     eager, _ = run_schedule("eager")
     overlap, _ = run_schedule("overlap")
+    auto, _ = run_schedule("auto")
     assert groups_signature(lazy.groups) == groups_signature(eager.groups)
     assert groups_signature(lazy.groups) == groups_signature(overlap.groups)
+    assert groups_signature(lazy.groups) == groups_signature(auto.groups)
     assert any(g.injected_index is not None for g in lazy.groups)     # the test means something
     assert any(g.gate_fired for g in lazy.groups) and not all(g.gate_fired for g in lazy.groups)
     # the trade-off: eager sends one request batch but samples rephrases it then discards;
@@ -135,7 +137,7 @@ def test_eager_lazy_and_overlap_give_the_same_groups_under_a_fixed_seed():
     assert lazy.metrics["rollout/rephrase_requests"] == overlap.metrics["rollout/rephrase_requests"]
 
 
-@pytest.mark.parametrize("schedule", ["lazy", "overlap", "eager"])
+@pytest.mark.parametrize("schedule", ["lazy", "overlap", "eager", "auto"])
 @pytest.mark.parametrize("order", ["reversed", "shuffled"])
 def test_groups_do_not_depend_on_the_order_requests_finish_in(schedule, order):
     reference, _ = run_schedule(schedule)
@@ -207,3 +209,49 @@ def test_step_metrics():
     for name in ("response_length_mean", "response_length_max", "truncated_share",
                  "generated_tokens", "time_s", "reward_failures"):
         assert f"rollout/{name}" in metrics
+
+
+def rephrases_with_the_rollouts(engine):
+    """How many rephrase prompts the first engine call (the rollouts' batch) held."""
+    return sum(is_rephrase_prompt(t) for t in engine.calls[0])
+
+
+def test_auto_samples_rephrases_eagerly_only_for_prompts_likely_to_trip_the_gate():
+    from repo_megatron.rollout.injection.repo import likely_to_trip
+
+    assert likely_to_trip(True, 0.0) and not likely_to_trip(False, 1.0)      # own history first
+    assert likely_to_trip(None, 0.5) and not likely_to_trip(None, 0.49)
+    assert not likely_to_trip(None, None)                                     # the first round
+
+    options = {**SCHEDULE_OPTIONS, "repo": {**SCHEDULE_OPTIONS["repo"], "schedule": "auto"}}
+    stage, engine = make_stage(random_script, **options)
+    first = stage.run(MANY, step=0)
+    # nothing known yet: no rephrase goes with the rollouts, the tripped gates follow up
+    assert rephrases_with_the_rollouts(engine) == 0 and stage.injection.prefetched == set()
+    tripped = {g.prompt.uid for g in first.groups if g.gate_fired}
+    with_solution = {p.uid for p in MANY if p.solution is not None}
+    assert tripped and tripped != with_solution                  # the test means something
+    assert first.metrics["rollout/rephrase_requests"] == 2 * len(tripped)   # 2 attempts each
+    assert first.metrics["rollout/rephrase_discarded"] == 0
+
+    # the next step: the tripped prompts go eagerly, and an unseen one if half the gates fired
+    unseen = prompt("new", "Compute (30 + 1) * 2.", "62", solution="\\boxed{62}")
+    engine.calls.clear()
+    second = stage.run(MANY + [unseen], step=1)
+    expected = tripped | ({"new"} if len(tripped) / len(with_solution) >= 0.5 else set())
+    assert stage.injection.prefetched == expected
+    assert rephrases_with_the_rollouts(engine) == 2 * len(expected)
+    fired = {g.prompt.uid for g in second.groups if g.gate_fired}
+    assert second.metrics["rollout/rephrase_discarded"] == 2 * len(expected - fired)
+    assert second.metrics["rollout/rephrase_requests"] == 2 * len(expected | fired)
+
+    # the same groups as lazy whatever was forecast; the forecast's state survives a resume
+    lazy, _ = make_stage(random_script, **SCHEDULE_OPTIONS)
+    assert groups_signature(second.groups) == groups_signature(
+        lazy.run(MANY + [unseen], step=1).groups)
+    state = stage.injection.state()
+    assert state["last_fired"] == {g.prompt.uid: g.gate_fired for g in second.groups
+                                   if g.prompt.solution is not None}
+    resumed, _ = make_stage(random_script, **options)
+    resumed.injection.load_state(state)
+    assert resumed.injection.state() == state

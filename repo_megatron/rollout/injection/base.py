@@ -41,6 +41,13 @@ class Injection(abc.ABC):
         may still be decoding (overlapped schedules)."""
         return []
 
+    def state(self) -> dict:
+        """Plain data a resumed run needs to schedule as the uninterrupted one would."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore a :meth:`state`."""
+
     @abc.abstractmethod
     def inject(self, groups: list[Group], sampled: Sequence[tuple[Request, GenerationResult]],
                tools: StageTools) -> tuple[list[Group], dict[str, float]]:

@@ -14,13 +14,18 @@ Schedules (per-request seeds make all three give the same groups):
   while the other groups are still decoding (no wasted tokens; on a streaming engine the
   rephrases join the running batch);
 - ``eager``: rephrase every prompt with a solution together with its rollouts and discard
-  the rephrases whose gate stays shut (no waiting for the gate, wasted tokens).
+  the rephrases whose gate stays shut (no waiting for the gate, wasted tokens);
+- ``auto``: eager for the prompts whose gate is likely to fire (:func:`likely_to_trip`: the
+  prompt's own last group tripped it, or, for a prompt not sampled before, at least half the
+  groups of the last round did), overlap for the others. Eager pays tokens for every gate that
+  stays shut, overlap a second decode for every one that fires; on hard data (every group
+  failing) auto decodes like eager, on easy data like overlap.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ...rewards.base import RewardResult
 from ..engine import GenerationResult
@@ -30,11 +35,24 @@ from . import register_injection
 from .base import Injection, Request
 
 
+def likely_to_trip(last_fired: Optional[bool], recent_rate: Optional[float]) -> bool:
+    """``auto``'s forecast of a prompt's gate: how its own last group went, if it has been
+    sampled before; otherwise whether at least half the groups (with a solution) of the last
+    round tripped theirs (False before any round)."""
+    if last_fired is not None:
+        return last_fired
+    return recent_rate is not None and recent_rate >= 0.5
+
+
 @register_injection("repo")
 class RePOInjection(Injection):
     def __init__(self, algorithm, formatter):
         self.cfg = algorithm.repo
         self.formatter = formatter
+        # auto's forecast: each prompt's last gate, the last round's rate, this round's eager set
+        self.last_fired: dict[str, bool] = {}
+        self.recent_rate: Optional[float] = None
+        self.prefetched: set[str] = set()
 
     def rephrase_requests(self, prompts: Sequence[Prompt]) -> list[Request]:
         """``num_rephrase_attempts`` requests of P(q, k) per prompt."""
@@ -47,14 +65,25 @@ class RePOInjection(Injection):
         return requests
 
     def prefetch(self, prompts):
-        if self.cfg.schedule != "eager":
-            return []
-        return self.rephrase_requests([p for p in prompts if p.solution is not None])
+        schedule = self.cfg.schedule
+        eager = [p for p in prompts if p.solution is not None and (
+            schedule == "eager" or schedule == "auto" and
+            likely_to_trip(self.last_fired.get(p.uid), self.recent_rate))]
+        self.prefetched = {p.uid for p in eager}
+        return self.rephrase_requests(eager) if schedule in ("eager", "auto") else []
 
     def follow_up(self, group):
-        if self.cfg.schedule != "overlap" or not group.gate_fired:
+        if self.cfg.schedule not in ("overlap", "auto") or not group.gate_fired or \
+                group.prompt.uid in self.prefetched:
             return []
         return self.rephrase_requests([group.prompt])
+
+    def state(self) -> dict:
+        return {"last_fired": dict(self.last_fired), "recent_rate": self.recent_rate}
+
+    def load_state(self, state: dict) -> None:
+        self.last_fired = dict(state.get("last_fired", {}))
+        self.recent_rate = state.get("recent_rate")
 
     def rephrased_sample(self, request: Request, result: GenerationResult,
                          reward: RewardResult, text: str) -> Sample:
@@ -88,6 +117,10 @@ class RePOInjection(Injection):
                 self.rephrased_sample(request, result, reward, text))
         out = [self.inject_group(g, attempts.get(g.prompt.uid, [])) if g.gate_fired else g
                for g in groups]
+        with_solution = [g for g in groups if g.prompt.solution is not None]
+        self.last_fired.update({g.prompt.uid: g.gate_fired for g in with_solution})
+        if with_solution:
+            self.recent_rate = sum(g.gate_fired for g in with_solution) / len(with_solution)
         return out, {"rephrase_requests": float(len(pairs) + discarded),
                      "rephrase_discarded": float(discarded)}
 
