@@ -17,6 +17,8 @@ gradient checkpointing (``--trl-gradient-checkpointing off`` switches it off).
 Each system runs in a process of its own (so that peak memory is its own):
 - ``trl``: GRPO in TRL;
 - ``grpo``: ours with ``algorithm.injection: none``;
+- ``grpo-recompute`` (``--recompute``): the same with full activation recomputation, as TRL's
+  gradient checkpointing;
 - ``repo-<schedule>``: ours with RePO, one run per ``--schedules`` entry (``auto``, ``lazy``,
   ``overlap``, ``eager``); the first one is the RePO that the goals use (default: ``auto``, the
   quickstart's and the default schedule).
@@ -28,9 +30,10 @@ Per system it reports:
 - fixed costs: imports, start-up, first eval, checkpoint and Hugging Face export (ours);
 - peak RSS of the trainer process (VmHWM) and, separately, of its reward workers, with the
   phase in which the trainer's RSS peaked (sampled every 50 ms);
-- what the training state holds, counted from its tensors after the last step: weights,
-  gradients, optimizer state and (ours) the rollout engine's copy of the weights; the rest of
-  the peak is activations, the KV cache, libraries and allocator slack;
+- what the training state holds, counted from its tensors (ours after the last step, TRL's
+  before its last optimizer step, while it has gradients): weights, gradients, optimizer state
+  and (ours) the rollout engine's copy of the weights; the rest of the peak is activations,
+  the KV cache, libraries and allocator slack;
 - the load average at start and end.
 
 Step figures are means over steps 2..N (step 1 warms up). Ratios: ``grpo`` and ``repo`` step
@@ -135,8 +138,10 @@ def children_peak_mib() -> float:
     return sum(status_mib("VmHWM", str(c.pid)) for c in psutil.Process().children(recursive=True))
 
 
-def workload_config(run_dir: str, steps: int, injection: str, schedule: str):
-    """The quickstart config, matched to the TRL run (see the module docstring)."""
+def workload_config(run_dir: str, steps: int, injection: str, schedule: str,
+                    extra: tuple = ()):
+    """The quickstart config, matched to the TRL run (see the module docstring), with
+    ``extra`` overrides."""
     from repo_megatron.config import load_config
     return load_config(QUICKSTART, [
         f"run_dir={run_dir}", f"train_steps={steps}", f"algorithm.injection={injection}",
@@ -147,7 +152,7 @@ def workload_config(run_dir: str, steps: int, injection: str, schedule: str):
         "algorithm.clip_high=0.28", "algorithm.loss_agg_mode=token-mean",
         "algorithm.ppo_epochs=1", "algorithm.global_batch_size=null",
         f"algorithm.micro_batch_size={MICRO_BATCH}", "logging.progress_bar=false",
-        "logging.tensorboard=false", "checkpoint.save_interval=0", *PROMPT_OVERRIDES])
+        "logging.tensorboard=false", "checkpoint.save_interval=0", *PROMPT_OVERRIDES, *extra])
 
 
 def run_ours(args) -> dict:
@@ -161,7 +166,8 @@ def run_ours(args) -> dict:
     watch = MemoryWatch()
     fixed, steps = {"imports_s": imports_s}, []
     with tempfile.TemporaryDirectory(prefix="step_time_") as run_dir:
-        cfg = workload_config(run_dir, args.steps, args.injection, args.schedule)
+        cfg = workload_config(run_dir, args.steps, args.injection, args.schedule,
+                              tuple(args.override))
         t = time.perf_counter()
         watch.phase = "start-up"
         session = Session(cfg)
@@ -267,11 +273,16 @@ def run_trl(args) -> dict:
                 for c, a, q in zip(completions, answer, question)]
 
     steps: list[dict] = []
+    memory: dict = {}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
             steps.append({"t0": time.perf_counter()})
             watch.phase = "rollout"
+
+        def on_pre_optimizer_step(self, *_, model=None, optimizer=None, **__):
+            # gradients exist only from the backward to the optimizer step (then set to None)
+            memory.update(model_state_mib([model], optimizer))
 
         def on_step_end(self, *_, **__):
             steps[-1]["step_s"] = time.perf_counter() - steps[-1].pop("t0")
@@ -307,7 +318,6 @@ def run_trl(args) -> dict:
         trainer._generate_and_score_completions = timed_generate
         fixed["startup_s"] = time.perf_counter() - t
         trainer.train()
-        memory = model_state_mib([trainer.model], trainer.optimizer)
         memory["engine_weights_mib"] = 0.0     # TRL samples with the model it trains
     for s in steps:
         s["train_s"] = s["update_s"] = s["step_s"] - s["gen_s"]
@@ -388,10 +398,14 @@ def main() -> None:
                         help="comma-separated RePO schedules to run; the first is the goals' RePO")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on")
+    parser.add_argument("--recompute", action="store_true",
+                        help="also run our GRPO with full activation recomputation "
+                             "(model.recompute_granularity=full), TRL's gradient checkpointing")
     parser.add_argument("--child", choices=["trl", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--injection", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--schedule", default="lazy", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_main(args)
@@ -406,6 +420,10 @@ def main() -> None:
         results["trl"] = run_child("trl", common + [
             "--child", "trl", "--trl-gradient-checkpointing", args.trl_gradient_checkpointing])
     results["grpo"] = run_child("grpo", common + ["--child", "ours", "--injection", "none"])
+    if args.recompute:
+        results["grpo-recompute"] = run_child("grpo-recompute", common + [
+            "--child", "ours", "--injection", "none",
+            "--override", "model.recompute_granularity=full"])
     schedules = [s for s in args.schedules.split(",") if s]
     for schedule in schedules:
         results[f"repo-{schedule}"] = run_child(f"repo-{schedule}", common + [

@@ -74,14 +74,14 @@ class ReservedLayer(DynamicLayer):
         if not self.is_initialized or self.keys.numel() == 0:
             return super().update(key_states, value_states, *args, **kwargs)
         width, new = self.keys.shape[-2], key_states.shape[-2]
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or buffers[2] is not self.keys or width + new > buffers[0].shape[-2]:
-            buffers = self._reserve(width + new + self.ROOM)
-        keys, values, _ = buffers
+        room = getattr(self, "room", None)     # (keys buffer, values buffer, the keys we gave)
+        if room is None or room[2] is not self.keys or width + new > room[0].shape[-2]:
+            room = self._reserve(width + new + self.ROOM)
+        keys, values, _ = room
         keys[..., width:width + new, :] = key_states
         values[..., width:width + new, :] = value_states
         self.keys, self.values = keys[..., :width + new, :], values[..., :width + new, :]
-        self._buffers = (keys, values, self.keys)
+        self.room = (keys, values, self.keys)
         return self.keys, self.values
 
     def _reserve(self, capacity: int) -> tuple:

@@ -117,8 +117,11 @@ def make_stage(script: Script, *, group_size: int = 4, injection: str = "repo", 
                rewards=None, repo: dict = None, replay: dict = None, dynamic: dict = None,
                engine: RolloutEngine = None):
     """A stage over ``engine`` (default: a :class:`ScriptedEngine` of ``script``); returns
-    (stage, engine)."""
-    algorithm = AlgorithmConfig(injection=injection, repo=RePOConfig(**(repo or {})),
+    (stage, engine). The RePO schedule is ``lazy`` unless ``repo`` names one (one round trip
+    per phase, which the engine-call counts here assume; the schedules are compared in
+    test_stage.py)."""
+    algorithm = AlgorithmConfig(injection=injection,
+                                repo=RePOConfig(**{"schedule": "lazy", **(repo or {})}),
                                 replay=ReplayConfig(**(replay or {})),
                                 dynamic_sampling=DynamicSamplingConfig(**(dynamic or {})))
     engine = engine or ScriptedEngine(script)

@@ -221,37 +221,51 @@ def test_auto_samples_rephrases_eagerly_only_for_prompts_likely_to_trip_the_gate
 
     assert likely_to_trip(True, 0.0) and not likely_to_trip(False, 1.0)      # own history first
     assert likely_to_trip(None, 0.5) and not likely_to_trip(None, 0.49)
-    assert not likely_to_trip(None, None)                                     # the first round
+    assert likely_to_trip(None, None)                     # the first round: RePO's hard data
 
     options = {**SCHEDULE_OPTIONS, "repo": {**SCHEDULE_OPTIONS["repo"], "schedule": "auto"}}
     stage, engine = make_stage(random_script, **options)
     first = stage.run(MANY, step=0)
-    # nothing known yet: no rephrase goes with the rollouts, the tripped gates follow up
-    assert rephrases_with_the_rollouts(engine) == 0 and stage.injection.prefetched == set()
-    tripped = {g.prompt.uid for g in first.groups if g.gate_fired}
+    # nothing known yet: every prompt with a solution is rephrased with its rollouts
     with_solution = {p.uid for p in MANY if p.solution is not None}
+    assert stage.injection.prefetched == with_solution
+    assert rephrases_with_the_rollouts(engine) == 2 * len(with_solution)    # 2 attempts each
+    tripped = {g.prompt.uid for g in first.groups if g.gate_fired}
     assert tripped and tripped != with_solution                  # the test means something
-    assert first.metrics["rollout/rephrase_requests"] == 2 * len(tripped)   # 2 attempts each
-    assert first.metrics["rollout/rephrase_discarded"] == 0
+    assert first.metrics["rollout/rephrase_discarded"] == 2 * len(with_solution - tripped)
 
-    # the next step: the tripped prompts go eagerly, and an unseen one if half the gates fired
-    unseen = prompt("new", "Compute (30 + 1) * 2.", "62", solution="\\boxed{62}")
-    engine.calls.clear()
-    second = stage.run(MANY + [unseen], step=1)
-    expected = tripped | ({"new"} if len(tripped) / len(with_solution) >= 0.5 else set())
-    assert stage.injection.prefetched == expected
-    assert rephrases_with_the_rollouts(engine) == 2 * len(expected)
-    fired = {g.prompt.uid for g in second.groups if g.gate_fired}
-    assert second.metrics["rollout/rephrase_discarded"] == 2 * len(expected - fired)
-    assert second.metrics["rollout/rephrase_requests"] == 2 * len(expected | fired)
+    # the next steps: the tripped prompts go eagerly, an unseen one if half the gates fired,
+    # and the gates that fired unforeseen follow up (overlap)
+    wasted, unforeseen = set(), set()
+    for step, rate_low in ((1, False), (2, True)):
+        unseen = prompt(f"new{step}", f"Compute (30 + {step}) * 2.", "62",
+                        solution="\\boxed{62}")
+        if rate_low:                  # forecast from a round where fewer than half fired
+            stage.injection.recent_rate = 0.25
+        rate = stage.injection.recent_rate
+        last = dict(stage.injection.last_fired)
+        engine.calls.clear()
+        batch = stage.run(MANY + [unseen], step=step)
+        expected = {p.uid for p in MANY if last.get(p.uid)} | (
+            {unseen.uid} if rate >= 0.5 else set())
+        assert stage.injection.prefetched == expected
+        assert rephrases_with_the_rollouts(engine) == 2 * len(expected)
+        fired = {g.prompt.uid for g in batch.groups if g.gate_fired}
+        assert batch.metrics["rollout/rephrase_discarded"] == 2 * len(expected - fired)
+        assert batch.metrics["rollout/rephrase_requests"] == 2 * len(expected | fired)
+        wasted |= expected - fired
+        unforeseen |= fired - expected
+    assert wasted and unforeseen                    # both ways a forecast can miss were seen
+    second = batch
 
     # the same groups as lazy whatever was forecast; the forecast's state survives a resume
     lazy, _ = make_stage(random_script, **SCHEDULE_OPTIONS)
     assert groups_signature(second.groups) == groups_signature(
-        lazy.run(MANY + [unseen], step=1).groups)
+        lazy.run(MANY + [unseen], step=2).groups)
     state = stage.injection.state()
-    assert state["last_fired"] == {g.prompt.uid: g.gate_fired for g in second.groups
-                                   if g.prompt.solution is not None}
+    assert set(state["last_fired"]) == with_solution | {"new1", "new2"}
+    assert all(state["last_fired"][g.prompt.uid] == g.gate_fired for g in second.groups
+               if g.prompt.solution is not None)
     resumed, _ = make_stage(random_script, **options)
     resumed.injection.load_state(state)
     assert resumed.injection.state() == state
