@@ -40,7 +40,8 @@ class RePOConfig:
                                  "rephrase alongside the rollouts, discard if the gate stays shut "
                                  "(wasted tokens, no wait); `auto`: eager for prompts whose "
                                  "gate is likely to fire (their last group tripped it; unseen "
-                                 "ones when half the last round's groups did), overlap for the "
+                                 "ones when half the last round's groups did, and all before the "
+                                 "first round), overlap for the "
                                  "rest", choices=["lazy", "overlap", "eager", "auto"])
     rephrase_template: str = knob(DEFAULT_REPHRASE_TEMPLATE,
                                   "Prompt P(q, k); {question} and {solution} are filled in")
