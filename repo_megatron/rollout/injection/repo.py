@@ -17,9 +17,9 @@ Schedules (per-request seeds make all three give the same groups):
   the rephrases whose gate stays shut (no waiting for the gate, wasted tokens);
 - ``auto``: eager for the prompts whose gate is likely to fire (:func:`likely_to_trip`: the
   prompt's own last group tripped it, or, for a prompt not sampled before, at least half the
-  groups of the last round did, or no round has run yet), overlap for the others. Eager pays tokens for every gate that
-  stays shut, overlap a second decode for every one that fires; on hard data (every group
-  failing) auto decodes like eager, on easy data like overlap.
+  groups of the last round did, or no round has run yet), overlap for the others. Eager pays
+  tokens for every gate that stays shut, overlap a second decode for every one that fires; on
+  hard data (every group failing) auto decodes like eager, on easy data like overlap.
 """
 
 from __future__ import annotations
