@@ -39,8 +39,9 @@ Per system it reports:
 Step figures are means over steps 2..N (step 1 warms up). TRL runs first and again last
 (``trl-end``): a machine's speed drifts over the half hour or more that the systems take, and
 the mean of TRL's two runs brackets ours (``trl_end_over_start`` says how far it drifted).
-Ratios: ``grpo`` and ``repo`` step over that mean, and RePO's generation phase over our GRPO's. Ends with ONE JSON line. Run it
-under the team's heavy lock: ``flock /work/team/heavy.lock python benchmarks/step_time.py``.
+Ratios: ``grpo`` and ``repo`` step over that mean, and RePO's generation phase over our GRPO's.
+Ends with ONE JSON line. It measures wall time: run it on a quiet machine (on a shared one,
+under a lock the other heavy jobs take too, e.g. ``flock /path/to/lock python ...``).
 """
 
 from __future__ import annotations
