@@ -6,7 +6,7 @@ with the best attempt if it is verified (``R_rep >= delta``, unless ``require_ve
 off). The injected sample is a response to q: the engine's log-probs (computed under P(q, k))
 are dropped, so the trainer recomputes old log-probs under q.
 
-Schedules (per-request seeds make all three give the same groups):
+Schedules (per-request seeds make all four give the same groups):
 
 - ``lazy``: rephrase after every group is gated (one more round after the rollouts, no wasted
   tokens);
