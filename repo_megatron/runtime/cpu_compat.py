@@ -20,6 +20,12 @@ makes the genuine Megatron TP/PP/DP code run on CPU with the gloo backend:
   under PP), and reports CPU float tensors as ``torch.cuda.*Tensor`` to the two type checks
   in gradient clipping and the distributed optimizer.
 
+With ``enable(device_faithful=True)`` the CPU also behaves like a GPU where placement matters
+(:mod:`.device_faithful`): :func:`device` answers ``cuda:0``, what is created there or moved
+there is a *device* tensor that reports ``cuda:0`` (``.device``, ``.is_cuda``, ``.type()``),
+``.cpu()`` of it is a host copy and ``.numpy()`` of it raises, as on a GPU; mixing it with host
+tensors, or handing it to the wrong collective, raises.
+
 Nothing here runs when a GPU is present, and no other module of repo_megatron names CUDA:
 device placement elsewhere goes through :func:`device` / :func:`has_gpu`.
 """
@@ -36,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _MODE: "CudaToCpuMode | None" = None
+_GPU = torch.device("cuda", 0)   # where device tensors say they are in device-faithful mode
 
 
 def has_gpu() -> bool:
@@ -44,8 +51,11 @@ def has_gpu() -> bool:
 
 
 def device() -> torch.device:
-    """The device this rank computes on: its GPU, or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
+    """The device this rank computes on: its GPU, or the CPU (``cuda:0`` in device-faithful
+    mode, which places such tensors on the CPU and tracks them as device tensors)."""
+    if has_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _GPU if device_faithful() else torch.device("cpu")
 
 
 def set_device(local_rank: int) -> None:
@@ -81,7 +91,7 @@ def _is_cuda(dev: Any) -> bool:
         return dev.type == "cuda"
     if isinstance(dev, str):
         return dev.startswith("cuda")
-    return False
+    return isinstance(dev, int) and not isinstance(dev, bool)  # an ordinal: a CUDA device
 
 
 _CPU = torch.device("cpu")
@@ -107,6 +117,89 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_DEVICE_GET = torch.Tensor.device.__get__
+_IS_CUDA_GET = torch.Tensor.is_cuda.__get__
+_IS_CPU_GET = torch.Tensor.is_cpu.__get__
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+class DeviceFaithfulMode(CudaToCpuMode):
+    """:class:`CudaToCpuMode` that also keeps track of device tensors (:mod:`.device_faithful`)
+    and answers placement questions about them as a GPU run would."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from .device_faithful import DEVICE, DevicePlacementError, describe
+
+        kwargs = kwargs or {}
+        if func == _DEVICE_GET:
+            return _GPU if args[0] in DEVICE else func(*args)
+        if func == _IS_CUDA_GET:
+            return args[0] in DEVICE
+        if func == _IS_CPU_GET:
+            return args[0] not in DEVICE
+        if func is torch.Tensor.get_device:
+            return 0 if args[0] in DEVICE else -1
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name) if args[0] in DEVICE else name
+        if func is torch.Tensor.numpy and args[0] in DEVICE:
+            raise DevicePlacementError(f"device-faithful: .numpy() of {describe(args[0])}: "
+                                       "on a GPU this raises (copy it with .cpu() first)")
+        if func is torch.Tensor.cuda:
+            return self._to_device(args[0], args[0])
+        if func is torch.Tensor.cpu:
+            return self._to_host(args[0], args[0].clone() if args[0] in DEVICE else args[0])
+        if func is torch._C._nn._parse_to:      # Module.to's argument parsing: keep cuda
+            return func(*args, **kwargs)
+        if func is torch.Tensor.to:
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if isinstance(target, torch.Tensor):          # .to(other): other's placement
+                target = _GPU if target in DEVICE else target.device
+            if _is_cuda(target):
+                args, kwargs = self._redirect(args, kwargs)
+                return self._to_device(args[0], func(*args, **kwargs))
+            if target is not None and not isinstance(target, torch.dtype):
+                return self._to_host(args[0], func(*args, **kwargs))
+            return func(*args, **kwargs)
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            out = func(*args, **{**kwargs, "device": _CPU})
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    DEVICE.add(t)
+            return out
+        return super().__torch_function__(func, types, args, kwargs)
+
+    @staticmethod
+    def _redirect(args, kwargs):
+        if "device" in kwargs:
+            return args, {**kwargs, "device": _CPU}
+        return (args[0], _CPU, *args[2:]), kwargs
+
+    @staticmethod
+    def _to_device(source: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``source`` moved to the GPU: a host tensor is copied (as CUDA copies it)."""
+        from .device_faithful import DEVICE
+
+        if source not in DEVICE and _same_storage(source, result):
+            result = result.clone()
+        DEVICE.add(result)
+        return result
+
+    @staticmethod
+    def _to_host(source: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``source`` moved to the host: a device tensor is copied, and the copy is host."""
+        from .device_faithful import DEVICE
+
+        if source in DEVICE:
+            if _same_storage(source, result):
+                result = result.clone()
+            DEVICE.discard(result)
+        return result
+
+
 class _CompletedStream:
     """The CPU's stand-in for a CUDA stream: all work on it has completed already."""
 
@@ -120,23 +213,38 @@ class _CompletedStream:
         pass
 
 
-def enable() -> bool:
+def enable(device_faithful: bool = False) -> bool:
     """Install the CPU compatibility layer if there is no GPU. Idempotent; returns whether
-    it is active."""
+    it is active. ``device_faithful``: also the checks of :mod:`.device_faithful` (must be
+    asked for by the first call in a process, before any process group exists)."""
     global _MODE
     if has_gpu():
         return False
     if _MODE is not None:
+        if device_faithful and not isinstance(_MODE, DeviceFaithfulMode):
+            raise RuntimeError("cpu_compat is already enabled without device_faithful: enable "
+                               "it device-faithful first, before any process group exists")
         return True
-    torch.cuda.current_device = lambda: _CPU
+    if device_faithful:
+        from . import device_faithful as checks
+        checks.install()
+    # In device-faithful mode megatron-core's device=torch.cuda.current_device() is the
+    # ordinal a GPU run passes; the function mode places it on the CPU as a device tensor.
+    torch.cuda.current_device = (lambda: 0) if device_faithful else (lambda: _CPU)
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _CompletedStream()
     torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = \
         lambda device="cuda": torch.empty(0, dtype=torch.uint8)
-    _MODE = CudaToCpuMode()
+    _MODE = DeviceFaithfulMode() if device_faithful else CudaToCpuMode()
     _MODE.__enter__()
-    log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat")
+    log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat%s",
+             ", device-faithful" if device_faithful else "")
     return True
+
+
+def device_faithful() -> bool:
+    """Whether this process runs in device-faithful mode."""
+    return isinstance(_MODE, DeviceFaithfulMode)
 
 
 @contextmanager

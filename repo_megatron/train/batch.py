@@ -137,26 +137,28 @@ def _fit_length(values: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def mismatch_metrics(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
-                     loss_mask: torch.Tensor, onpolicy: torch.Tensor) -> dict[str, float]:
+                     loss_mask: torch.Tensor, onpolicy: torch.Tensor) -> torch.Tensor:
     """Train/rollout log-prob mismatch over on-policy samples with valid behaviour log-probs
-    (never rephrased, expert or replayed ones): sums and max of ``|old - behaviour|``, and the
-    token count, for the caller to reduce across ranks."""
-    mask = loss_mask.bool() & onpolicy[:, None]
-    diff = (old_logprobs - behaviour_logprobs).abs()[mask]
-    return {"sum": float(diff.sum()), "max": float(diff.max()) if diff.numel() else 0.0,
-            "tokens": float(diff.numel())}
+    (never rephrased, expert or replayed ones): ``[sum, max, tokens]`` of ``|old -
+    behaviour|``, float64 on ``old_logprobs``' device (the host-built inputs are moved there),
+    for the caller to add up over micro-batches and reduce across ranks without a host sync."""
+    dev = old_logprobs.device
+    mask = loss_mask.to(dev).bool() & onpolicy.to(dev)[:, None]
+    diff = torch.where(mask, (old_logprobs - behaviour_logprobs.to(dev)).abs(), 0.0).double()
+    return torch.stack([diff.sum(), diff.max(), mask.sum().double()])
 
 
 def truncated_importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
                                  loss_mask: torch.Tensor, onpolicy: torch.Tensor,
                                  cap: Optional[float]) -> torch.Tensor:
-    """Per-token ``min(pi_old / pi_behaviour, cap)`` on on-policy tokens (1 elsewhere): the
-    truncated importance sampling correction of the rollout engine's sampling mismatch. PPO's
-    clipped objective is linear in a positive per-token weight, so it is applied by scaling
-    the advantages."""
+    """Per-token ``min(pi_old / pi_behaviour, cap)`` on on-policy tokens (1 elsewhere), on
+    ``old_logprobs``' device: the truncated importance sampling correction of the rollout
+    engine's sampling mismatch. PPO's clipped objective is linear in a positive per-token
+    weight, so it is applied by scaling the advantages."""
     weights = torch.ones_like(old_logprobs)
     if cap is None:
         return weights
-    mask = loss_mask.bool() & onpolicy[:, None]
-    ratio = torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap)
+    dev = old_logprobs.device
+    mask = loss_mask.to(dev).bool() & onpolicy.to(dev)[:, None]
+    ratio = torch.exp(old_logprobs - behaviour_logprobs.to(dev)).clamp(max=cap)
     return torch.where(mask, ratio, weights)

@@ -41,6 +41,11 @@ from ..runtime.launch import DistributedRunError, run_distributed
 log = logging.getLogger(__name__)
 
 DRY_VOCAB = 1000
+DEVICE_FAITHFUL_NOTE = (
+    "dry run: device-faithful: every rank tracks which tensors a GPU run holds on the GPU "
+    "(repo_megatron.runtime.device_faithful) and fails the step where CUDA or NCCL would: a "
+    "host tensor meeting a device tensor, a host tensor in an NCCL collective, a device tensor "
+    "on the gloo control plane")
 # What every rank imports (the trainer and the parts of megatron-core a step uses): loaded
 # once in the fork server, shared by the forked ranks.
 RANK_IMPORTS = ["repo_megatron.train.session", "megatron.core.models.gpt",
@@ -112,9 +117,12 @@ def dry_config(cfg: Config, run_dir: str) -> tuple[Config, list[str]]:
                                run_dir=run_dir, train_steps=1), notes
 
 
-def synthetic_groups(prompts: int, group_size: int, max_new_tokens: int, seed: int) -> list[Group]:
-    """Random token groups shaped like a RePO step: ragged prompts and responses, 0/1 rewards,
-    valid behaviour log-probs, and one rephrased (injected) sample per group."""
+def synthetic_groups(prompts: int, group_size: int, max_new_tokens: int, seed: int,
+                     injection: str = "repo") -> list[Group]:
+    """Random token groups shaped like a step of ``injection``: ragged prompts and responses,
+    0/1 rewards, valid behaviour log-probs on the sampled responses, and sample 0 of each group
+    injected as that algorithm injects it (RePO: a rephrase, trained under the original prompt,
+    with no behaviour log-probs; LUFFY: the expert trace, off-policy; GRPO: none)."""
     rng = random.Random(seed)
     groups = []
     for i in range(prompts):
@@ -123,14 +131,17 @@ def synthetic_groups(prompts: int, group_size: int, max_new_tokens: int, seed: i
         samples = []
         for j in range(group_size):
             n = rng.randint(2, max_new_tokens)
-            rephrased = j == 0
+            injected = j == 0 and injection in ("repo", "luffy")
             samples.append(Sample(
                 prompt_uid=prompt.uid, prompt_ids=prompt.prompt_ids,
                 response_ids=[rng.randrange(DRY_VOCAB) for _ in range(n)], response_text="",
-                reward=float(rephrased or rng.random() < 0.3), reward_reason="synthetic",
-                finish_reason="stop", is_rephrased=rephrased,
-                behaviour_logprobs=None if rephrased else [-rng.random() * 5 for _ in range(n)]))
-        groups.append(Group(prompt=prompt, samples=samples, injected_index=0, gate_fired=True))
+                reward=float(injected or rng.random() < 0.3), reward_reason="synthetic",
+                finish_reason="expert" if injected and injection == "luffy" else "stop",
+                is_rephrased=injected and injection == "repo",
+                is_offpolicy=injected and injection == "luffy",
+                behaviour_logprobs=None if injected else [-rng.random() * 5 for _ in range(n)]))
+        groups.append(Group(prompt=prompt, samples=samples, gate_fired=True,
+                            injected_index=0 if injection in ("repo", "luffy") else None))
     return groups
 
 
@@ -164,7 +175,7 @@ class SyntheticRollout:
     def rollout(self, step: int):
         r = self.cfg.rollout
         groups = synthetic_groups(r.prompts_per_step, r.group_size, r.max_new_tokens,
-                                  self.cfg.seed + step)
+                                  self.cfg.seed + step, self.cfg.algorithm.injection)
         return groups, {"rollout/groups": float(len(groups))}
 
     def evaluate(self) -> dict:
@@ -198,10 +209,14 @@ def _checksum(tensors: list[torch.Tensor]) -> float:
 
 
 def run_step(cfg: Config, level: str = "INFO") -> dict:
-    """One step of the (already scaled) config in this process's place of the layout."""
+    """One step of the (already scaled) config in this process's place of the layout,
+    device-faithful (:mod:`repo_megatron.runtime.device_faithful`): a host tensor where a GPU
+    run needs a device one, or the reverse, fails the step as it would fail on the cluster."""
+    from ..runtime import cpu_compat
     from .session import Session
 
     logging.getLogger().setLevel(level)
+    cpu_compat.enable(device_faithful=True)
     t0 = time.perf_counter()
     session = Session(cfg, rollout=False)
     try:
@@ -225,6 +240,7 @@ def run_step(cfg: Config, level: str = "INFO") -> dict:
                 "restored": restored_step == 1 and _checksum(training_state(session)) == before,
                 "synced": None if sink is None else (sink.tensors, sink.parameters),
                 "seconds": time.perf_counter() - t0,
+                "device_faithful": cpu_compat.device_faithful(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     finally:
         session.close()
@@ -251,6 +267,8 @@ def verdict(results: list[dict], cfg: Config) -> list[str]:
     problems += [f"weight sync delivered {r['synced'][1]} parameters to the engine, the model "
                  f"has {expected}" for r in results
                  if r["rank"] == 0 and r["synced"][1] != expected]
+    problems += [f"rank {r['rank']}: did not run device-faithful" for r in results
+                 if not r["device_faithful"]]
     return problems
 
 
@@ -261,7 +279,7 @@ def dry_run(cfg: Config, data_parallel_size: int = 1, timeout_s: float = 1800) -
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="repo-dry-run-") as tmp:
         scaled, notes = dry_config(cfg, tmp)
-        for note in notes:
+        for note in notes + [DEVICE_FAITHFUL_NOTE]:
             log.info("%s", note)
         arch = scaled.architecture()
         print(f"dry run: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
@@ -292,6 +310,7 @@ def dry_run(cfg: Config, data_parallel_size: int = 1, timeout_s: float = 1800) -
         return 1
     synced = [r["synced"] for r in results if r["rank"] == 0]
     sync = f"weight sync of {synced[0][0]} tensors ({synced[0][1]:,} parameters), " if synced else ""
-    print(f"dry run passed in {time.perf_counter() - t0:.0f} s: one step, {sync}checkpoint save "
+    print(f"dry run passed in {time.perf_counter() - t0:.0f} s, device-faithful: one step, "
+          f"{sync}checkpoint save "
           f"and load in this layout")
     return 0

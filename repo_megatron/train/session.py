@@ -103,14 +103,13 @@ def _onpolicy(mb: dict) -> torch.Tensor:
     return mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
 
 
-def _add_mismatch(total: dict, mb: dict, old: torch.Tensor) -> dict:
-    """``total`` plus the train/rollout mismatch of micro-batch ``mb`` under ``old``."""
+def _add_mismatch(total: Optional[torch.Tensor], mb: dict, old: torch.Tensor) -> torch.Tensor:
+    """``total`` plus the train/rollout mismatch ``[sum, max, tokens]`` of micro-batch ``mb``
+    under ``old``, on the device of ``old``."""
     m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb))
-    return {"sum": total["sum"] + m["sum"], "max": max(total["max"], m["max"]),
-            "tokens": total["tokens"] + m["tokens"]}
-
-
-NO_MISMATCH = {"sum": 0.0, "max": 0.0, "tokens": 0.0}
+    if total is None:
+        return m
+    return torch.stack([total[0] + m[0], torch.maximum(total[1], m[1]), total[2] + m[2]])
 
 
 class Session:
@@ -271,7 +270,7 @@ class Session:
         # the training forward itself, so its detached log-probs serve and the separate
         # forward is skipped (train_step takes them when old_logprobs is None).
         reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
-        mismatch = dict(NO_MISMATCH)
+        mismatch = None
         minibatches = []
         for start in range(0, B.num_sequences(full), gbs):
             part = B.select(full, slice(start, start + gbs))
@@ -292,23 +291,27 @@ class Session:
                 if alg.tis_cap is not None:
                     weights = B.truncated_importance_weights(
                         old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb), alg.tis_cap)
-                    mb["advantages"] = mb["advantages"][:, None] * weights
+                    mb["advantages"] = mb["advantages"].to(weights.device)[:, None] * weights
             minibatches.append([{k: mb[k] for k in keys} for mb in mbs])
         if reuse:
             return PreparedBatch(minibatches, deferred=mbs)
         return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))
 
-    def _reduce_mismatch(self, m: dict) -> dict:
-        # Every DP rank holds other sequences; TP/PP ranks of one DP rank hold the same ones.
-        t = torch.tensor([m["sum"], m["tokens"]], dtype=torch.float64)
-        mx = torch.tensor([m["max"]], dtype=torch.float64)
-        group = self.ps.get_data_parallel_group()
-        torch.distributed.all_reduce(t, group=group)
-        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=group)
-        if t[1] == 0:
+    def _reduce_mismatch(self, m: Optional[torch.Tensor]) -> dict:
+        """The step's mismatch metrics from this rank's ``[sum, max, tokens]`` (device), reduced
+        over the data-parallel group: every DP rank holds other sequences; the TP/PP ranks of
+        one DP rank hold the same ones."""
+        if m is None:
             return {}
-        return {"train/logprob_mismatch_mean": float(t[0] / t[1]),
-                "train/logprob_mismatch_max": float(mx[0])}
+        group = self.ps.get_data_parallel_group()
+        sums, mx = m[[0, 2]], m[1:2]
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=group)
+        (total, tokens), (largest,) = sums.tolist(), mx.tolist()
+        if tokens == 0:
+            return {}
+        return {"train/logprob_mismatch_mean": total / tokens,
+                "train/logprob_mismatch_max": largest}
 
     def update(self, prepared: PreparedBatch) -> dict:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each."""
@@ -317,7 +320,7 @@ class Session:
                    for mbs in prepared.minibatches]
         mismatch = {}
         if prepared.deferred is not None:   # old log-probs came from the (only) step's forward
-            total = dict(NO_MISMATCH)
+            total = None
             for mb, old in zip(prepared.deferred, results[0].logprobs):
                 total = _add_mismatch(total, mb, old)
             mismatch = self._reduce_mismatch(total)

@@ -30,7 +30,8 @@ def _check_passed(proc: subprocess.CompletedProcess, world: int) -> str:
     assert len(ranks) == world, out
     losses = {line.split("loss ")[1].split(",")[0] for line in ranks}
     assert len(losses) == 1, "every rank must report the same full-batch loss"
-    assert re.search(r"dry run passed in \d+ s: one step, weight sync of \d+ tensors", out), out
+    assert re.search(r"dry run passed in \d+ s, device-faithful: one step, weight sync of \d+ "
+                     r"tensors", out), out
     return out
 
 
@@ -50,7 +51,8 @@ def test_70b_config_dry_runs_in_its_tp2_pp2_form():
             "parallel.sequence_parallel=true -> false",
             "model.fp8=e4m3 -> null",
             "parallel.distributed_backend=nccl -> gloo",
-            "rollout.engine=sglang -> synthetic groups"):
+            "rollout.engine=sglang -> synthetic groups",
+            "dry run: device-faithful: every rank tracks which tensors a GPU run holds"):
         assert len([ln for ln in proc.stderr.splitlines() if substitution in ln]) == 1, \
             (substitution, proc.stderr[-3000:])
 

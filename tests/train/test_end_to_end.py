@@ -37,6 +37,28 @@ def test_two_steps_in_a_parallel_layout(tiny_chat_model, tmp_path, layout):
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(os.listdir(export))
 
 
+def _train_device_faithful(cfg_dict: dict) -> int:
+    from repo_megatron.runtime import cpu_compat
+    cpu_compat.enable(device_faithful=True)
+    return _train(cfg_dict)
+
+
+def test_two_steps_device_faithful_with_the_embedded_engine(tiny_chat_model, tmp_path):
+    """The whole loop, device-faithful (repo_megatron.runtime.device_faithful): the RePO stage
+    on rank 0's embedded engine, rewards, evaluation, the weight sync from device tensors into
+    the host engine, checkpoints and the HF export at TP2, as a GPU run would place them."""
+    cfg = tiny_run_config(tiny_chat_model, str(tmp_path / "run"),
+                          parallel={"tensor_model_parallel_size": 2},
+                          algorithm={"micro_batch_size": 2, "tis_cap": 2.0},
+                          checkpoint={"hf_export_at_end": True})
+    assert run_distributed(_train_device_faithful, 2, cfg, timeout=600) == [0, 0]
+    rows = read_rows(str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["train/logprob_mismatch_mean"] < 1e-4, row
+    assert os.path.isdir(tmp_path / "run" / "hf" / "step_000002")
+
+
 def test_exported_weights_load_in_transformers(tiny_chat_model, tmp_path):
     """The single-process run's export is a Hugging Face model directory."""
     cfg = tiny_run_config(tiny_chat_model, str(tmp_path / "run"), train_steps=1,
