@@ -26,7 +26,7 @@ import httpx
 
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.runtime.launch import free_port
+from repo_megatron.runtime.ports import free_port
 from repo_megatron.sglang import SGLangEngine
 from repo_megatron.sglang.client import SGLangClient
 from repo_megatron.sglang.protocol import generate_body

@@ -2,8 +2,9 @@
 
 Each subcommand lives in the module that owns it, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches. A subcommand whose module is not built yet says
-so and exits non-zero. Configuration, data and checkpoint errors, and a run stopped by its
-guard (non-finite steps, failing rewards), print one line, never a traceback.
+so and exits non-zero. A :class:`~repo_megatron.errors.UserError` (configuration, data,
+conversion and checkpoint errors, a run stopped by its guard: non-finite steps, failing
+rewards) prints one line, never a traceback, and exits with its ``exit_code``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from .checkpoint.errors import CheckpointError
-from .config.base import ConfigError
-from .data.errors import DataError
-from .train.guard import TrainingStopped
+from .errors import UserError
 
 # name -> (module providing add_arguments/run, one-line help)
 COMMANDS = {
@@ -87,12 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TrainingStopped) as e:  # the run stopped; its checkpoints are kept
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 if __name__ == "__main__":

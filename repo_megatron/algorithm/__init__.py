@@ -2,27 +2,31 @@
 
 Plain torch, no Megatron and no I/O; every function works on one micro-batch of
 ``[batch, seq]`` tensors. Public API and formulas: ``docs/algorithm.md``. Variants (policy
-losses, advantage estimators) are registered by name with a decorator; the built-in ones are
-imported here so that their names are registered on ``import repo_megatron.algorithm``.
+losses, advantage estimators) are registered by name in :mod:`.registry`, which the config
+reads without torch: importing this package loads none of its submodules, each name below is
+imported on first use.
 """
 
-from .advantages import centred_rewards, compute_advantages, drgrpo_advantages, grpo_advantages
-from .aggregation import AGG_MODES, LossNormalisers, aggregate_loss, masked_sum, token_mean
-from .entropy import entropy_bonus
-from .kl import KL_ESTIMATORS, kl_penalty
-from .loss import compute_policy_loss
-from .luffy import luffy_policy_loss, luffy_policy_shaping
-from .params import LossParams
-from .ppo_clip import clipped_surrogate, ppo_clip_loss
-from .registry import (ADVANTAGE_ESTIMATORS, POLICY_LOSSES, Registry, get_advantage_estimator,
-                       get_policy_loss, register_advantage_estimator, register_policy_loss)
-from .replay import replay_policy_loss
+from __future__ import annotations
 
-__all__ = [
-    "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "LossNormalisers", "LossParams",
-    "POLICY_LOSSES", "Registry", "aggregate_loss", "centred_rewards", "clipped_surrogate",
-    "compute_advantages", "compute_policy_loss", "drgrpo_advantages", "entropy_bonus",
-    "get_advantage_estimator", "get_policy_loss", "grpo_advantages", "kl_penalty",
-    "luffy_policy_loss", "luffy_policy_shaping", "masked_sum", "ppo_clip_loss",
-    "register_advantage_estimator", "register_policy_loss", "replay_policy_loss", "token_mean",
-]
+from ..lazy_exports import lazy_getattr
+
+_EXPORTS = {
+    "centred_rewards": ".advantages", "compute_advantages": ".advantages",
+    "drgrpo_advantages": ".advantages", "grpo_advantages": ".advantages",
+    "AGG_MODES": ".aggregation", "LossNormalisers": ".aggregation",
+    "aggregate_loss": ".aggregation", "masked_sum": ".aggregation", "token_mean": ".aggregation",
+    "entropy_bonus": ".entropy",
+    "KL_ESTIMATORS": ".kl", "kl_penalty": ".kl",
+    "compute_policy_loss": ".loss",
+    "luffy_policy_loss": ".luffy", "luffy_policy_shaping": ".luffy",
+    "LossParams": ".params",
+    "clipped_surrogate": ".ppo_clip", "ppo_clip_loss": ".ppo_clip",
+    "ADVANTAGE_ESTIMATORS": ".registry", "POLICY_LOSSES": ".registry",
+    "get_advantage_estimator": ".registry", "get_policy_loss": ".registry",
+    "register_advantage_estimator": ".registry", "register_policy_loss": ".registry",
+    "replay_policy_loss": ".replay",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

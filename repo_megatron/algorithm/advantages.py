@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .registry import get_advantage_estimator, register_advantage_estimator
+from .registry import get_advantage_estimator
 
 
 def _group_reduce(values: Tensor, group_index: Tensor, num_groups: int, reduce: str) -> Tensor:
@@ -38,14 +38,12 @@ def centred_rewards(rewards: Tensor, group_index: Tensor, num_groups: int) -> tu
     return centred, torch.sqrt(var)[group_index]
 
 
-@register_advantage_estimator("grpo")
 def grpo_advantages(rewards: Tensor, group_index: Tensor, num_groups: int, eps: float) -> Tensor:
     """GRPO: ``A_i = (R_i - mean(R)) / (std(R) + eps)`` within the group."""
     centred, std = centred_rewards(rewards, group_index, num_groups)
     return centred / (std + eps)
 
 
-@register_advantage_estimator("drgrpo")
 def drgrpo_advantages(rewards: Tensor, group_index: Tensor, num_groups: int, eps: float) -> Tensor:
     """Dr.GRPO: ``A_i = R_i - mean(R)``; no std division, which biases towards easy/hard groups."""
     centred, _ = centred_rewards(rewards, group_index, num_groups)

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from .masking import masked_log_ratio
 from .params import LossParams
-from .registry import register_policy_loss
 
 
 def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
@@ -43,7 +42,6 @@ def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_low: float, cl
     return loss, {name: flag.to(loss.dtype) for name, flag in indicators.items()}
 
 
-@register_policy_loss("ppo_clip")
 def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                   params: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level PPO clip on ``r = pi_theta / pi_old`` (``[batch, seq]`` in and out).

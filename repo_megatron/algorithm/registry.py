@@ -1,61 +1,32 @@
-"""Registries of policy losses and advantage estimators, filled by decorators, read by name.
+"""The registries of policy losses and advantage estimators, read by name.
 
-A variant is one function with one decorator::
+A built-in variant is one function in its own file plus one line below, e.g.
+``"my_loss": "repo_megatron.algorithm.my_loss:my_loss"``; the YAML then says
+``algorithm.policy_loss: my_loss``. Code outside the package registers with a decorator::
 
     @register_policy_loss("my_loss")
     def my_loss(logprobs, old_logprobs, advantages, mask, params): ...
 
-and the YAML then says ``algorithm.policy_loss: my_loss``. The module that defines it must be
-imported before the name is looked up: built-in variants are imported by
-``repo_megatron/algorithm/__init__.py``.
+and must be imported before the config is built. This module imports no variant (and no
+torch): the config reads the names from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
+
+from ..registry import Registry
 
 F = TypeVar("F", bound=Callable)
 
-
-class Registry(Mapping):
-    """Functions of one kind by name; ``get`` fails with the config key and the known names."""
-
-    def __init__(self, kind: str, config_key: str):
-        self.kind = kind              # "policy loss", for messages
-        self.config_key = config_key  # "algorithm.policy_loss", for messages
-        self._entries: dict[str, Callable] = {}
-
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator: register the function under ``name`` (a name can be taken only once)."""
-        def decorator(fn: F) -> F:
-            if name in self._entries and self._entries[name] is not fn:
-                taken_by = self._entries[name]
-                raise ValueError(f"{self.kind} {name!r} is already registered by "
-                                 f"{taken_by.__module__}.{taken_by.__qualname__}")
-            self._entries[name] = fn
-            return fn
-        return decorator
-
-    def get(self, name: str) -> Callable:  # type: ignore[override]
-        """The function registered as ``name``; ValueError listing the registered names if none."""
-        if name not in self._entries:
-            raise ValueError(f"{self.config_key}={name!r} is not a registered {self.kind} "
-                             f"(registered: {', '.join(sorted(self._entries))})")
-        return self._entries[name]
-
-    def __getitem__(self, name: str) -> Callable:
-        return self._entries[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss")
-ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "algorithm.advantage_estimator")
+POLICY_LOSSES: Registry[Callable] = Registry("policy loss", "algorithm.policy_loss", {
+    "ppo_clip": "repo_megatron.algorithm.ppo_clip:ppo_clip_loss",
+})
+ADVANTAGE_ESTIMATORS: Registry[Callable] = Registry(
+    "advantage estimator", "algorithm.advantage_estimator", {
+        "grpo": "repo_megatron.algorithm.advantages:grpo_advantages",
+        "drgrpo": "repo_megatron.algorithm.advantages:drgrpo_advantages",
+    })
 
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
@@ -88,10 +59,10 @@ def register_advantage_estimator(name: str) -> Callable[[F], F]:
 
 
 def get_policy_loss(name: str) -> Callable:
-    """The policy loss registered as ``name`` (ValueError naming the config key)."""
+    """The policy loss registered as ``name`` (ConfigError naming the config key)."""
     return POLICY_LOSSES.get(name)
 
 
 def get_advantage_estimator(name: str) -> Callable:
-    """The advantage estimator registered as ``name`` (ValueError naming the config key)."""
+    """The advantage estimator registered as ``name`` (ConfigError naming the config key)."""
     return ADVANTAGE_ESTIMATORS.get(name)

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..runtime.failpoints import failpoint
 from ..runtime.fs import fsync_path
 from . import writers
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .manifest import build_entries, check_entries, list_files, unlisted_files
 from .plain import check_plain, load_plain, weights_only_loads
 from .rng import rng_state, set_rng_state

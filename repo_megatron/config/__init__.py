@@ -23,8 +23,9 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from ..errors import ConfigError
 from .algorithm import AlgorithmConfig
-from .base import ConfigError, build, fmt, knob, reference_markdown, section, set_dotted, to_dict
+from .base import build, fmt, knob, reference_markdown, section, set_dotted, to_dict
 from .checkpoint import CheckpointConfig
 from .data import DataConfig
 from .logs import LoggingConfig

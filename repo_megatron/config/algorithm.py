@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import ConfigError, fmt, knob, section
+from ..algorithm.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+from ..errors import ConfigError
+from ..rollout.injection.registry import INJECTIONS
+from ..rollout.replay.registry import RETRIEVALS
+from .base import knob, section
 
 DEFAULT_REPHRASE_TEMPLATE = (
     "Here is a problem and a reference solution written by an expert.\n\n"
@@ -62,8 +66,7 @@ class LuffyConfig:
 class ReplayConfig:
     enabled: bool = knob(False, "Replay-Enhanced PO: add past samples from a per-prompt buffer")
     buffer_size: int = knob(16, "Samples kept per prompt (FIFO)", ge=1)
-    strategy: str = knob("recency", "Which past samples to replay",
-                         choices=["recency", "reward", "variance", "random"])
+    strategy: str = knob("recency", "Which past samples to replay", choices=RETRIEVALS)
     samples_per_prompt: int = knob(2, "Replayed samples added to each group", ge=1)
     min_buffer_size: int = knob(2, "Replay only once a prompt has this many past samples", ge=1)
     coef: float = knob(1.0, "Weight of the off-policy loss term", ge=0)
@@ -79,13 +82,13 @@ class DynamicSamplingConfig:
 @dataclass
 class AlgorithmConfig:
     injection: str = knob("repo", "`repo` (rephrase + inject), `none` (GRPO), `luffy` (raw "
-                                  "expert trace joins the group)", choices=["repo", "none", "luffy"])
+                                  "expert trace joins the group)", choices=INJECTIONS)
     advantage_estimator: str = knob("grpo", "Registered advantage estimator (`grpo` = "
                                             "mean/std in the group, `drgrpo` = no std; "
-                                            "docs/algorithm.md)")
+                                            "docs/algorithm.md)", choices=ADVANTAGE_ESTIMATORS)
     advantage_eps: float = knob(1e-6, "Added to the group std by `grpo`", gt=0)
     policy_loss: str = knob("ppo_clip", "Registered policy loss of on-policy tokens "
-                                        "(`ppo_clip`; docs/algorithm.md)")
+                                        "(docs/algorithm.md)", choices=POLICY_LOSSES)
     clip_low: float = knob(0.2, "PPO clip: ratio >= 1 - clip_low", ge=0, le=1)
     clip_high: float = knob(0.28, "PPO clip: ratio <= 1 + clip_high (clip-higher)", ge=0)
     dual_clip: Optional[float] = knob(None, "Dual-clip constant c > 1: the loss of a token with "
@@ -112,13 +115,6 @@ class AlgorithmConfig:
     dynamic_sampling: DynamicSamplingConfig = section(DynamicSamplingConfig, "Dynamic sampling")
 
     def validate(self, path: str) -> None:
-        # Imported here: the registries need torch, which the rest of the config does not.
-        from ..algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
-        for key, registry in (("advantage_estimator", ADVANTAGE_ESTIMATORS),
-                              ("policy_loss", POLICY_LOSSES)):
-            if getattr(self, key) not in registry:
-                raise ConfigError(f"{path}.{key}={fmt(getattr(self, key))} is not a registered "
-                                  f"{registry.kind} (registered: {', '.join(registry)})")
         if self.injection == "repo" and "{solution}" not in self.repo.rephrase_template:
             raise ConfigError(f"{path}.repo.rephrase_template must contain {{solution}}")
         if self.injection == "repo" and "{question}" not in self.repo.rephrase_template:

@@ -17,28 +17,20 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from ..errors import ConfigError
+from ..registry import Registry
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: ``<source>: <key>=<value> <what is wrong>``."""
-
-    def __init__(self, message: str, source: Optional[str] = None):
-        self.message = message
-        self.source = source
-        super().__init__(f"{source}: {message}" if source else message)
-
-    def with_source(self, source: str) -> "ConfigError":
-        return ConfigError(self.message, source) if self.source is None else self
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, ge=None, gt=None,
          le=None, path: Optional[str] = None, default_factory: Any = dataclasses.MISSING):
     """A config field: default, help text (for the reference), allowed choices and bounds.
-    ``path``: ``"input"`` (a relative value resolves against the config file's directory),
-    ``"gguf"`` (likewise, unless it is a packaged name or relative to ``hf_path``) or
-    ``"output"`` (resolves against the working directory)."""
+    ``choices``: a list, or a :class:`~repo_megatron.registry.Registry` (the names registered
+    when the config is built; the reference lists its built-in ones). ``path``: ``"input"`` (a
+    relative value resolves against the config file's directory), ``"gguf"`` (likewise, unless
+    it is a packaged name or relative to ``hf_path``) or ``"output"`` (resolves against the
+    working directory)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -137,7 +129,9 @@ def _check_bounds(value: Any, meta: dict, key: str) -> None:
     if value is None:
         return
     choices = meta.get("choices")
-    if choices is not None and value not in choices:
+    if isinstance(choices, Registry):
+        choices.check(value, key)
+    elif choices is not None and value not in choices:
         raise ConfigError(f"{key}={fmt(value)} must be one of {', '.join(map(fmt, choices))}")
     for name, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                            ("le", lambda v, b: v <= b, "<=")):
@@ -227,8 +221,11 @@ def reference_markdown(cls: type, title: str) -> str:
                       "| --- | --- | --- | --- |"]
             continue
         extra = []
-        if meta.get("choices"):
-            extra.append("one of " + ", ".join(f"`{fmt(c)}`" for c in meta["choices"]))
+        choices = meta.get("choices")
+        if isinstance(choices, Registry):
+            extra.append("built in: " + ", ".join(f"`{c}`" for c in choices.builtins))
+        elif choices:
+            extra.append("one of " + ", ".join(f"`{fmt(c)}`" for c in choices))
         for name, word in (("ge", ">="), ("gt", ">"), ("le", "<=")):
             if meta.get(name) is not None:
                 extra.append(f"{word} {fmt(meta[name])}")

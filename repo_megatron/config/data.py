@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import ConfigError, fmt, knob, section
+from ..errors import ConfigError
+from ..rewards.registry import REWARDS
+from .base import fmt, knob, section
 from .rollout import SGLangLaunchConfig
 
 # Names label metrics (``rollout/<name>/...``, TensorBoard tags) and prompt ids.
@@ -157,8 +159,9 @@ class DataConfig:
         "user/assistant turns of the chat (without a chat template: as plain text). They set "
         "the answer's format; a small model follows them better than a system message"))
     max_prompt_tokens: int = knob(1024, "Longer prompts are rejected with an error", ge=1)
-    reward: str = knob("math", "Registered reward (`math`, `exact`), `judge` (an LLM judge: "
-                               "data.judge) or `module:function`")
+    reward: str = knob("math", "Registered reward ("
+                       + ", ".join(f"`{name}`" for name in REWARDS.builtins)
+                       + "), `judge` (an LLM judge: data.judge) or `module:function`")
     reward_timeout_s: float = knob(10.0, "A reward call that takes longer scores 0 (its worker "
                                          "process is killed and replaced)", gt=0)
     reward_workers: int = knob(2, "Processes that score rewards (a hung reward blocks only "

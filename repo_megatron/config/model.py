@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import ConfigError, knob
+from ..errors import ConfigError
+from .base import knob
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ConfigError, knob
+from ..errors import ConfigError
+from .base import knob
 
 
 @dataclass

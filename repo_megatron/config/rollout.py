@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import ConfigError, knob, section
+from ..errors import ConfigError
+from ..sglang.weight_sync.registry import STRATEGIES
+from .base import knob, section
 
 
 @dataclass
@@ -59,8 +61,7 @@ class SGLangConfig:
                                   gt=0)
     health_timeout_s: float = knob(600.0, "How long to wait for /health_generate at start",
                                    gt=0)
-    weight_sync: str = knob("disk", "How new weights reach the servers",
-                            choices=["disk", "tensor", "distributed"])
+    weight_sync: str = knob("disk", "How new weights reach the servers", choices=STRATEGIES)
     weight_bucket_mb: int = knob(512, "Bucket size of weight updates: every pipeline stage "
                                       "streams its weights in buckets of at most this size",
                                  ge=1)

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from ..config.base import ConfigError
+from ..errors import ConversionError
 from .byte_copy import prefetch
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -77,13 +77,13 @@ def prefetch_inputs(source: Optional[str]) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     if args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be a positive integer")
+        raise ConversionError(f"--threads {args.threads}: must be a positive integer")
     prefetch_inputs(args.hf if args.direction == "hf-to-megatron" else args.megatron)
     if args.direction == "hf-to-megatron":
         from .hf_to_megatron import convert_hf_to_megatron
 
         if args.hf is None and args.gguf_file is None:
-            raise ConfigError("hf-to-megatron needs --hf DIR (or --gguf-file)")
+            raise ConversionError("hf-to-megatron needs --hf DIR (or --gguf-file)")
         s = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp,
                                    args.make_vocab_size_divisible_by, args.gguf_file,
                                    progress=not args.no_progress, overwrite=args.overwrite,

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from ..config.base import ConfigError
+from ..errors import ConfigError, ConversionError
 from ..hf_files import resolve_gguf, strip_gguf_quantization
 from ..models.architecture import Architecture, padded_vocab_size, read_architecture
 from ..models.weight_mapping import (ModelDims, ParamMapping, extra_state_keys, mappings_for,
@@ -52,7 +52,7 @@ def check_arguments(tp: int, pp: int, vpp: Optional[int], divisible_by: int) -> 
     for flag, value in (("--tp", tp), ("--pp", pp), ("--vpp", vpp),
                         ("--make-vocab-size-divisible-by", divisible_by)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{flag} {value}: must be a positive integer")
+            raise ConversionError(f"{flag} {value}: must be a positive integer")
 
 
 def check_parallel_layout(arch: Architecture, tp: int, pp: int, vpp: Optional[int]) -> None:
@@ -65,9 +65,9 @@ def check_parallel_layout(arch: Architecture, tp: int, pp: int, vpp: Optional[in
         check_layout(Config(parallel=ParallelConfig(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp)), arch)
-    except ConfigError as e:
-        raise ConfigError(f"--tp {tp} --pp {pp}" + (f" --vpp {vpp}" if vpp else "")
-                          + f": {e.message}") from None
+    except ConfigError as e:  # the trainer's message, said in the converter's flags
+        raise ConversionError(f"--tp {tp} --pp {pp}" + (f" --vpp {vpp}" if vpp else "")
+                              + f": {e.message}") from None
 
 
 def expected_hf_tensors(arch: Architecture, mappings) -> dict[str, tuple[int, ...]]:
@@ -90,33 +90,33 @@ def check_hf_tensors(source: SafetensorsCheckpoint, arch: Architecture,
 
     for name, shape in expected.items():
         if name not in source.files:
-            raise ConfigError(f"{where}: tensor {name} is missing")
+            raise ConversionError(f"{where}: tensor {name} is missing")
         found = source.location(name).shape
         if found != tuple(shape):
-            raise ConfigError(f"{file_of(name)}: tensor {name} has shape {list(found)}, "
-                              f"expected {list(shape)} from config.json")
+            raise ConversionError(f"{file_of(name)}: tensor {name} has shape {list(found)}, "
+                                  f"expected {list(shape)} from config.json")
     unexpected = sorted(set(source.files) - set(expected))
     head, embedding = TIED_HEAD
     if arch.tie_word_embeddings and head in unexpected:
         if not same_bytes(source.location(head), source.location(embedding)):
-            raise ConfigError(f"{file_of(head)}: tensor {head} differs from {embedding}, but "
-                              "config.json has tie_word_embeddings=true (set it to false to "
-                              "keep a separate output layer)")
+            raise ConversionError(f"{file_of(head)}: tensor {head} differs from {embedding}, but "
+                                  "config.json has tie_word_embeddings=true (set it to false to "
+                                  "keep a separate output layer)")
         unexpected.remove(head)
     if unexpected:
-        raise ConfigError(f"{file_of(unexpected[0])}: unexpected tensor {unexpected[0]}"
-                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(f"{file_of(unexpected[0])}: unexpected tensor {unexpected[0]}{more}")
     first = next(iter(expected))
     dtype = source.location(first).dtype
     for name in expected:
         found = source.location(name).dtype
         if found not in FLOAT_DTYPES:
-            raise ConfigError(f"{file_of(name)}: tensor {name} is {NAMES[found]}; only F32, BF16 "
-                              "and F16 checkpoints convert (dequantize it first)")
+            raise ConversionError(f"{file_of(name)}: tensor {name} is {NAMES[found]}; only F32, "
+                                  "BF16 and F16 checkpoints convert (dequantize it first)")
         if found != dtype:
-            raise ConfigError(f"{file_of(name)}: tensor {name} is {NAMES[found]} but {first} is "
-                              f"{NAMES[dtype]}; mixed dtypes are not supported (save the model "
-                              "in one dtype)")
+            raise ConversionError(f"{file_of(name)}: tensor {name} is {NAMES[found]} but {first} "
+                                  f"is {NAMES[dtype]}; mixed dtypes are not supported (save the "
+                                  "model in one dtype)")
     return dtype
 
 

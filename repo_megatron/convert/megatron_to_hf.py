@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from ..config.base import ConfigError
+from ..errors import ConversionError
 from ..hf_files import strip_gguf_quantization
 from ..models.architecture import read_architecture
 from ..models.weight_mapping import (ModelDims, ParamMapping, mappings_for, megatron_shape,
@@ -45,17 +45,17 @@ def check_megatron_tensors(reader: TorchDistReader, dims: ModelDims, mappings) -
     expected = {m.megatron: m for m in mappings}
     for key, m in expected.items():
         if key not in reader.tensors:
-            raise ConfigError(f"{where}: tensor {key} is missing")
+            raise ConversionError(f"{where}: tensor {key} is missing")
         found = reader.global_shape(key)
         shape = ((dims.arch.num_layers,) if m.per_layer else ()) + megatron_shape(
             m, dims, reader.dtype(key))
         if found != shape:
-            raise ConfigError(f"{where}: tensor {key} has shape {list(found)}, expected "
-                              f"{list(shape)} from config.json")
+            raise ConversionError(f"{where}: tensor {key} has shape {list(found)}, expected "
+                                  f"{list(shape)} from config.json")
     unexpected = sorted(set(reader.tensors) - set(expected))
     if unexpected:
-        raise ConfigError(f"{where}: unexpected tensor {unexpected[0]}"
-                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(f"{where}: unexpected tensor {unexpected[0]}{more}")
     reader.check()
 
 
@@ -101,23 +101,23 @@ def convert_megatron_to_hf(megatron_dir: str, out: str, hf_config_dir: Optional[
     the checkpoint's dtype unless ``dtype`` is given). ``out`` must not exist or be empty,
     unless ``overwrite`` (then it is replaced whole once the export is complete)."""
     if max_shard_bytes <= 0:
-        raise ConfigError(f"--max-shard-size-gb {max_shard_bytes / 2**30:g}: must be positive")
+        raise ConversionError(f"--max-shard-size-gb {max_shard_bytes / 2**30:g}: must be positive")
     check_output_directory(os.path.abspath(out), overwrite)
     config_dir = hf_config_dir or os.path.join(megatron_dir, HF_FILES_DIR)
     if not os.path.exists(os.path.join(config_dir, "config.json")):
-        raise ConfigError(f"{config_dir}: no config.json (checkpoints not made by "
-                          "`repo-megatron convert hf-to-megatron` need --hf-config DIR)")
+        raise ConversionError(f"{config_dir}: no config.json (checkpoints not made by "
+                              "`repo-megatron convert hf-to-megatron` need --hf-config DIR)")
     arch = read_architecture(config_dir)
     mappings = mappings_for(arch)
     reader = TorchDistReader(megatron_dir)
     embedding = "embedding.word_embeddings.weight"
     if embedding not in reader.tensors:
-        raise ConfigError(f"{megatron_dir}: tensor {embedding} is missing")
+        raise ConversionError(f"{megatron_dir}: tensor {embedding} is missing")
     # Whatever padding the checkpoint was written with: rows beyond the vocabulary are dropped.
     dims = ModelDims(arch, reader.global_shape(embedding)[0])
     if dims.padded_vocab_size < arch.vocab_size:
-        raise ConfigError(f"{megatron_dir}: tensor {embedding} has {dims.padded_vocab_size} "
-                          f"rows, fewer than vocab_size={arch.vocab_size} of config.json")
+        raise ConversionError(f"{megatron_dir}: tensor {embedding} has {dims.padded_vocab_size} "
+                              f"rows, fewer than vocab_size={arch.vocab_size} of config.json")
     check_megatron_tensors(reader, dims, mappings)
 
     order = tensor_order(mappings, arch.num_layers)

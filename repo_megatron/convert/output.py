@@ -4,7 +4,9 @@
 succeeds, its files are fsynced and the directory takes the destination's place in one
 ``rename`` (an existing destination is swapped out atomically with ``renameat2(RENAME_EXCHANGE)``
 and then deleted), so readers see the old directory or the new one, never a mix. When the block
-fails, the temporary directory is removed and the destination is untouched.
+fails, the temporary directory is removed and the destination is untouched. A destination
+that is already a non-empty directory (without ``overwrite``) is an :class:`OutputExistsError`,
+whether found at the start or when another process filled it meanwhile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from ..config.base import ConfigError
+from ..errors import ConversionError, OutputExistsError
 from ..runtime.fs import fsync_path
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,10 @@ _AT_FDCWD = -100
 def check_output_directory(out: str, overwrite: bool, flag: str = "--out") -> None:
     """Refuse a destination that is a file, or a non-empty directory unless ``overwrite``."""
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ConfigError(f"{flag} {out}: exists and is not a directory")
+        raise ConversionError(f"{flag} {out}: exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"{flag} {out}: directory is not empty (pass --overwrite to replace "
-                          "it whole)")
+        raise OutputExistsError(f"{flag} {out}: directory is not empty (pass --overwrite to "
+                                "replace it whole)")
 
 
 def fsync_tree(directory: str) -> None:
@@ -101,7 +103,7 @@ def atomic_directory(out: str, overwrite: bool = False, flag: str = "--out") -> 
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     except OSError as e:
-        raise ConfigError(f"{flag} {out}: cannot create a directory there ({e.strerror})") \
+        raise ConversionError(f"{flag} {out}: cannot create a directory there ({e.strerror})") \
             from None
     try:
         yield tmp
@@ -119,8 +121,8 @@ def atomic_directory(out: str, overwrite: bool = False, flag: str = "--out") -> 
                 raise
             # lost a race: another process renamed its complete copy into place after the
             # check above; rename(2) refused to replace it, so theirs stands, intact
-            raise ConfigError(f"{flag} {out}: directory is not empty (another process wrote "
-                              f"it meanwhile)") from None
+            raise OutputExistsError(f"{flag} {out}: directory is not empty (another process "
+                                    f"wrote it meanwhile)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..config.base import ConfigError
+from ..errors import ConversionError
 from .byte_copy import pread_into, pwrite_all
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,32 +50,32 @@ class TensorLocation:
 
 
 def read_header(path: str) -> dict[str, TensorLocation]:
-    """The tensors of one safetensors file, its header checked; a ConfigError naming the file
+    """The tensors of one safetensors file, its header checked; a ConversionError naming the file
     says what is wrong (empty, truncated, header too large, not JSON, bad entry)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
             if size == 0:
-                raise ConfigError(f"{path}: file is empty (0 bytes)")
+                raise ConversionError(f"{path}: file is empty (0 bytes)")
             if len(head) < 8:
-                raise ConfigError(f"{path}: truncated ({size} bytes, no safetensors header)")
+                raise ConversionError(f"{path}: truncated ({size} bytes, no safetensors header)")
             (length,) = struct.unpack("<Q", head)
             if length > MAX_HEADER_BYTES:
-                raise ConfigError(f"{path}: header length {length} exceeds the format's "
-                                  f"{MAX_HEADER_BYTES} bytes (corrupt file?)")
+                raise ConversionError(f"{path}: header length {length} exceeds the format's "
+                                      f"{MAX_HEADER_BYTES} bytes (corrupt file?)")
             if 8 + length > size:
-                raise ConfigError(f"{path}: truncated (header of {length} bytes, file of "
-                                  f"{size})")
+                raise ConversionError(f"{path}: truncated (header of {length} bytes, file of "
+                                      f"{size})")
             raw = f.read(length)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     try:
         entries = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: header is not valid JSON ({e})") from None
+        raise ConversionError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(entries, dict):
-        raise ConfigError(f"{path}: header is not a JSON object")
+        raise ConversionError(f"{path}: header is not a JSON object")
     entries.pop("__metadata__", None)
     data_start = 8 + length
     out = {}
@@ -92,15 +92,15 @@ def _location(path: str, name: str, entry, data_start: int, size: int) -> Tensor
         if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
             raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{path}: tensor {name} has a malformed header entry "
-                          f"{json.dumps(entry)[:200]}") from None
+        raise ConversionError(f"{path}: tensor {name} has a malformed header entry "
+                              f"{json.dumps(entry)[:200]}") from None
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes:
-        raise ConfigError(f"{path}: tensor {name} spans {end - begin} bytes, but shape "
-                          f"{list(shape)} {entry['dtype']} needs {nbytes}")
+        raise ConversionError(f"{path}: tensor {name} spans {end - begin} bytes, but shape "
+                              f"{list(shape)} {entry['dtype']} needs {nbytes}")
     if data_start + end > size:
-        raise ConfigError(f"{path}: truncated (tensor {name} ends at byte {data_start + end}, "
-                          f"the file has {size})")
+        raise ConversionError(f"{path}: truncated (tensor {name} ends at byte {data_start + end}, "
+                              f"the file has {size})")
     return TensorLocation(path, data_start + begin, nbytes, dtype, shape)
 
 
@@ -117,23 +117,23 @@ class SafetensorsCheckpoint:
         elif os.path.exists(os.path.join(directory, SINGLE_NAME)):
             shards = [SINGLE_NAME]
         else:
-            raise ConfigError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors "
-                              "checkpoints are read)")
+            raise ConversionError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only "
+                                  "safetensors checkpoints are read)")
         self._tensors: dict[str, TensorLocation] = {}
         for shard in shards:
             path = os.path.join(directory, shard)
             if not os.path.isfile(path):
-                raise ConfigError(f"{index}: names shard {shard}, which does not exist")
+                raise ConversionError(f"{index}: names shard {shard}, which does not exist")
             for name, location in read_header(path).items():
                 if name in self._tensors:
-                    raise ConfigError(f"{path}: tensor {name} is also in "
-                                      f"{os.path.basename(self._tensors[name].path)}")
+                    raise ConversionError(f"{path}: tensor {name} is also in "
+                                          f"{os.path.basename(self._tensors[name].path)}")
                 self._tensors[name] = location
         for name, shard in (weight_map or {}).items():
             found = self._tensors.get(name)
             if found is None or os.path.basename(found.path) != shard:
-                raise ConfigError(f"{index}: tensor {name} is listed in {shard} but is not in "
-                                  "that file")
+                raise ConversionError(f"{index}: tensor {name} is listed in {shard} but is not in "
+                                      "that file")
         self.files = {name: os.path.basename(t.path) for name, t in self._tensors.items()}
 
     @staticmethod
@@ -142,13 +142,13 @@ class SafetensorsCheckpoint:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") \
+            raise ConversionError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") \
                 from None
         # Shard names are plain file names in the directory (no paths out of it).
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
                 and v not in ("", ".", "..") for k, v in weight_map.items()):
-            raise ConfigError(f"{index}: weight_map must map tensor names to shard file names")
+            raise ConversionError(f"{index}: weight_map must map tensor names to shard file names")
         return weight_map
 
     def location(self, name: str) -> TensorLocation:
@@ -309,7 +309,7 @@ def copy_model_files(src: str, dst: str, edit_config=None) -> list[str]:
                 with open(path, encoding="utf-8") as f:
                     content = json.load(f)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e}); truncated?") from None
+                raise ConversionError(f"{path}: not valid JSON ({e}); truncated?") from None
             if name == "config.json" and edit_config is not None:
                 with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
                     json.dump(edit_config(content), f, indent=2, sort_keys=True)

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, Wri
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..config.base import ConfigError
+from ..errors import ConversionError
 from .byte_copy import pread_into
 from .row_plan import Segment
 
@@ -191,21 +191,21 @@ def _first_line(e: Exception) -> str:
 
 
 def read_metadata(directory: str) -> Metadata:
-    """The DCP ``Metadata`` of a checkpoint directory; one-line ConfigError when absent,
+    """The DCP ``Metadata`` of a checkpoint directory; one-line ConversionError when absent,
     unreadable or not DCP metadata."""
     path = os.path.join(directory, ".metadata")
     if not os.path.isfile(path):
-        raise ConfigError(f"{directory}: not a torch_dist checkpoint (no .metadata file)")
+        raise ConversionError(f"{directory}: not a torch_dist checkpoint (no .metadata file)")
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except Exception as e:  # a corrupt pickle raises almost anything
-        raise ConfigError(f"{path}: not a torch_dist .metadata file ({type(e).__name__}: "
-                          f"{_first_line(e)})") from None
+        raise ConversionError(f"{path}: not a torch_dist .metadata file ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
             or not isinstance(metadata.storage_data, dict):
-        raise ConfigError(f"{path}: not a torch_dist .metadata file (holds "
-                          f"{type(metadata).__name__})")
+        raise ConversionError(f"{path}: not a torch_dist .metadata file (holds "
+                              f"{type(metadata).__name__})")
     return metadata
 
 
@@ -263,21 +263,21 @@ class TorchDistReader:
         """(path, offset, length) of the record holding the chunk at ``offsets``."""
         info = self._storage.get(MetadataIndex(key, torch.Size(offsets)))
         if info is None:
-            raise ConfigError(f"{self.directory}/.metadata: tensor {key} chunk at {list(offsets)} "
-                              "has no storage entry")
+            raise ConversionError(f"{self.directory}/.metadata: tensor {key} chunk at "
+                                  f"{list(offsets)} has no storage entry")
         path = os.path.normpath(os.path.join(self.directory, info.relative_path))
         if os.path.dirname(path) != os.path.normpath(self.directory):
-            raise ConfigError(f"{self.directory}/.metadata: storage file {info.relative_path!r} "
-                              "is outside the checkpoint")
+            raise ConversionError(f"{self.directory}/.metadata: storage file "
+                                  f"{info.relative_path!r} is outside the checkpoint")
         if getattr(info, "transform_descriptors", None):
-            raise ConfigError(f"{path}: tensor {key} is stored with transforms "
-                              f"{info.transform_descriptors} (not supported)")
+            raise ConversionError(f"{path}: tensor {key} is stored with transforms "
+                                  f"{info.transform_descriptors} (not supported)")
         size = os.path.getsize(path) if os.path.isfile(path) else -1
         if size < 0:
-            raise ConfigError(f"{path}: missing (named by .metadata for tensor {key})")
+            raise ConversionError(f"{path}: missing (named by .metadata for tensor {key})")
         if info.offset < 0 or info.offset + info.length > size:
-            raise ConfigError(f"{path}: truncated (tensor {key} record ends at byte "
-                              f"{info.offset + info.length}, the file has {size})")
+            raise ConversionError(f"{path}: truncated (tensor {key} record ends at byte "
+                                  f"{info.offset + info.length}, the file has {size})")
         return path, info.offset, info.length
 
     def _load_record(self, key: str, offsets: tuple[int, ...], meta: bool
@@ -292,19 +292,19 @@ class TorchDistReader:
         except Exception as e:  # corrupt records raise anything from the zip or the unpickler
             why = "refused by torch.load(weights_only=True)" if isinstance(
                 e, pickle.UnpicklingError) else f"{type(e).__name__}: {_first_line(e)}"
-            raise ConfigError(f"{path}: tensor {key} record at byte {offset} is unreadable "
-                              f"({why})") from None
+            raise ConversionError(f"{path}: tensor {key} record at byte {offset} is unreadable "
+                                  f"({why})") from None
         finally:
             os.close(fd)
         if not isinstance(tensor, torch.Tensor):
-            raise ConfigError(f"{path}: tensor {key} record at byte {offset} holds a "
-                              f"{type(tensor).__name__}")
+            raise ConversionError(f"{path}: tensor {key} record at byte {offset} holds a "
+                                  f"{type(tensor).__name__}")
         chunk = next((c for c in self.tensors[key].chunks if tuple(c.offsets) == offsets), None)
         if tensor.dtype != self.dtype(key) or chunk is None or \
                 tuple(tensor.shape) != tuple(chunk.sizes):
-            raise ConfigError(f"{path}: tensor {key} record holds {tensor.dtype} "
-                              f"{list(tensor.shape)}, .metadata says {self.dtype(key)} "
-                              f"{list(chunk.sizes) if chunk is not None else '?'}")
+            raise ConversionError(f"{path}: tensor {key} record holds {tensor.dtype} "
+                                  f"{list(tensor.shape)}, .metadata says {self.dtype(key)} "
+                                  f"{list(chunk.sizes) if chunk is not None else '?'}")
         return path, offset, length, tensor
 
     def chunk_data(self, key: str, offsets: tuple[int, ...]) -> Optional[ChunkData]:
@@ -319,18 +319,18 @@ class TorchDistReader:
         if storage_start is not None and meta.is_contiguous():
             data = start + storage_start + meta.storage_offset() * meta.element_size()
             if data + meta.nbytes > start + length:
-                raise ConfigError(f"{path}: tensor {key} record at byte {start} is truncated")
+                raise ConversionError(f"{path}: tensor {key} record at byte {start} is truncated")
             located = ChunkData(path, data, offsets, tuple(meta.shape), meta.dtype)
         self._located[(key, offsets)] = located
         return located
 
     def check(self) -> None:
         """Locate every chunk record, checking it against ``.metadata``: a corrupt, truncated
-        or mislabelled record is a ConfigError before anything is read or written."""
+        or mislabelled record is a ConversionError before anything is read or written."""
         for key, md in self.tensors.items():
             if md.properties.dtype not in FLOAT_DTYPES:
-                raise ConfigError(f"{self.directory}: tensor {key} is {md.properties.dtype}; "
-                                  "only float32, bfloat16 and float16 checkpoints convert")
+                raise ConversionError(f"{self.directory}: tensor {key} is {md.properties.dtype}; "
+                                      "only float32, bfloat16 and float16 checkpoints convert")
             for chunk in md.chunks:
                 self.chunk_data(key, tuple(chunk.offsets))
 
@@ -356,8 +356,8 @@ class TorchDistReader:
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = src
             del data
         if out is None:
-            raise ConfigError(f"{self.directory}: tensor {key} has no stored data"
-                              + (f" for layer {layer}" if layer is not None else ""))
+            raise ConversionError(f"{self.directory}: tensor {key} has no stored data"
+                                  + (f" for layer {layer}" if layer is not None else ""))
         return out[0] if layer is not None else out
 
     def row_segments(self, key: str, layer: Optional[int]) -> Optional[list[Segment]]:

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..config.base import ConfigError
+from ..errors import ConversionError
 from ..models.architecture import Architecture
 from ..models.weight_mapping import ModelDims, ParamMapping, concatenate_shards, mappings_for
 
@@ -137,7 +137,7 @@ class HFExport:
 
     Tied output layers are left out (the embedding, on the first stage, carries them);
     ``_extra_state`` objects too. A parameter without a mapping in ``arch``'s family is a
-    ConfigError. The plan holds the parameters themselves, so it reads their current values
+    ConversionError. The plan holds the parameters themselves, so it reads their current values
     at every sync; :meth:`describes` tells whether the chunks still hold those parameters."""
 
     def __init__(self, model_chunks: list, arch: Architecture):
@@ -157,8 +157,8 @@ class HFExport:
                 if sharded.replica_id[0] != 0:
                     continue  # the last stage's copy of tied embeddings
                 if sharded.key not in by_key:
-                    raise ConfigError(f"parameter {sharded.key} of the model has no Hugging "
-                                      f"Face mapping in family {arch.family}")
+                    raise ConversionError(f"parameter {sharded.key} of the model has no Hugging "
+                                          f"Face mapping in family {arch.family}")
                 mapping = by_key[sharded.key]
                 first = (sharded.build()[0] if isinstance(sharded, ShardedTensorFactory)
                          else sharded)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from ..config.data import DataConfig
 from ..rollout.types import Prompt
 from .chat import ChatFormatter
-from .errors import DataError
+from ..errors import DataError
 from .sources import Source, resolve_sources, shorthand_source
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -1,8 +1,10 @@
 """The transformer shape of a Hugging Face decoder model, read from its ``config.json``.
 
 Pure data (no Megatron): the config validator, the model builder, the converters and the
-memory planner all read a model's shape from here. A leaf: each supported family registers its
-parser here from ``families/`` (one file per family), which ``repo_megatron.models`` imports.
+memory planner all read a model's shape from here, and the builder its transformer settings
+(norm, activation, gated MLP, biases, QK norm), so that a family that is not Llama-like is
+still one file. A leaf: each supported family registers its parser here from ``families/``
+(one file per family), which ``repo_megatron.models`` imports.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..config.base import ConfigError
+from ..errors import ConfigError
 from ..hf_files import load_hf_config_dict
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,14 @@ class Architecture:
     vocab_size: int
     max_position_embeddings: int
     rope_theta: float
-    rms_norm_eps: float
+    layernorm_epsilon: float         # HF rms_norm_eps / layer_norm_eps
     tie_word_embeddings: bool
+    # Transformer settings, in Megatron's TransformerConfig terms; the defaults are the
+    # Llama-like ones (pre-RMSNorm, SwiGLU MLP, no linear biases).
+    normalization: str = "RMSNorm"   # or "LayerNorm"
+    activation: str = "silu"         # MLP activation, by name (models.builder.ACTIVATIONS)
+    gated_linear_unit: bool = True   # fc1 = [gate; up], act(gate) * up: SwiGLU with silu
+    add_bias_linear: bool = False    # biases on every linear layer (QKV: qkv_bias)
     qkv_bias: bool = False           # Qwen2
     qk_layernorm: bool = False       # Qwen3
     rope_scaling: Optional[RopeScaling] = None
@@ -53,17 +62,17 @@ class Architecture:
 
 
 # family name -> parser(hf_config dict) -> Architecture
-FAMILIES: dict[str, Callable[[dict], Architecture]] = {}
+FAMILIES: Registry[Callable[[dict], Architecture]] = Registry("model family", "family")
 # HF "architectures" entry / model_type -> family name
-_HF_NAMES: dict[str, str] = {}
+HF_NAMES: Registry[str] = Registry("Hugging Face architecture", "config.json architectures")
 
 
 def register_family(name: str, hf_names: list[str]):
     """Decorator: register a parser for the HF architectures / model types in ``hf_names``."""
     def wrap(fn: Callable[[dict], Architecture]) -> Callable[[dict], Architecture]:
-        FAMILIES[name] = fn
+        FAMILIES.register(name)(fn)
         for hf_name in hf_names:
-            _HF_NAMES[hf_name] = name
+            HF_NAMES.register(hf_name)(name)
         return fn
     return wrap
 
@@ -134,7 +143,7 @@ def llama_like(hf: dict, family: str, **extra: Any) -> Architecture:
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rope_theta=theta,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling=scaling,
         **extra,
@@ -145,9 +154,9 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
     """An :class:`Architecture` from a HF config dict; unknown families are a ConfigError."""
     names = list(hf.get("architectures") or []) + [hf.get("model_type", "")]
     for name in names:
-        if name in _HF_NAMES:
+        if name in HF_NAMES:
             try:
-                return FAMILIES[_HF_NAMES[name]](hf)
+                return FAMILIES[HF_NAMES[name]](hf)
             except KeyError as e:
                 raise ConfigError(f"missing key {e.args[0]}", source) from None
             except ConfigError as e:
@@ -155,7 +164,7 @@ def parse_hf_config(hf: dict, source: str = "config.json") -> Architecture:
             except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong kind
                 raise ConfigError(f"cannot be read ({type(e).__name__}: {e})", source) from None
     raise ConfigError(f"architecture {names[0] if names else '?'} is not supported "
-                      f"(supported: {', '.join(sorted(_HF_NAMES))})", source)
+                      f"(supported: {', '.join(HF_NAMES)})", source)
 
 
 def read_architecture(hf_path: str, gguf_file: Optional[str] = None,

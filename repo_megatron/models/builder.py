@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..config.base import ConfigError
 from ..config.model import ModelConfig
+from ..errors import ConfigError
 from ..config.parallel import ParallelConfig
 from ..runtime import cpu_compat
 from .architecture import Architecture, RopeScaling, padded_vocab_size
@@ -23,6 +23,9 @@ from .fp8 import check_fp8, fp8_token_multiple
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Architecture.activation -> the MLP's activation_func (the ones Transformer Engine runs too)
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+               "relu": torch.nn.functional.relu}
 
 
 def te_available() -> bool:
@@ -53,6 +56,14 @@ def select_transformer_impl(model_cfg: ModelConfig) -> str:
     return impl
 
 
+def bias_activation_fusion(arch: Architecture, impl: str) -> bool:
+    """Whether Megatron may fuse the fc1 bias with the activation: only with Transformer
+    Engine, and only for the kernels its MLP has (SwiGLU, GeGLU, GELU with a bias)."""
+    fusable = (arch.activation == "silu" and arch.gated_linear_unit) or (
+        arch.activation == "gelu" and (arch.gated_linear_unit or arch.add_bias_linear))
+    return impl == "transformer_engine" and fusable
+
+
 def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: ParallelConfig,
                        impl: str):
     """The ``TransformerConfig`` for ``arch`` in this layout (RL fine-tuning: no dropout)."""
@@ -75,11 +86,11 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
+        normalization=arch.normalization,
+        layernorm_epsilon=arch.layernorm_epsilon,
+        gated_linear_unit=arch.gated_linear_unit,
+        activation_func=ACTIVATIONS[arch.activation],
+        add_bias_linear=arch.add_bias_linear,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
         # Sliding-window attention as transformers applies it: a query sees keys i - (W-1)..i.
@@ -105,7 +116,7 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
         # With gloo, batched p2p gives wrong results under the interleaved schedule.
         batch_p2p_comm=cpu_compat.has_gpu(),
         use_cpu_initialization=not cpu_compat.has_gpu(),
-        bias_activation_fusion=impl == "transformer_engine",
+        bias_activation_fusion=bias_activation_fusion(arch, impl),
         masked_softmax_fusion=impl == "transformer_engine",
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -138,7 +149,8 @@ def layer_spec(arch: Architecture, impl: str, model_cfg: ModelConfig):
     if impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm, fp8=model_cfg.fp8)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm,
+                                    normalization=arch.normalization)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

@@ -22,7 +22,7 @@ recipe         hardware
 
 from __future__ import annotations
 
-from ..config.base import ConfigError
+from ..errors import ConfigError
 from ..config.model import ModelConfig
 from ..config.parallel import ParallelConfig
 

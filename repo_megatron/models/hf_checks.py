@@ -12,7 +12,8 @@ import difflib
 import math
 from typing import Any, Mapping
 
-from ..config.base import ConfigError, fmt
+from ..config.base import fmt
+from ..errors import ConfigError
 
 # config.json key -> (kind, what it must be): what the family parsers read
 SHAPE_KEYS: dict[str, tuple[str, str]] = {

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config.base import ConfigError
+from ..errors import ConfigError
+from ..registry import Registry
 from .architecture import Architecture
 
 LAYER_PREFIX = "decoder.layers."
@@ -129,22 +130,20 @@ class ParamMapping:
 
 
 # family name -> function(arch) -> the family's mappings
-WEIGHT_MAPPINGS: dict[str, Callable[[Architecture], list[ParamMapping]]] = {}
+WEIGHT_MAPPINGS: Registry[Callable[[Architecture], list[ParamMapping]]] = Registry(
+    "weight mapping", "family")
 
 
 def register_weight_mapping(family: str):
     """Decorator: register ``fn(arch) -> list[ParamMapping]`` for a family."""
-    def wrap(fn: Callable[[Architecture], list[ParamMapping]]):
-        WEIGHT_MAPPINGS[family] = fn
-        return fn
-    return wrap
+    return WEIGHT_MAPPINGS.register(family)
 
 
 def mappings_for(arch: Architecture) -> list[ParamMapping]:
     """The weight mappings of ``arch``'s family; a family without one is a ConfigError."""
     if arch.family not in WEIGHT_MAPPINGS:
         raise ConfigError(f"architecture {arch.hf_architecture} (family {arch.family}) has no "
-                          f"weight mapping (supported: {', '.join(sorted(WEIGHT_MAPPINGS))})")
+                          f"weight mapping (supported: {', '.join(WEIGHT_MAPPINGS)})")
     return WEIGHT_MAPPINGS[arch.family](arch)
 
 

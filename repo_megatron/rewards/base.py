@@ -1,8 +1,8 @@
-"""Reward functions: a registry by name, custom functions by import path, one result type.
+"""Reward functions: by registered name or by import path, and one result type.
 
 A reward is ``fn(response: str, answer: str, question: str)`` returning a number (or bool), a
-``(value, reason)`` pair or a :class:`RewardResult`. Built-ins register with
-:func:`register_reward`; ``module:function`` names any importable function.
+``(value, reason)`` pair or a :class:`RewardResult`. Built-ins are named in :mod:`.registry`;
+``module:function`` names any importable function.
 
 A reward is a finite number: anything else (NaN, inf, a string, a number beyond
 ``data.reward_max_abs``) is a *failed* reward of value 0 whose reason says what came back,
@@ -11,17 +11,14 @@ so no non-finite value reaches the advantages, the loss or the weights.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from ..config.base import ConfigError
-
-RewardFn = Callable[[str, str, str], Any]
-
-REWARDS: dict[str, RewardFn] = {}
+from ..errors import ConfigError
+from ..registry import import_object
+from .registry import REWARDS, RewardFn
 
 
 @dataclass(frozen=True)
@@ -49,30 +46,19 @@ class RewardResult:
     failed: bool = False
 
 
-def register_reward(name: str):
-    """Decorator: make ``fn`` available as ``data.reward: <name>``."""
-    def wrap(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-    return wrap
-
-
 def resolve_reward(name: str) -> RewardFn:
     """The reward registered as ``name`` or the function at import path ``module:function``."""
-    from . import exact, math_answer  # noqa: F401  (register the built-ins)
-
     if name in REWARDS:
         return REWARDS[name]
     if ":" not in name:
-        raise ConfigError(f"data.reward={name}: not a registered reward ({', '.join(sorted(REWARDS))}) "
+        raise ConfigError(f"data.reward={name}: not a registered reward ({', '.join(REWARDS)}) "
                           f"nor an import path module:function")
-    module_name, _, attr = name.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = import_object(name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"data.reward={name}: cannot import ({type(e).__name__}: {e})") from None
     if not callable(fn):
-        raise ConfigError(f"data.reward={name}: {attr} is not callable")
+        raise ConfigError(f"data.reward={name}: {name.partition(':')[2]} is not callable")
     return fn
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .base import RewardResult, register_reward
+from .base import RewardResult
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -29,7 +29,6 @@ def normalise(answer: str) -> str:
     return re.sub(r"\s+", " ", answer).strip().strip("$").strip().rstrip(".").strip()
 
 
-@register_reward("exact")
 def exact_reward(response: str, answer: str, question: str = "") -> RewardResult:
     boxed = last_boxed(response)
     lines = [line for line in response.splitlines() if line.strip()]

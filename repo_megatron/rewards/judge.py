@@ -67,7 +67,7 @@ class JudgeReward:
 
     def launch(self, log_dir: Optional[str]) -> list[str]:
         """Start the judge servers of ``cfg.launch``; their URLs as this backend wants them."""
-        from ..config.base import ConfigError
+        from ..errors import ConfigError
         from ..sglang.launcher import ServerLauncher
 
         launch = self.cfg.launch

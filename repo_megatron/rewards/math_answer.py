@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import RewardResult, register_reward
+from .base import RewardResult
 
 # math-verify warns on every call that its timeout is off: we enforce our own.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -20,7 +20,6 @@ def parse_reference(answer: str) -> list:
     return parse(answer, parsing_timeout=None) or parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
 
 
-@register_reward("math")
 def math_reward(response: str, answer: str, question: str = "") -> RewardResult:
     # imported on first use: only the reward workers score, and math-verify (sympy) costs the
     # trainer process seconds of start-up and ~50 MB

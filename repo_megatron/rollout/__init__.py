@@ -1,8 +1,16 @@
-"""The rollout side: engine interface, embedded CPU engine, and the RePO stage (no Megatron)."""
+"""The rollout side: engine interface, embedded CPU engine, and the RePO stage (no Megatron).
 
-from .engine import GenerationResult, RolloutEngine, SamplingParams
-from .stage import RolloutStage, sampling_params
-from .types import Group, Prompt, RolloutBatch, Sample
+Importing this package loads none of its submodules (the config reads the registries of
+:mod:`.injection` and :mod:`.replay` without torch): each name below is imported on first use.
+"""
 
-__all__ = ["GenerationResult", "Group", "Prompt", "RolloutBatch", "RolloutEngine",
-           "RolloutStage", "Sample", "SamplingParams", "sampling_params"]
+from __future__ import annotations
+
+from ..lazy_exports import lazy_getattr
+
+_EXPORTS = {"GenerationResult": ".engine", "RolloutEngine": ".engine",
+            "SamplingParams": ".engine", "RolloutStage": ".stage", "sampling_params": ".stage",
+            "Group": ".types", "Prompt": ".types", "RolloutBatch": ".types", "Sample": ".types"}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -25,9 +25,10 @@ from ..rewards.base import RewardRequest, RewardResult
 from .dynamic_sampling import informative_groups
 from .engine import GenerationResult, RolloutEngine, SamplingParams
 from .gate import failure_rate, gate_fires
-from .injection import Request, build_injection
+from .injection.base import Request
+from .injection.registry import INJECTIONS
 from .metrics import rollout_metrics
-from .replay import ReplayBuffer
+from .replay.buffer import ReplayBuffer
 from .seeds import request_seed
 from .types import Group, Prompt, RolloutBatch, Sample
 
@@ -108,7 +109,7 @@ class RolloutStage:
         self.group_size = rollout.group_size
         self.params = sampling_params(rollout)
         self.gate = algorithm.repo
-        self.injection = build_injection(algorithm, formatter)
+        self.injection = INJECTIONS.get(algorithm.injection)(algorithm, formatter)
         self.replay_cfg = algorithm.replay
         self.replay = ReplayBuffer(algorithm.replay.buffer_size, algorithm.replay.strategy,
                                    algorithm.replay.min_buffer_size) \

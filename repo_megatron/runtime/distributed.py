@@ -18,9 +18,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..config.base import ConfigError
 from ..config.parallel import ParallelConfig
+from ..errors import ConfigError
 from . import control, cpu_compat
+from .ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ def read_launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
                          int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
     # One process, no launcher: any free port (two single-process runs must not collide).
     if "MASTER_PORT" not in env:
-        from .launch import free_port
         port = free_port()
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 

@@ -15,21 +15,16 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import sys
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
+from .ports import free_port
+
 
 class DistributedRunError(AssertionError):
     """A rank raised, died or hung (an AssertionError so pytest reports it as a failure)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn: Callable, args: tuple, rank: int, world_size: int, port: int, timeout: float,

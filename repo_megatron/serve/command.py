@@ -89,7 +89,7 @@ def load_engine(model: str, gguf_file: str, batch_size: int):
 
 def options_from(args: argparse.Namespace):
     """The :class:`ServeOptions` of the command line; ConfigError for unsafe or bad flags."""
-    from ..config.base import ConfigError
+    from ..errors import ConfigError
     from .app import ServeOptions
 
     if args.model is None and args.gguf_file is None:

@@ -199,11 +199,11 @@ class WeightStreamer:
     def stream_from_senders(self, plan: SyncPlan, engine) -> list:
         """disk / distributed: each stage's sender pushes its buckets; returns the stages'
         results on rank 0 (after raising any sender's failure on every rank)."""
-        from ..sglang.weight_sync import STRATEGIES
+        from ..sglang.weight_sync.registry import STRATEGIES
 
         result, error = None, None
         pushes = self.ps.get_data_parallel_rank() == 0
-        if STRATEGIES[plan.cfg.weight_sync].concurrent_stages:
+        if STRATEGIES.get(plan.cfg.weight_sync).concurrent_stages:
             if pushes:
                 result, error = self._push_stage(plan, engine)
         else:

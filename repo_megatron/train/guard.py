@@ -9,9 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from ..errors import UserError
 
-class TrainingStopped(RuntimeError):
-    """The run cannot go on usefully; the message is one line naming the cause and the knob."""
+
+class TrainingStopped(UserError, RuntimeError):
+    """The run cannot go on usefully; the message is one line naming the cause and the knob.
+    The checkpoints it has are kept."""
+
+    exit_code = 1
 
 
 @dataclass

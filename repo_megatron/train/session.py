@@ -24,7 +24,8 @@ from ..algorithm import LossParams
 from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_sum
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import OutputExistsError, UserError
 from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
 from ..metrics.sources import source_metrics
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
@@ -80,9 +81,8 @@ def converted_checkpoint(cfg: Config, arch) -> str:
                     convert_hf_to_megatron(
                         m.hf_path, out, tp=tp, gguf_file=m.gguf_file,
                         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-                except ConfigError:  # a run without the lock converted it first: use theirs
-                    if not os.path.isdir(out):
-                        raise
+                except OutputExistsError:  # a run without the lock converted it first
+                    log.info("%s was converted by another process meanwhile: using it", out)
     control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
     return out
 
@@ -154,15 +154,13 @@ class Session:
     # ---- set-up ----------------------------------------------------------------------------
 
     def _rank0_first(self, fn):
-        """``fn()`` on rank 0; if it raises a ConfigError or DataError, every rank stops
-        (rank 0 with that error, the others naming it)."""
-        from ..data import DataError
-
+        """``fn()`` on rank 0; if it raises a :class:`UserError` (bad config or data), every
+        rank stops (rank 0 with that error, the others naming it)."""
         result, problem = None, None
         if self.is_rank0:
             try:
                 result = fn()
-            except (ConfigError, DataError) as e:
+            except UserError as e:
                 problem = e
         failed = control.broadcast_object(
             None if problem is None else f"{type(problem).__name__}: {problem}")

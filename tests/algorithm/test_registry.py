@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from repo_megatron.algorithm import (ADVANTAGE_ESTIMATORS, AGG_MODES, KL_ESTIMATORS,
-                                     POLICY_LOSSES, LossParams, Registry, compute_advantages,
+                                     POLICY_LOSSES, LossParams, compute_advantages,
                                      compute_policy_loss, get_advantage_estimator,
                                      get_policy_loss, grpo_advantages, ppo_clip_loss,
                                      register_advantage_estimator, register_policy_loss)
 from repo_megatron.config.algorithm import AlgorithmConfig
-from repo_megatron.config.base import ConfigError, build
+from repo_megatron.config.base import build
+from repo_megatron.errors import ConfigError
+from repo_megatron.registry import Registry
 
 from .inputs import random_batch
 
@@ -21,10 +23,10 @@ def test_builtin_variants_are_registered_under_their_config_names():
 
 
 def test_unknown_name_error_names_the_config_key_and_lists_registered_names():
-    with pytest.raises(ValueError, match=r"algorithm\.policy_loss='gspo' is not a registered "
-                                         r"policy loss \(registered: .*ppo_clip"):
+    with pytest.raises(ConfigError, match=r"algorithm\.policy_loss=gspo is not a registered "
+                                          r"policy loss \(registered: .*ppo_clip"):
         get_policy_loss("gspo")
-    with pytest.raises(ValueError, match=r"algorithm\.advantage_estimator='rloo'.*drgrpo, grpo"):
+    with pytest.raises(ConfigError, match=r"algorithm\.advantage_estimator=rloo.*drgrpo, grpo"):
         compute_advantages(torch.ones(2, 2), estimator="rloo")
 
 

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true")
     args = parser.parse_args()
 
-    from repo_megatron.checkpoint.errors import CheckpointError
+    from repo_megatron.errors import CheckpointError
     from tests.checkpoint import sessions
 
     s = sessions.session(args.root, async_save=args.async_save, keep_last=2)

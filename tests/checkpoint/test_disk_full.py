@@ -32,7 +32,7 @@ def test_disk_full_is_recognised_from_errno_from_text_and_from_free_space(tmp_pa
 def _full_disk_on_rank1(root: str) -> dict:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from repo_megatron.checkpoint.errors import CheckpointError
+    from repo_megatron.errors import CheckpointError
 
     s = S.session(root, parallel={"tensor_model_parallel_size": 2}, keep_last=1)
     S.train_step(s, 1)

@@ -51,7 +51,7 @@ def test_trainer_state_must_be_plain_data():
 
 
 def _fallback_run(root: str) -> dict:
-    from repo_megatron.checkpoint.errors import CheckpointError
+    from repo_megatron.errors import CheckpointError
     from repo_megatron.checkpoint.manager import read_meta
     from repo_megatron.checkpoint.manifest import file_entry
 

@@ -115,7 +115,8 @@ def _dataset_cases(tmp_path) -> list[tuple[str, str, str]]:
 
 def test_bad_datasets_give_one_line_errors(tmp_path):
     from repo_megatron.config.data import DataConfig
-    from repo_megatron.data import DataError, load_prompts
+    from repo_megatron.data import load_prompts
+    from repo_megatron.errors import DataError
     from repo_megatron.data.chat import ChatFormatter
     from tests.rollout.fakes import ByteTokenizer
 
@@ -141,7 +142,7 @@ def test_a_bad_dataset_through_the_cli(tiny_chat_model, tmp_path):
 
 def _session_with_bad_data(cfg: dict) -> str:
     from repo_megatron.config import config_from_dict
-    from repo_megatron.data import DataError
+    from repo_megatron.errors import DataError
     from repo_megatron.train import session as session_module
 
     def no_model(*args, **kwargs):

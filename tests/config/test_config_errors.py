@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from repo_megatron.config import ConfigError, load_config
+from repo_megatron.config import load_config
+from repo_megatron.errors import ConfigError
 from tests.helpers import write_tiny_llama
 
 # (name, YAML body with {model} for the model dir, overrides, the error line printed by the CLI)

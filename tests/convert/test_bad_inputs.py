@@ -89,7 +89,7 @@ def test_corrupt_safetensors_is_one_line(hf, tmp_path, capsys, case):
     assert _safetensors_refuses(str(src / SHARD))
     code, err = run_cli(["hf-to-megatron", "--hf", str(src), "--out", str(tmp_path / "m")],
                         capsys)
-    assert code == 2 and err.count("\n") == 0 and err.startswith("ConfigError: "), err
+    assert code == 2 and err.count("\n") == 0 and err.startswith("ConversionError: "), err
     assert re.search(message, err), err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
@@ -144,7 +144,7 @@ def test_corrupt_torch_dist_is_one_line(sharded, tmp_path, capsys, case):
     damage(str(ckpt))
     code, err = run_cli(["megatron-to-hf", "--megatron", str(ckpt), "--out",
                          str(tmp_path / "out")], capsys)
-    assert code == 2 and err.count("\n") == 0 and err.startswith("ConfigError: "), err
+    assert code == 2 and err.count("\n") == 0 and err.startswith("ConversionError: "), err
     assert re.search(message, err), err
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
@@ -177,14 +177,14 @@ def test_crafted_metadata_pickle_does_not_run(sharded, tmp_path, capsys):
 def test_bad_import_flags_are_one_line(hf, tmp_path, capsys, flags, message):
     code, err = run_cli(["hf-to-megatron", "--hf", hf, "--out", str(tmp_path / "m"), *flags],
                         capsys)
-    assert code == 2 and err == f"ConfigError: {message}"
+    assert code == 2 and err == f"ConversionError: {message}"
     assert os.listdir(tmp_path) == []
 
 
 def test_bad_shard_size_is_one_line(sharded, tmp_path, capsys):
     code, err = run_cli(["megatron-to-hf", "--megatron", sharded[1], "--out",
                          str(tmp_path / "o"), "--max-shard-size-gb", "0"], capsys)
-    assert code == 2 and err == "ConfigError: --max-shard-size-gb 0: must be positive"
+    assert code == 2 and err == "ConversionError: --max-shard-size-gb 0: must be positive"
 
 
 def _classify(code: int, err: str, before: dict, after: dict) -> str:

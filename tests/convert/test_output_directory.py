@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from repo_megatron.cli import main
-from repo_megatron.config.base import ConfigError
+from repo_megatron.errors import ConversionError, OutputExistsError
 from repo_megatron.convert import byte_copy, convert_hf_to_megatron, convert_megatron_to_hf
 from repo_megatron.convert.output import atomic_directory
 from tests.convert.tiny_models import make_tiny_model
@@ -65,7 +65,7 @@ def test_non_empty_out_is_refused_without_overwrite(hf, megatron, tmp_path, caps
                  "--no-progress"])
     assert code == 2 and "directory is not empty (pass --overwrite" in _one_line_error(capsys)
     assert snapshot(out) == before and siblings(out) == []
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         convert_hf_to_megatron(hf, str(out), progress=False)
 
 
@@ -180,7 +180,7 @@ def test_exported_json_files_are_checked(megatron, tmp_path):
     is refused, not copied on."""
     broken = shutil.copytree(megatron, tmp_path / "m")
     (broken / "hf" / "tokenizer.json").write_text('{"model": {"vocab": {"a": 1,')
-    with pytest.raises(ConfigError, match=r"hf/tokenizer.json: not valid JSON .*truncated"):
+    with pytest.raises(ConversionError, match=r"hf/tokenizer.json: not valid JSON .*truncated"):
         convert_megatron_to_hf(str(broken), str(tmp_path / "out"), progress=False)
     assert not os.path.exists(tmp_path / "out") and siblings(tmp_path / "out") == ["m"]
 
@@ -224,8 +224,8 @@ def test_a_copy_renamed_into_place_meanwhile_is_kept_and_the_loser_gets_one_line
             real_check(*args, **kwargs)
 
     monkeypatch.setattr(output, "check_output_directory", check_once)
-    with pytest.raises(ConfigError, match=r"--out .*out: directory is not empty \(another "
-                                          r"process wrote it meanwhile\)"):
+    with pytest.raises(OutputExistsError, match=r"--out .*out: directory is not empty "
+                                                r"\(another process wrote it meanwhile\)"):
         with atomic_directory(str(out)) as tmp:
             open(os.path.join(tmp, "weights"), "w").write("ours")
             out.mkdir()

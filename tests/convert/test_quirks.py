@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from repo_megatron.config.base import ConfigError
+from repo_megatron.errors import ConversionError
 from repo_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from repo_megatron.convert.safetensors_io import SafetensorsCheckpoint
 from repo_megatron.convert.torch_dist_io import TorchDistReader
@@ -80,9 +80,9 @@ def test_redundant_lm_head_that_differs_is_refused(models, tmp_path):
         t["lm_head.weight"][7, 3] += 1.0
 
     hf = _edited(models["qwen2"], tmp_path / "hf", edit=edit)
-    with pytest.raises(ConfigError, match=r"model.safetensors: tensor lm_head.weight differs from "
-                                          r"model.embed_tokens.weight, but config.json has "
-                                          r"tie_word_embeddings=true"):
+    with pytest.raises(ConversionError, match=r"model.safetensors: tensor lm_head.weight differs "
+                                              r"from model.embed_tokens.weight, but config.json "
+                                              r"has tie_word_embeddings=true"):
         convert_hf_to_megatron(hf, str(tmp_path / "m"), progress=False)
     assert not os.path.exists(tmp_path / "m")
 
@@ -96,7 +96,7 @@ def test_redundant_lm_head_that_differs_is_refused(models, tmp_path):
 ])
 def test_bad_dtypes_are_refused_before_anything_is_written(models, tmp_path, edit, message):
     hf = _edited(models["llama"], tmp_path / "hf", edit=edit)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConversionError, match=message):
         convert_hf_to_megatron(hf, str(tmp_path / "m"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
@@ -151,7 +151,7 @@ def test_mapping_that_computes_values_is_converted_in_memory(models, tmp_path, m
     from repo_megatron.models import weight_mapping
 
     real = weight_mapping.WEIGHT_MAPPINGS["llama"]
-    monkeypatch.setitem(weight_mapping.WEIGHT_MAPPINGS, "llama", lambda arch: [
+    monkeypatch.setitem(weight_mapping.WEIGHT_MAPPINGS._entries, "llama", lambda arch: [
         dataclasses.replace(m, moves_rows=False) for m in real(arch)])
     convert_hf_to_megatron(models["llama"], str(tmp_path / "m"), tp=2, progress=False)
     convert_megatron_to_hf(str(tmp_path / "m"), str(tmp_path / "back"), progress=False)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from repo_megatron.cli import main
-from repo_megatron.config.base import ConfigError
+from repo_megatron.errors import ConfigError, ConversionError
 from repo_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from repo_megatron.convert.torch_dist_io import TorchDistReader
 from tests.convert.tiny_models import FAMILIES, make_tiny_model
@@ -84,11 +84,11 @@ def test_cli_error_is_one_line(models, tmp_path, capsys):
     code = main(["convert", "hf-to-megatron", "--hf", models["llama"], "--out",
                  str(tmp_path / "m"), "--tp", "4", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0 and err.startswith("ConfigError: --tp 4")
+    assert code == 2 and err.count("\n") == 0 and err.startswith("ConversionError: --tp 4")
 
 
 def test_tp_larger_than_kv_heads_is_rejected(models, tmp_path):
-    with pytest.raises(ConfigError, match=r"--tp 4 .*num_query_groups=2 \(KV heads\)"):
+    with pytest.raises(ConversionError, match=r"--tp 4 .*num_query_groups=2 \(KV heads\)"):
         convert_hf_to_megatron(models["llama"], str(tmp_path / "m"), tp=4, progress=False)
 
 
@@ -120,7 +120,7 @@ def _edited_copy(src: str, dst, edit) -> str:
 ])
 def test_hf_tensor_errors_name_the_tensor(models, tmp_path, edit, message):
     hf = _edited_copy(models["llama"], tmp_path / "hf", edit)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConversionError, match=message):
         convert_hf_to_megatron(hf, str(tmp_path / "m"), progress=False)
 
 
@@ -130,17 +130,17 @@ def test_megatron_tensor_errors_name_the_tensor(models, tmp_path):
     hf = shutil.copytree(tmp_path / "m" / "hf", tmp_path / "cfg")
     config = json.load(open(hf / "config.json"))
     json.dump({**config, "intermediate_size": 96}, open(hf / "config.json", "w"))
-    with pytest.raises(ConfigError, match=r"tensor decoder.layers.mlp.linear_fc1.weight has "
-                                          r"shape \[4, 256, 64\], expected \[4, 192, 64\]"):
+    with pytest.raises(ConversionError, match=r"tensor decoder.layers.mlp.linear_fc1.weight "
+                                              r"has shape \[4, 256, 64\], expected \[4, 192, 64\]"):
         convert_megatron_to_hf(str(tmp_path / "m"), str(tmp_path / "out"), hf_config_dir=str(hf),
                                progress=False)
     json.dump({**config, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"},
               open(hf / "config.json", "w"))
-    with pytest.raises(ConfigError, match="decoder.layers.self_attention.q_layernorm.weight "
-                                          "is missing"):
+    with pytest.raises(ConversionError,
+                       match="decoder.layers.self_attention.q_layernorm.weight is missing"):
         convert_megatron_to_hf(str(tmp_path / "m"), str(tmp_path / "out"), hf_config_dir=str(hf),
                                progress=False)
     json.dump({**config, "tie_word_embeddings": True}, open(hf / "config.json", "w"))
-    with pytest.raises(ConfigError, match="unexpected tensor output_layer.weight"):
+    with pytest.raises(ConversionError, match="unexpected tensor output_layer.weight"):
         convert_megatron_to_hf(str(tmp_path / "m"), str(tmp_path / "out"), hf_config_dir=str(hf),
                                progress=False)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from repo_megatron.config.data import DataConfig
-from repo_megatron.data import DataError, load_prompts
+from repo_megatron.data import load_prompts
+from repo_megatron.errors import DataError
 from repo_megatron.data.chat import ChatFormatter
 
 from tests.rollout.fakes import ByteTokenizer

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from repo_megatron.config import ConfigError
 from repo_megatron.config.base import build
 from repo_megatron.config.data import DataConfig
-from repo_megatron.data import DataError, load_sources, resolve_sources
+from repo_megatron.data import load_sources, resolve_sources
 from repo_megatron.data.chat import ChatFormatter
+from repo_megatron.errors import ConfigError, DataError
 from tests.rollout.fakes import ByteTokenizer
 
 FORMATTER = ChatFormatter(ByteTokenizer(), apply_chat_template=False)

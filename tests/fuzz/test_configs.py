@@ -8,9 +8,10 @@ import random
 
 import yaml
 
-from repo_megatron.config import ConfigError, load_config
+from repo_megatron.config import load_config
 from repo_megatron.config.base import iter_knobs
 from repo_megatron.config import Config
+from repo_megatron.errors import ConfigError
 from tests.fuzz.tally import CLEAN_ERROR, DATA_LOST, TRACEBACK, Tally
 from tests.fuzz.cases import nested, run_case
 from tests.helpers import write_tiny_llama

@@ -10,7 +10,8 @@ import random
 import pytest
 
 from repo_megatron.config.data import DataConfig
-from repo_megatron.data import DataError, load_prompts
+from repo_megatron.data import load_prompts
+from repo_megatron.errors import DataError
 from repo_megatron.data.chat import ChatFormatter
 from tests.fuzz.tally import CLEAN_ERROR, DATA_LOST, OK, TRACEBACK, Tally
 from tests.fuzz.cases import nested, run_case

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from repo_megatron.config.base import ConfigError
 from repo_megatron.config.model import ModelConfig
 from repo_megatron.config.parallel import ParallelConfig
+from repo_megatron.errors import ConfigError
 from repo_megatron.models import builder
 from repo_megatron.models.architecture import parse_hf_config
 from repo_megatron.models.fp8 import check_fp8, fp8_padded_length

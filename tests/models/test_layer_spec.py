@@ -4,9 +4,9 @@ local otherwise; asking for TE or FP8 where it cannot run is an error, never a f
 import pytest
 import torch
 
-from repo_megatron.config.base import ConfigError
 from repo_megatron.config.model import ModelConfig
 from repo_megatron.config.parallel import ParallelConfig
+from repo_megatron.errors import ConfigError
 from repo_megatron.models import builder
 from repo_megatron.models.architecture import RopeScaling, parse_hf_config
 from tests.helpers import write_tiny_llama

@@ -6,9 +6,9 @@ tests/convert/test_logits_parity.py (families ``mistral_swa`` and ``qwen2_swa``)
 import pytest
 import transformers
 
-from repo_megatron.config.base import ConfigError
 from repo_megatron.config.model import ModelConfig
 from repo_megatron.config.parallel import ParallelConfig
+from repo_megatron.errors import ConfigError
 from repo_megatron.models import builder
 from repo_megatron.models.architecture import parse_hf_config
 

@@ -174,7 +174,7 @@ def test_the_api_key_is_sent_as_a_bearer_token(backend, monkeypatch):
 
 
 def test_a_judge_command_that_is_not_installed_is_a_one_line_config_error(tmp_path):
-    from repo_megatron.config import ConfigError
+    from repo_megatron.errors import ConfigError
     from repo_megatron.config.rollout import SGLangLaunchConfig
     from tests.sglang.servers import free_ports
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from repo_megatron.config import ConfigError
 from repo_megatron.config.data import JudgeConfig
 from repo_megatron.config.rollout import SGLangLaunchConfig
+from repo_megatron.errors import ConfigError
 from repo_megatron.rewards.base import RewardRequest
 from repo_megatron.rewards.judge import JudgeReward
 from repo_megatron.sglang.launcher import ServerLauncher

@@ -2,7 +2,7 @@
 
 import pytest
 
-from repo_megatron.config.base import ConfigError
+from repo_megatron.errors import ConfigError
 from repo_megatron.rewards import RewardRequest, RewardResult, resolve_reward
 from repo_megatron.rewards.base import call_reward
 from repo_megatron.rewards.exact import last_boxed

@@ -47,6 +47,6 @@ def test_the_timeout_is_per_call_not_per_batch(runner):
 
 
 def test_a_bad_reward_name_fails_in_the_trainer_before_any_worker_starts():
-    from repo_megatron.config.base import ConfigError
+    from repo_megatron.errors import ConfigError
     with pytest.raises(ConfigError, match="data.reward=nope"):
         RewardRunner("nope")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from repo_megatron.rollout.replay import ReplayBuffer, get_retrieval
+from repo_megatron.rollout.replay import RETRIEVALS, ReplayBuffer
 from repo_megatron.rollout.types import Sample
 
 from .fakes import make_stage, prompt
@@ -23,23 +23,23 @@ def names(samples):
 
 
 def test_recency_takes_the_newest():
-    assert names(get_retrieval("recency")(ENTRIES, 2, random.Random(0))) == ["#4", "#5"]
+    assert names(RETRIEVALS.get("recency")(ENTRIES, 2, random.Random(0))) == ["#4", "#5"]
 
 
 def test_reward_takes_the_highest_newest_first_on_ties():
-    assert names(get_retrieval("reward")(ENTRIES, 3, random.Random(0))) == ["#3", "#1", "#4"]
+    assert names(RETRIEVALS.get("reward")(ENTRIES, 3, random.Random(0))) == ["#3", "#1", "#4"]
 
 
 def test_variance_takes_the_max_variance_subset():
-    chosen = get_retrieval("variance")(ENTRIES, 2, random.Random(0))
+    chosen = RETRIEVALS.get("variance")(ENTRIES, 2, random.Random(0))
     assert sorted(s.reward for s in chosen) == [0.0, 1.0]
     assert names(chosen) == ["#3", "#5"]            # the newest of each reward, buffer order
-    chosen4 = get_retrieval("variance")(ENTRIES, 4, random.Random(0))
+    chosen4 = RETRIEVALS.get("variance")(ENTRIES, 4, random.Random(0))
     assert sorted(s.reward for s in chosen4) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_random_is_reproducible_with_its_seed_and_without_repeats():
-    pick = get_retrieval("random")
+    pick = RETRIEVALS.get("random")
     a, b = pick(ENTRIES, 3, random.Random(5)), pick(ENTRIES, 3, random.Random(5))
     assert names(a) == names(b) and len(set(names(a))) == 3
     draws = {tuple(names(pick(ENTRIES, 3, random.Random(s)))) for s in range(20)}

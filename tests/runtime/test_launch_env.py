@@ -2,8 +2,8 @@
 
 import pytest
 
-from repo_megatron.config.base import ConfigError
 from repo_megatron.config.parallel import ParallelConfig
+from repo_megatron.errors import ConfigError
 from repo_megatron.runtime.distributed import data_parallel_size, first_slurm_host, read_launch_env
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from repo_megatron.cli import build_parser
-from repo_megatron.config.base import ConfigError
+from repo_megatron.errors import ConfigError
 from repo_megatron.serve.command import is_loopback, options_from
 
 from ..sglang.servers import free_ports, wait_healthy

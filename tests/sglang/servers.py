@@ -17,15 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from repo_megatron.runtime.ports import free_port
 from repo_megatron.sglang.client import SGLangClient
 
 
 def free_ports(n: int) -> int:
     """A base port p with p, p+1, ..., p+n-1 free on 127.0.0.1."""
     for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
+        base = free_port()
         if base + n >= 65535:
             continue
         try:

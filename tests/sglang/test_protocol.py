@@ -7,7 +7,7 @@ from repo_megatron.rollout.engine import SamplingParams
 from repo_megatron.sglang.client import SGLangClient
 from repo_megatron.sglang.protocol import (error_message, generate_body, generation_result,
                                            parse_version)
-from repo_megatron.sglang.weight_sync import STRATEGIES, build_strategy
+from repo_megatron.sglang.weight_sync.registry import STRATEGIES
 from repo_megatron.serve.tensor_payload import deserialize, named_tensors
 from repo_megatron.sglang.weight_sync.buckets import iter_buckets
 from repo_megatron.sglang.weight_sync.flattened_bucket import bucket_payloads, dtype_groups
@@ -82,6 +82,6 @@ def test_flattened_bucket_round_trips_through_the_payload():
 
 
 def test_every_configured_strategy_is_registered():
-    for name in ("disk", "tensor", "distributed"):
-        assert STRATEGIES[name].name == name
-        assert build_strategy(SGLangConfig(weight_sync=name)).name == name
+    assert set(STRATEGIES) == {"disk", "tensor", "distributed"}
+    for name in STRATEGIES:
+        assert STRATEGIES.get(name)(SGLangConfig(weight_sync=name)).name == name

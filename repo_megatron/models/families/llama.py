@@ -1,6 +1,6 @@
 """Llama 2 / 3 (incl. llama3 RoPE scaling)."""
 
-from ...config.base import ConfigError
+from ...errors import ConfigError
 from ..architecture import Architecture, llama_like, register_family
 from ..weight_mapping import (ParamMapping, embedding_and_head, llama_attention, llama_mlp,
                               register_weight_mapping)

@@ -11,11 +11,9 @@ from dataclasses import replace
 
 from ...rewards.base import RewardResult
 from ..types import Prompt, Sample
-from . import register_injection
 from .base import Injection
 
 
-@register_injection("luffy")
 class LuffyInjection(Injection):
     def __init__(self, algorithm, formatter):
         self.formatter = formatter

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from . import register_injection
 from .base import Injection
 
 
-@register_injection("none")
 class NoInjection(Injection):
     def __init__(self, algorithm, formatter):
         pass

@@ -31,7 +31,6 @@ from ...rewards.base import RewardResult
 from ..engine import GenerationResult
 from ..gate import best_candidate, rephrase_prompt, replace_lowest, strip_meta
 from ..types import Group, Prompt, Sample
-from . import register_injection
 from .base import Injection, Request
 
 
@@ -46,7 +45,6 @@ def likely_to_trip(last_fired: Optional[bool], recent_rate: Optional[float]) -> 
     return recent_rate is None or recent_rate >= 0.5
 
 
-@register_injection("repo")
 class RePOInjection(Injection):
     def __init__(self, algorithm, formatter):
         self.cfg = algorithm.repo

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from typing import Sequence
 
 from ..types import Sample
-from . import get_retrieval
+from .registry import RETRIEVALS
 
 
 class ReplayBuffer:
@@ -17,7 +17,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, strategy: str, min_size: int):
         self.capacity = capacity
-        self.retrieval = get_retrieval(strategy)
+        self.retrieval = RETRIEVALS.get(strategy)
         self.min_size = min_size
         self._entries: dict[str, deque[Sample]] = {}
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from statistics import pvariance
 
-from . import register_retrieval
 
-
-@register_retrieval("variance")
 def max_variance(entries, k, rng):
     lowest_first = sorted(range(len(entries)), key=lambda i: (entries[i].reward, -i))
     highest_first = sorted(range(len(entries)), key=lambda i: (-entries[i].reward, -i))

@@ -1,20 +1,12 @@
-"""Weight sync strategies, one per file, registered by the name ``sglang.weight_sync`` uses."""
+"""Weight sync strategies, one per file, registered in :mod:`.registry` by the name
+``sglang.weight_sync`` uses. Importing this package loads none of its submodules."""
 
-from .base import SyncPlan, SyncTarget, WeightSyncStrategy
-from .disk import DiskStrategy
-from .distributed import DistributedStrategy
-from .tensor import TensorStrategy
+from __future__ import annotations
 
-STRATEGIES: dict[str, type[WeightSyncStrategy]] = {
-    "disk": DiskStrategy,
-    "tensor": TensorStrategy,
-    "distributed": DistributedStrategy,
-}
+from ...lazy_exports import lazy_getattr
 
+_EXPORTS = {"STRATEGIES": ".registry", "SyncPlan": ".base", "SyncTarget": ".base",
+            "WeightSyncStrategy": ".base"}
 
-def build_strategy(cfg, stage: int = 0) -> WeightSyncStrategy:
-    """The strategy named by ``cfg.weight_sync``, for the sender of pipeline stage ``stage``."""
-    return STRATEGIES[cfg.weight_sync](cfg, stage)
-
-
-__all__ = ["STRATEGIES", "SyncPlan", "SyncTarget", "WeightSyncStrategy", "build_strategy"]
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -13,6 +13,7 @@ import logging
 import socket
 
 from ...runtime import cpu_compat
+from ...runtime.ports import free_port
 from ..protocol import destroy_group_body, distributed_update_body, init_group_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .process_group import broadcast_tensors, destroy, init_weight_update_group
@@ -22,12 +23,6 @@ log = logging.getLogger(__name__)
 
 def group_name(stage: int) -> str:
     return f"repo_megatron_pp{stage}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def rank_offsets(workers: list[str], tp_size) -> tuple[list[int], int]:
@@ -56,7 +51,7 @@ class DistributedStrategy(WeightSyncStrategy):
         address = self.cfg.distributed_master_address or socket.gethostname()
         # several stages may share a host: each sender picks its own port
         port = (self.cfg.distributed_master_port + self.stage if self.cfg.distributed_master_port
-                else free_port())
+                else free_port(host=""))  # the workers connect from their own hosts
         offsets, world_size = rank_offsets(target.workers, target.tp_size)
         name = group_name(self.stage)
         joins = [target.client.request(worker, "/init_weights_update_group", init_group_body(

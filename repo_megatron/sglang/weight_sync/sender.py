@@ -8,8 +8,8 @@ from typing import Any, Iterable, Optional
 
 from ...config.rollout import SGLangConfig
 from ..client import LoopThread, SGLangClient
-from . import build_strategy
 from .base import Bucket, SyncPlan, SyncTarget
+from .registry import STRATEGIES
 
 
 def make_client(cfg: SGLangConfig) -> SGLangClient:
@@ -24,7 +24,7 @@ class StageSender:
     def __init__(self, cfg: SGLangConfig, stage: int = 0, loop: Optional[LoopThread] = None,
                  client: Optional[SGLangClient] = None):
         self.cfg, self.stage = cfg, stage
-        self.strategy = build_strategy(cfg, stage)
+        self.strategy = STRATEGIES.get(cfg.weight_sync)(cfg, stage)
         self.owns_loop = loop is None
         self.loop = loop or LoopThread(f"sglang-sender-pp{stage}")
         self.client = client or make_client(cfg)
