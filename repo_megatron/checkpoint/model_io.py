@@ -61,6 +61,11 @@ def load_sharded_state(sharded_state: dict, directory: str) -> dict:
         # Megatron's words: "missing" = only in the checkpoint, "unexpected" = only asked for.
         state, ckpt_only, model_only = dist_checkpointing.load(
             sharded_state, directory, strict=StrictHandling.RETURN_ALL)
+    # "Unexpected" keys are per rank (a PP stage asks for its own modules): every rank gets
+    # all of them, so that all raise or none does, and the log line names every one.
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, sorted(model_only))
+    model_only = set().union(*everyone)
     maybe_report_missing_and_unexpected_keys(
         {k for k in ckpt_only if not k.endswith(EXTRA_STATE)},
         {k for k in model_only if not k.endswith(EXTRA_STATE)}, raise_error=True)

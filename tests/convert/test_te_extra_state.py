@@ -5,7 +5,8 @@ layer spec, and the TE spec's linears and Qwen3 q/k norms are TE modules: each c
 ``_extra_state``, and a strict load asks for every one. TE cannot be imported here, so the TE
 model is megatron-core's real TE layer spec with CPU stand-ins for the TE classes
 (``tests/convert/te_standins.py``); its sharded state dict, made by megatron-core's own code,
-is the oracle for the keys. One launch (TP=2 on gloo) checks every family.
+is the oracle for the keys. One launch (PP=2 on gloo: the final norm is on the last stage
+only) checks every family.
 """
 
 import logging
@@ -22,7 +23,7 @@ from tests.convert.tiny_models import make_tiny_model
 from tests.distributed import run_distributed
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # untied, sliding-free, tied + bias, qk norms
-TP = 2
+PP = 2
 
 
 class _Records(logging.Handler):
@@ -35,9 +36,9 @@ class _Records(logging.Handler):
 
 
 def _load_everywhere(root: str) -> dict:
-    """Per family: the TE model's ShardedObject keys, its export after loading the converted
-    checkpoint, and what the load logged. Qwen3 also crosses specs both ways, and a
-    non-``_extra_state`` mismatch is loaded to see it raise."""
+    """Per family, this pipeline stage's: the TE model's ShardedObject keys, its export after
+    loading the converted checkpoint, and what the load logged. Qwen3 also crosses specs both
+    ways, and a non-``_extra_state`` mismatch is loaded to see it raise."""
     import dataclasses
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -66,7 +67,7 @@ def _load_everywhere(root: str) -> dict:
     def export(model, arch):
         return {k: v.numpy() for k, v in megatron_to_hf_named_tensors(model, arch)}
 
-    parallel = ParallelConfig(tensor_model_parallel_size=TP)
+    parallel = ParallelConfig(pipeline_model_parallel_size=PP)
     initialize(parallel, seed=7)  # random init differs from the checkpoint: loading must fix it
     out = {}
     for family in FAMILIES:
@@ -113,13 +114,15 @@ def loaded(tmp_path_factory):
     hf = {}
     for family in FAMILIES:
         src = make_tiny_model(family, os.path.join(root, family, "hf"))
-        convert_hf_to_megatron(src, os.path.join(root, family, "megatron"), tp=TP,
+        convert_hf_to_megatron(src, os.path.join(root, family, "megatron"), pp=PP,
                                progress=False)
         hf[family] = load_file(os.path.join(src, "model.safetensors"))
-    return root, hf, run_distributed(_load_everywhere, TP, root)
+    return root, hf, run_distributed(_load_everywhere, PP, root)
 
 
-def _assert_same_weights(synced: dict, hf: dict, what: str):
+def _assert_same_weights(stages: list, hf: dict, what: str):
+    """The pipeline stages' exports together are the HF model."""
+    synced = {k: v for stage in stages for k, v in stage.items()}
     assert synced.keys() == hf.keys(), f"{what}: {synced.keys() ^ hf.keys()}"
     for k in hf:
         assert torch.equal(torch.from_numpy(synced[k]), hf[k]), f"{what}: {k} differs"
@@ -130,22 +133,22 @@ def test_converted_checkpoint_has_every_te_extra_state(loaded, family):
     """The converter writes exactly the TE model's _extra_state objects (final norm and
     Qwen3's q/k norms included), so the strict load needs no tolerance and logs nothing."""
     root, hf, results = loaded
-    for rank, res in enumerate(results):
-        objects = res[family]["objects"]
-        assert "decoder.final_layernorm._extra_state/shard_0_1" in objects
-        if family == "qwen3":
-            for norm in ("q_layernorm", "k_layernorm"):
-                assert f"decoder.layers.self_attention.{norm}._extra_state/shard_3_4" in objects
-        assert _checkpoint_objects(os.path.join(root, family, "megatron")) == objects, rank
-        assert res[family]["log"] == [], f"rank {rank}: {res[family]['log']}"
-        _assert_same_weights(res[family]["export"], hf[family], f"{family} rank {rank}")
+    objects = sorted({k for res in results for k in res[family]["objects"]})
+    assert "decoder.final_layernorm._extra_state/shard_0_1" in results[-1][family]["objects"]
+    if family == "qwen3":
+        for norm in ("q_layernorm", "k_layernorm"):
+            assert f"decoder.layers.self_attention.{norm}._extra_state/shard_3_4" in objects
+    assert _checkpoint_objects(os.path.join(root, family, "megatron")) == objects
+    assert [res[family]["log"] for res in results] == [[]] * PP
+    _assert_same_weights([res[family]["export"] for res in results], hf[family], family)
 
 
 def test_extra_state_on_one_side_only_is_tolerated_with_one_log_line(loaded):
     """TE checkpoint -> local model: the norms' _extra_state is ignored; local save (no norm
-    _extra_state) -> TE model: the norms keep their own. Both load every weight."""
+    _extra_state) -> TE model: the norms keep their own. Both load every weight. Rank 0 (the
+    first stage) logs for every stage: the final norm is the last stage's."""
     _, hf, results = loaded
-    res = results[0]  # the log line comes from rank 0
+    res = results[0]
     (line,) = res["local_log"]
     assert "only in the checkpoint (ignored): ['decoder.final_layernorm._extra_state', " \
            "'decoder.layers.self_attention.k_layernorm._extra_state', " \
@@ -157,9 +160,8 @@ def test_extra_state_on_one_side_only_is_tolerated_with_one_log_line(loaded):
            "'decoder.layers.self_attention.k_layernorm._extra_state', " \
            "'decoder.layers.self_attention.q_layernorm._extra_state']" in line
     assert results[1]["local_log"] == [] and results[1]["older_log"] == []
-    for rank, r in enumerate(results):
-        _assert_same_weights(r["local_export"], hf["qwen3"], f"local rank {rank}")
-        _assert_same_weights(r["older_export"], hf["qwen3"], f"TE from older rank {rank}")
+    _assert_same_weights([r["local_export"] for r in results], hf["qwen3"], "local")
+    _assert_same_weights([r["older_export"] for r in results], hf["qwen3"], "TE from older")
 
 
 def test_extra_state_tolerance_does_not_hide_a_weight_mismatch(loaded):
