@@ -90,13 +90,15 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
                              "that sampled the replayed responses)")
         replay_loss, replay_metrics = replay_policy_loss(logprobs, behaviour_logprobs,
                                                          advantages, replay,
-                                                         params.replay_clip, params.replay_coef)
+                                                         params.replay_clip, params.replay_coef,
+                                                         params.log_ratio_clamp)
         pg_token_loss = pg_token_loss + replay_loss
         token_metrics.update(replay_metrics)
 
     token_loss = pg_token_loss
     if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ref_logprobs, mask, params.kl_estimator)
+        kl = kl_penalty(logprobs, ref_logprobs, mask, params.kl_estimator,
+                        params.log_ratio_clamp, params.kl_k3_clamp)
         token_loss = token_loss + params.kl_coef * kl
         token_metrics["kl"] = kl
     if entropy is not None:

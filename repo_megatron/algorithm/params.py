@@ -16,7 +16,9 @@ class LossParams:
     ``clip_low``/``clip_high``: PPO clip range ``[1 - clip_low, 1 + clip_high]`` (DAPO's
     clip-higher when ``clip_high > clip_low``). ``dual_clip``: constant ``c > 1`` bounding the
     loss of negative-advantage tokens (None = off). ``kl_coef``: beta. ``loss_norm_length``:
-    the constant ``L`` of ``seq-mean-token-sum-norm``.
+    the constant ``L`` of ``seq-mean-token-sum-norm``. ``log_ratio_clamp``: bound on every
+    log-ratio before ``exp`` (PPO's and replay's ratios, k3); ``kl_k3_clamp``: bound on the k3
+    estimate; verl's 20 and 10 by default, None = off.
     """
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
@@ -30,6 +32,8 @@ class LossParams:
     luffy_shaping_gamma: float = 0.1
     replay_coef: float = 1.0
     replay_clip: float = 0.2
+    log_ratio_clamp: Optional[float] = 20.0
+    kl_k3_clamp: Optional[float] = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.clip_low <= 1 or self.clip_high < 0:
@@ -47,6 +51,9 @@ class LossParams:
             raise ValueError("loss_agg_mode=seq-mean-token-sum-norm needs loss_norm_length")
         if self.luffy_shaping_gamma <= 0:
             raise ValueError(f"luffy_shaping_gamma={self.luffy_shaping_gamma} must be > 0")
+        for name in ("log_ratio_clamp", "kl_k3_clamp"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (or None)")
 
     @classmethod
     def from_config(cls, algorithm: Any, max_new_tokens: Optional[int] = None) -> "LossParams":
@@ -62,4 +69,5 @@ class LossParams:
                    entropy_coef=algorithm.entropy_coef, loss_agg_mode=algorithm.loss_agg_mode,
                    loss_norm_length=max_new_tokens if norm_length is None else norm_length,
                    luffy_shaping_gamma=algorithm.luffy.shaping_gamma,
-                   replay_coef=algorithm.replay.coef, replay_clip=algorithm.replay.clip)
+                   replay_coef=algorithm.replay.coef, replay_clip=algorithm.replay.clip,
+                   log_ratio_clamp=algorithm.log_ratio_clamp, kl_k3_clamp=algorithm.kl_k3_clamp)

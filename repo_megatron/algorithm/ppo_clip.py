@@ -46,10 +46,13 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
                   params: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level PPO clip on ``r = pi_theta / pi_old`` (``[batch, seq]`` in and out).
 
-    Per-token metrics (0 outside ``mask``): the clip indicators of :func:`clipped_surrogate`
-    and ``ppo_kl = log pi_old - log pi_theta``, whose mean estimates KL(pi_old || pi_theta).
+    The log-ratio is clamped to ``[-params.log_ratio_clamp, params.log_ratio_clamp]`` before
+    ``exp`` (verl's ``compute_policy_loss_vanilla``; None = no clamp). Per-token metrics (0
+    outside ``mask``): the clip indicators of :func:`clipped_surrogate` and ``ppo_kl = log
+    pi_old - log pi_theta`` (clamped, as verl's), whose mean estimates KL(pi_old || pi_theta).
     """
-    log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)              # [batch, seq]
+    log_ratio = masked_log_ratio(logprobs, old_logprobs, mask,
+                                 params.log_ratio_clamp)                    # [batch, seq]
     loss, metrics = clipped_surrogate(log_ratio, advantages, params.clip_low, params.clip_high,
                                       params.dual_clip)
     zeros = torch.zeros_like(loss)

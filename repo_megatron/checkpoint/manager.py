@@ -43,7 +43,8 @@ from ..runtime.fs import fsync_path
 from . import writers
 from ..errors import CheckpointError
 from .manifest import build_entries, check_entries, list_files, unlisted_files
-from .plain import check_plain, load_plain, weights_only_loads
+from .model_io import load_sharded_state
+from .plain import check_plain, load_plain
 from .rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -427,11 +428,9 @@ class CheckpointManager:
         """Load ``path`` into the layout described by ``sharded_state`` (from
         ``is_loading=True`` state dicts). Returns (loaded sharded state, trainer state); this
         rank's RNG is restored when the layout matches the saving run's. Every pickle in the
-        checkpoint is read with ``weights_only``: one that names code is refused."""
-        from megatron.core import dist_checkpointing
-
-        with weights_only_loads():
-            loaded = dist_checkpointing.load(sharded_state, path)
+        checkpoint is read with ``weights_only``: one that names code is refused. Keys are
+        checked as :func:`~.model_io.load_sharded_state` checks them."""
+        loaded = load_sharded_state(sharded_state, path)
         trainer_state = load_plain(os.path.join(path, TRAINER_STATE))
         meta = read_meta(path)
         rng_path = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")

@@ -60,6 +60,13 @@ class Config:
         if self.model.transformer_impl == "local" and self.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not supported by "
                               "model.transformer_impl=local (use transformer_engine)")
+        if self.model.fp8 is not None and self.model.fp8_param_gather and \
+                not self.optimizer.use_distributed_optimizer:
+            # Megatron-LM asserts the same (arguments.py): only the distributed optimizer
+            # writes the updated main params into FP8 weights.
+            raise ConfigError("model.fp8_param_gather=true needs "
+                              "optimizer.use_distributed_optimizer=true (Megatron-Core keeps "
+                              "FP8 weights only with its distributed optimizer)")
 
     def architecture(self):
         """The model's :class:`~repo_megatron.models.architecture.Architecture` (overrides applied)."""

@@ -95,6 +95,12 @@ class AlgorithmConfig:
                                             "A < 0 is capped at -A*c (null = off)", gt=1)
     kl_coef: float = knob(0.0, "beta: KL to the reference policy (0 = no reference model)", ge=0)
     kl_estimator: str = knob("k3", "KL estimator", choices=["k1", "k2", "k3"])
+    log_ratio_clamp: Optional[float] = knob(
+        20.0, "Log-ratios are clamped to [-c, c] before exp: PPO's pi_theta / pi_old, replay's "
+              "pi_theta / pi_behaviour and k3's (verl's 20; null = off; docs/algorithm.md)", gt=0)
+    kl_k3_clamp: Optional[float] = knob(
+        10.0, "The k3 KL estimate of each token is clamped to [-c, c] (verl's 10; null = off)",
+        gt=0)
     entropy_coef: float = knob(0.0, "Entropy bonus coefficient", ge=0)
     loss_agg_mode: str = knob("token-mean", "Loss aggregation",
                               choices=["token-mean", "seq-mean-token-mean",

@@ -44,8 +44,9 @@ class ModelConfig:
     fp8_recipe: str = knob("delayed", "FP8 scaling recipe: delayed and tensorwise on Hopper+, "
                                       "blockwise on Hopper with CUDA 12.9+, mxfp8 on Blackwell",
                            choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
-    fp8_param_gather: bool = knob(False, "Keep FP8 copies of the weights for the parameter "
-                                         "all-gather (distributed optimizer)")
+    fp8_param_gather: bool = knob(False, "With fp8: keep the weights in FP8 and all-gather "
+                                         "them in FP8 (needs optimizer."
+                                         "use_distributed_optimizer; exports dequantize them)")
     num_layers_at_start_in_bf16: int = knob(0, "With fp8: leading layers kept in bf16", ge=0)
     num_layers_at_end_in_bf16: int = knob(0, "With fp8: trailing layers kept in bf16", ge=0)
     recompute_granularity: Optional[str] = knob(

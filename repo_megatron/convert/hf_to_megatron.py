@@ -30,8 +30,9 @@ from tqdm import tqdm
 from ..errors import ConfigError, ConversionError
 from ..hf_files import resolve_gguf, strip_gguf_quantization
 from ..models.architecture import Architecture, padded_vocab_size, read_architecture
-from ..models.weight_mapping import (ModelDims, ParamMapping, extra_state_keys, mappings_for,
-                                     megatron_piece_shapes, stacked_shape, tensor_order)
+from ..models.weight_mapping import (LAYER_PREFIX, ModelDims, ParamMapping, extra_state_keys,
+                                     mappings_for, megatron_piece_shapes, stacked_shape,
+                                     tensor_order)
 from .byte_copy import Computed, Write, run_writes
 from .output import atomic_directory, check_output_directory
 from .row_plan import Segment, row_pieces
@@ -238,8 +239,10 @@ def convert_hf_to_megatron(hf_dir: Optional[str], out: str, tp: int = 1, pp: int
     dtype = check_hf_tensors(source, arch, expected_hf_tensors(arch, mappings))
     groups = plan_chunks(dims, mappings, dtype)
     chunks = [c for g in groups for c in g.chunks]
-    objects = [sharded_object_key(key, layer, arch.num_layers)
-               for key in extra_state_keys(mappings) for layer in range(arch.num_layers)]
+    objects = []
+    for key in extra_state_keys(mappings):  # one object per layer of layer-stacked modules
+        count = arch.num_layers if key.startswith(LAYER_PREFIX) else 1
+        objects += [sharded_object_key(key, i, count) for i in range(count)]
     total = sum(c.nbytes for c in chunks)
     with atomic_directory(out, overwrite) as tmp:
         where = write_torch_dist_layout(tmp, chunks, objects)

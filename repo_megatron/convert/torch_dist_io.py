@@ -75,7 +75,8 @@ class ChunkData:
 
 
 def sharded_object_key(key: str, offset: int, count: int) -> str:
-    """DCP name Megatron gives the ``ShardedObject`` of layer ``offset`` out of ``count``."""
+    """DCP name Megatron gives the ``ShardedObject`` of layer ``offset`` out of ``count``
+    (``0`` of ``1`` for a module outside the layers)."""
     return f"{key}/shard_{offset}_{count}"
 
 
@@ -136,7 +137,7 @@ def write_torch_dist_layout(directory: str, chunks: list[Chunk], object_keys: li
     """Write the files of a ``torch_dist`` checkpoint of ``chunks`` into ``directory`` with
     every chunk's data left unwritten (a hole reading as zeros); returns (key, offsets) ->
     where its bytes go. ``object_keys`` are DCP names of ``ShardedObject`` entries saved as
-    ``None`` (the local spec's ``_extra_state``)."""
+    ``None`` (``_extra_state`` without FP8 metadata)."""
     buf = io.BytesIO()
     torch.save([None], buf)  # Megatron stores a list of the rank's objects for each key
     objects = {name: buf.getvalue() for name in object_keys}

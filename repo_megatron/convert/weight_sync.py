@@ -18,6 +18,11 @@ per-rank ``[gate_i; up_i]`` of ``linear_fc1`` takes one copy to the global layou
 transforms (``to_hf``) return views where they can (fused QKV is split into three copies).
 Unsharded tensors and everything at TP 1 except QKV reach the caller as views of the
 parameters: consumers must not write into them.
+
+FP8 weights (``model.fp8_param_gather``: Transformer Engine ``QuantizedTensor`` parameters) are
+dequantized to the model's params dtype before the gather (:func:`high_precision`): SGLang and
+Hugging Face take bf16, and each TP rank's shard has its own scales, so raw FP8 bytes gathered
+from several ranks would not even be one tensor.
 """
 
 from __future__ import annotations
@@ -82,6 +87,18 @@ class TPGroup:
                                   for shard, src in zip(shards, self.global_ranks)]
 
 
+def high_precision(param: torch.Tensor) -> torch.Tensor:
+    """``param`` detached, as a plain tensor of its nominal dtype: a Transformer Engine FP8
+    parameter (megatron-core's ``is_float8tensor``: TE 2.x's ``QuantizedTensor``, whose nominal
+    dtype is the params dtype it was built with) is dequantized through TE's
+    ``dequantize(dtype=...)``; any other parameter is returned as a view."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if is_float8tensor(param):
+        return param.detach().dequantize(dtype=param.dtype)
+    return param.detach()
+
+
 @dataclass(frozen=True)
 class ExportedParam:
     """One parameter of this rank and the Hugging Face tensors it becomes."""
@@ -99,7 +116,7 @@ class ExportedParam:
     def start(self, tp: TPGroup) -> "PendingParam":
         """Start the TP gather of this parameter (asynchronous; collective over the TP group
         when the parameter is split)."""
-        local = self.param.detach()
+        local = high_precision(self.param)
         if self.partition_dim is None:
             return PendingParam(self, local, [], (), None)
         local = local.contiguous()
@@ -177,7 +194,7 @@ class HFExport:
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, full tensor)`` of every parameter of the plan, in order; detached, in
-        the parameters' dtype and device. Collective over the TP group."""
+        the parameters' (nominal) dtype and device. Collective over the TP group."""
         tp = TPGroup.current()
         # One gather ahead: the next parameter travels while this one is merged, renamed and
         # bucketed (so at most two gathered parameters are alive besides the buckets).
@@ -200,7 +217,8 @@ def megatron_to_hf_named_tensors(model_chunks: list, arch: Architecture
     """Yield ``(hf_name, full tensor)`` for the parameters of this rank's pipeline stage.
 
     Tied output layers are yielded once (as the embedding, on the first stage); vocabulary
-    padding is removed. Tensors are detached, in the parameters' dtype and device. Reads the
+    padding is removed. Tensors are detached, in the parameters' (nominal: FP8 weights are
+    dequantized) dtype and device. Reads the
     sharded state dicts on every call: a caller that syncs repeatedly keeps an
     :class:`HFExport` instead."""
     yield from HFExport(model_chunks, arch).named_tensors()

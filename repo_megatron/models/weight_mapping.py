@@ -236,12 +236,22 @@ def llama_mlp() -> list[ParamMapping]:
                    lambda a: (a.hidden_size, a.ffn_hidden_size))]
 
 
+# Modules GPTModel builds from Megatron's own classes under either layer spec: the embedding
+# (VocabParallelEmbedding) and the output ColumnParallelLinear, whose ``_extra_state`` GPTModel
+# drops from its sharded state dict. They hold no ``_extra_state`` in a checkpoint.
+MEGATRON_ONLY_MODULES = ("embedding.word_embeddings", "output_layer")
+
+
 def extra_state_keys(mappings: list[ParamMapping]) -> list[str]:
-    """``_extra_state`` objects of the linear layers, which Megatron saves (``None`` in the
-    local spec) and a strict load expects."""
+    """The ``_extra_state`` objects (``ShardedObject`` keys) of a model built with the
+    Transformer Engine layer spec: one for every module that holds mapped weights, except the
+    embedding and output layer. Under that spec every such module is a TE module that
+    checkpoints its FP8 metadata as ``_extra_state``: the linears, Qwen3's ``q_layernorm`` /
+    ``k_layernorm`` (``TENorm``), and ``decoder.final_layernorm``, which megatron-core builds
+    as ``TENorm`` whenever TE imports, whatever the layer spec (``transformer_block.py``).
+    The local spec saves ``None`` for its linears and nothing for its norms."""
     modules = {m.megatron.rsplit(".", 1)[0] for m in mappings}
-    return sorted(f"{mod}._extra_state" for mod in modules
-                  if mod.rsplit(".", 1)[-1].startswith("linear_"))
+    return sorted(f"{mod}._extra_state" for mod in modules if mod not in MEGATRON_ONLY_MODULES)
 
 
 def tensor_order(mappings: list[ParamMapping], num_layers: int

@@ -54,14 +54,19 @@ def wrap_model(chunks: list, use_distributed_optimizer: bool) -> list:
 
     Gradients are reduced in fp32, summed over DP after a 1/DP pre-scaling (loss.py's
     normalisation relies on this), once per step (no overlap: one reduction per step is what
-    RL's few large steps need)."""
+    RL's few large steps need). A model built with FP8 weights (``TransformerConfig.fp8_param``,
+    from ``model.fp8_param_gather``) gets ``fp8_param_gather``, as Megatron-LM's
+    ``--fp8-param-gather`` sets both: the distributed optimizer then writes the updated main
+    params into the FP8 weights and gathers them in FP8 (newer megatron-core does that only
+    when the DDP config says so)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
-        use_distributed_optimizer=use_distributed_optimizer)
+        use_distributed_optimizer=use_distributed_optimizer,
+        fp8_param_gather=bool(config.fp8_param))
     wrapped = []
     for i, chunk in enumerate(chunks):
         if config.bf16 or config.fp16:

@@ -2,6 +2,12 @@
 
 They use 0-dim float64 tensors (not python floats) only so that autograd can give reference
 gradients; the formulas are the papers' case-by-case forms, not the library's vectorised ones.
+
+The clamps are verl's (volcengine/verl, ``verl/trainer/ppo/core_algos.py``):
+``compute_policy_loss_vanilla`` clamps ``negative_approx_kl = log_prob - old_log_prob`` to
+``[-20, 20]`` before ``exp``; ``kl_penalty_forward`` ("low_var_kl"/"k3") clamps ``kl = ref_logprob
+- logprob`` to ``[-20, 20]``, then ``kld = exp(kl) - kl - 1`` to ``[-10, 10]``. Here the bounds
+are arguments (None = verl's formula without that clamp).
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ def grpo(groups: list[list[float]], eps: float, scale_by_std: bool = True) -> li
     return out
 
 
-def ppo_token_loss(logp, old, adv, clip_low, clip_high, dual_clip=None):
-    """One token: the case-split form of PPO clip (and dual-clip)."""
-    ratio = torch.exp(logp - old)
+def _clamp(x, bound):
+    return x if bound is None else torch.clamp(x, min=-bound, max=bound)
+
+
+def ppo_token_loss(logp, old, adv, clip_low, clip_high, dual_clip=None, log_ratio_clamp=None):
+    """One token: the case-split form of PPO clip (and dual-clip), on verl's clamped ratio."""
+    ratio = torch.exp(_clamp(logp - old, log_ratio_clamp))
     if adv >= 0:
         loss = -adv * torch.minimum(ratio, torch.tensor(1 + clip_high, dtype=torch.float64))
     else:
@@ -33,14 +43,15 @@ def ppo_token_loss(logp, old, adv, clip_low, clip_high, dual_clip=None):
     return loss
 
 
-def kl_token(logp, ref, estimator):
-    """KL(pi || ref) estimate of one token sampled from pi."""
+def kl_token(logp, ref, estimator, log_ratio_clamp=None, k3_clamp=None):
+    """KL(pi || ref) estimate of one token sampled from pi (verl's clamps on k3 only)."""
     log_r = ref - logp
     if estimator == "k1":
         return logp - ref
     if estimator == "k2":
         return log_r * log_r / 2
-    return torch.exp(log_r) - 1 - log_r
+    log_r = _clamp(log_r, log_ratio_clamp)
+    return _clamp(torch.exp(log_r) - 1 - log_r, k3_clamp)
 
 
 def luffy_token_loss(logp, adv, gamma):

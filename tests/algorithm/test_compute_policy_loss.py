@@ -36,11 +36,13 @@ def reference_loss(batch, p):
             pg = reference.luffy_token_loss(logp[i, t], adv, p.luffy_shaping_gamma)
         elif IS_REPLAY[i]:
             pg = p.replay_coef * reference.ppo_token_loss(
-                logp[i, t], batch["behaviour_logprobs"][i, t], adv, p.replay_clip, p.replay_clip)
+                logp[i, t], batch["behaviour_logprobs"][i, t], adv, p.replay_clip, p.replay_clip,
+                log_ratio_clamp=p.log_ratio_clamp)
         else:
             pg = reference.ppo_token_loss(logp[i, t], batch["old_logprobs"][i, t], adv,
-                                          p.clip_low, p.clip_high, p.dual_clip)
-        kl = reference.kl_token(logp[i, t], batch["ref_logprobs"][i, t], p.kl_estimator)
+                                          p.clip_low, p.clip_high, p.dual_clip, p.log_ratio_clamp)
+        kl = reference.kl_token(logp[i, t], batch["ref_logprobs"][i, t], p.kl_estimator,
+                                p.log_ratio_clamp, p.kl_k3_clamp)
         token_loss[i][t] = pg + p.kl_coef * kl - p.entropy_coef * batch["entropy"][i, t]
     return reference.aggregate(token_loss, mask.tolist(), p.loss_agg_mode, p.loss_norm_length)
 
@@ -56,6 +58,43 @@ def test_loss_with_every_term_matches_float64_reference_in_value_and_gradient(mo
     (expected_grad,) = torch.autograd.grad(expected, batch["logprobs"])
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_verl_clamps_are_what_keeps_an_overflowing_log_ratio_finite():
+    """fp32, as the trainer computes the loss: ``exp`` overflows past 88.7. Token (0, 1) has
+    ``log pi_theta - log pi_old = 100`` and A < 0 (PPO's unclipped branch ``-A r`` is the
+    max); token (1, 0) is one the policy now gives e^-100.5 and the reference e^-0.5 (an
+    injected trace can be that unlikely), so k3's ``exp(log pi_ref - log pi_theta)``
+    overflows. With the clamps off the loss is inf; with verl's it is verl's value."""
+    logprobs = torch.full((2, 3), -0.5)
+    logprobs[1, 0] = -100.5
+    old = logprobs.clone()
+    old[0, 1] = -100.5
+    ref = torch.full((2, 3), -0.5)
+    advantages = torch.tensor([-1.0, 1.0])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+
+    def run(params):
+        logp = logprobs.clone().requires_grad_(True)
+        loss, _ = compute_policy_loss(logp, old, advantages, mask, params=params,
+                                      ref_logprobs=ref)
+        (grad,) = torch.autograd.grad(loss, logp)
+        return loss, grad
+
+    off, _ = run(LossParams(kl_coef=0.1, log_ratio_clamp=None, kl_k3_clamp=None))
+    assert off.item() == float("inf")
+    verl = LossParams(kl_coef=0.1)  # the defaults: log-ratios within 20, k3 within 10
+    loss, grad = run(verl)
+    assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
+    logp = logprobs.double().requires_grad_(True)
+    token_loss = [[reference.ppo_token_loss(logp[i, t], old[i, t].double(), advantages[i].double(),
+                                            verl.clip_low, verl.clip_high, None, 20.0)
+                   + 0.1 * reference.kl_token(logp[i, t], ref[i, t].double(), "k3", 20.0, 10.0)
+                   for t in range(3)] for i in range(2)]
+    expected = reference.aggregate(token_loss, mask.tolist(), "token-mean")
+    (expected_grad,) = torch.autograd.grad(expected, logp)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)

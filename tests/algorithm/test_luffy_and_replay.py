@@ -51,18 +51,20 @@ def test_luffy_tokens_ignore_old_logprobs_and_are_never_clipped():
     assert metrics_moved["clipfrac_low"] == metrics["clipfrac_low"]
 
 
-def test_replay_term_is_coef_times_clipped_surrogate_of_the_behaviour_ratio():
+@pytest.mark.parametrize("log_ratio_clamp", [None, 0.3])  # 0.3 binds (spread 0.5)
+def test_replay_term_is_coef_times_clipped_surrogate_of_the_behaviour_ratio(log_ratio_clamp):
     batch = random_batch(3)
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None].expand_as(mask)
     loss, metrics = replay_policy_loss(batch["logprobs"], batch["behaviour_logprobs"], adv,
-                                       mask, clip=0.2, coef=0.5)
+                                       mask, clip=0.2, coef=0.5, log_ratio_clamp=log_ratio_clamp)
     (grad,) = torch.autograd.grad(loss.sum(), batch["logprobs"])
     logp = batch["logprobs"].detach().requires_grad_(True)
     expected = torch.zeros_like(loss)
     for i, t in mask.nonzero().tolist():
         expected[i, t] = 0.5 * reference.ppo_token_loss(
-            logp[i, t], batch["behaviour_logprobs"][i, t], adv[i, t], 0.2, 0.2)
+            logp[i, t], batch["behaviour_logprobs"][i, t], adv[i, t], 0.2, 0.2,
+            log_ratio_clamp=log_ratio_clamp)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logp)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)

@@ -11,11 +11,14 @@ def per_token_advantages(batch):
     return batch["advantages"][:, None].expand_as(batch["logprobs"])
 
 
+@pytest.mark.parametrize("log_ratio_clamp", [None, 0.1, 20.0])  # 0.1 binds on many tokens
 @pytest.mark.parametrize("dual_clip", [None, 1.1, 3.0])
 @pytest.mark.parametrize("seed", range(2))
-def test_ppo_clip_matches_float64_reference_in_value_and_gradient(seed, dual_clip):
+def test_ppo_clip_matches_float64_reference_in_value_and_gradient(seed, dual_clip,
+                                                                  log_ratio_clamp):
     batch = random_batch(seed)
-    params = LossParams(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
+    params = LossParams(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+                        log_ratio_clamp=log_ratio_clamp)
     adv = per_token_advantages(batch)
     loss, _ = ppo_clip_loss(batch["logprobs"], batch["old_logprobs"], adv,
                             batch["response_mask"], params)
@@ -28,7 +31,8 @@ def test_ppo_clip_matches_float64_reference_in_value_and_gradient(seed, dual_cli
         for t in range(mask.shape[1]):
             if mask[i, t]:
                 expected[i, t] = reference.ppo_token_loss(logp[i, t], batch["old_logprobs"][i, t],
-                                                          adv[i, t], 0.2, 0.28, dual_clip)
+                                                          adv[i, t], 0.2, 0.28, dual_clip,
+                                                          log_ratio_clamp)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logp)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)

@@ -89,11 +89,19 @@ def test_loss_params_from_config_resolve_a_null_norm_length_to_the_generation_bu
     params = LossParams.from_config(cfg, max_new_tokens=1024)
     assert (params.loss_norm_length, params.dual_clip, params.luffy_shaping_gamma,
             params.replay_coef, params.clip_high) == (1024, 3.0, 0.5, 0.3, 0.28)
+    assert (params.log_ratio_clamp, params.kl_k3_clamp) == (20.0, 10.0)  # verl's values
+
+
+def test_loss_params_from_config_carry_null_clamps_as_off():
+    cfg = build(AlgorithmConfig, {"log_ratio_clamp": None, "kl_k3_clamp": 5}, "algorithm")
+    params = LossParams.from_config(cfg)
+    assert (params.log_ratio_clamp, params.kl_k3_clamp) == (None, 5.0)
 
 
 @pytest.mark.parametrize("bad", [dict(dual_clip=1.0), dict(kl_estimator="k4"),
                                  dict(loss_agg_mode="sum"), dict(clip_low=1.5),
-                                 dict(loss_agg_mode="seq-mean-token-sum-norm")])
+                                 dict(loss_agg_mode="seq-mean-token-sum-norm"),
+                                 dict(log_ratio_clamp=0.0), dict(kl_k3_clamp=-1.0)])
 def test_loss_params_reject_invalid_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LossParams(**bad)
