@@ -21,6 +21,7 @@ share those pages; under torchrun or srun it uses the processes it is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,7 @@ import resource
 import sys
 import tempfile
 import time
-from typing import Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 
@@ -197,25 +198,40 @@ def _checksum(tensors: list[torch.Tensor]) -> float:
     return float(sum(t.detach().double().abs().sum() for t in tensors))
 
 
-def run_step(cfg: Config, level: str = "INFO") -> dict:
-    """One step of the (already scaled) config in this process's place of the layout."""
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def run_step(cfg: Config, level: str = "INFO",
+             phase: Callable[[str], ContextManager] = _no_phase) -> dict:
+    """One step of the (already scaled) config in this process's place of the layout.
+    ``phase(name)`` wraps each phase (``build``, ``rollout``, ``prepare``, ``train``,
+    ``weight_sync``, ``checkpoint_save``, ``checkpoint_load``): the GPU check measures them."""
     from .session import Session
 
     logging.getLogger().setLevel(level)
     t0 = time.perf_counter()
-    session = Session(cfg, rollout=False)
+    with phase("build"):        # model, optimizer, initial weights
+        session = Session(cfg, rollout=False)
     try:
         if session.is_rank0:
             session.rollout_side = SyntheticRollout(cfg)
-        groups, metrics = session.rollout(1)
-        metrics.update(session.update(session.prepare(groups)))
-        session.sync_weights()
-        session.save(1)
+        with phase("rollout"):  # synthetic groups, broadcast over the control plane
+            groups, metrics = session.rollout(1)
+        with phase("prepare"):  # advantages, micro-batches, old (and reference) log-probs
+            prepared = session.prepare(groups)
+        with phase("train"):    # the loss through the pipeline schedule, the optimizer step
+            metrics.update(session.update(prepared))
+        with phase("weight_sync"):
+            session.sync_weights()
+        with phase("checkpoint_save"):
+            session.save(1)
         before = _checksum(training_state(session))
         with torch.no_grad():  # so that only the load can bring them back
             for tensor in training_state(session):
                 tensor.zero_()
-        restored_step = session.restore()
+        with phase("checkpoint_load"):
+            restored_step = session.restore()
         ps = session.ps
         sink = session.rollout_side.engine if session.is_rank0 else None
         return {"rank": torch.distributed.get_rank(), "tp": ps.get_tensor_model_parallel_rank(),
