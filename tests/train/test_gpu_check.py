@@ -102,9 +102,9 @@ def test_sglang_side_rebuilds_our_payloads_with_sglangs_own_classes(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {
-        name: {"device": "cpu", "shape": list(t.shape), "dtype": str(t.dtype),
-               "sum": float(t.double().sum())} for name, t in bucket}
+    rebuilt = json.loads(proc.stdout.splitlines()[-1])
+    assert rebuilt == {name: gpu_check.tensor_description(t) for name, t in bucket}
+    assert rebuilt["a.weight"]["dtype"] == "torch.bfloat16"
 
 
 def test_fp8_recipe_follows_the_card():
