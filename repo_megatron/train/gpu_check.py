@@ -94,6 +94,7 @@ def gpu_or_skip(allow_cpu: bool = False) -> bool:
 
 
 def import_or_skip(module: str, what: str) -> None:
+    """Import ``module``; raises Skip naming ``what`` and the error when it does not import."""
     try:
         importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 -- a half-installed TE raises OSError, not ImportError
@@ -347,7 +348,8 @@ def run_isolated(name: str, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired:
             return {"status": "failed", "why": f"still running after {timeout_s:.0f} s "
                                                "(the time budget)"}
-        text = open(out.name).read()
+        with open(out.name) as f:
+            text = f.read()
     if not text:   # the process died before it could say (a CUDA or TE abort)
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"status": "failed", "why": f"the check's process died: {tail}"}
