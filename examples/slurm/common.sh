@@ -9,7 +9,8 @@
 # `python -m repo_megatron.plan.slurm`. What stays here is how the job is laid out on
 # the cluster, each overridable from the environment at submission:
 #   REPO_DIR         the repository (default: the directory sbatch was called from)
-#   PYTHON           the Python with repo_megatron installed, on the batch host (default python)
+#   PYTHON           the Python with repo_megatron installed, on the batch host and every node
+#                    (default python); every step runs it, never a repo-megatron from PATH
 #   GPUS_PER_NODE    default: SLURM_GPUS_ON_NODE, else 8
 #   SGLANG_PORT      port of every SGLang server (default 30000)
 #   MASTER_PORT      torch.distributed rendezvous port (default 29500)

@@ -84,5 +84,5 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 srun --overlap --nodes="$TRAIN_NODES" --ntasks="$((TRAIN_NODES * GPUS_PER_NODE))" \
     --ntasks-per-node="$GPUS_PER_NODE" --nodelist="$(join_by , "${TRAIN_HOSTS[@]}")" \
     --gpus-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
-    repo-megatron train "$CONFIG" "${OVERRIDES[@]}" rollout.engine=sglang \
+    "$PYTHON" -m repo_megatron.cli train "$CONFIG" "${OVERRIDES[@]}" rollout.engine=sglang \
     "rollout.sglang.router_url=$ROUTER_URL"

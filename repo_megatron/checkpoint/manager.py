@@ -7,7 +7,8 @@ Layout of ``CHECKPOINT_DIR``::
       trainer_state.pt      step, scheduler, data position, replay buffer... (plain data)
       rng/rank_00003.pt     each rank's RNG states (plain data)
       meta.json             step, layout and the manifest (size and SHA-256 of every other
-                            file, hashed from disk by all ranks): written last
+                            file, hashed from disk by all ranks, each the files it wrote):
+                            written last
     step_000011.corrupt/    failed verification on a resume: set aside, never loaded or pruned
     .tmp-step_000013/       a save in progress (or killed mid-save): ignored, removed at start
 
@@ -38,11 +39,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..runtime import control
 from ..runtime.failpoints import failpoint
 from ..runtime.fs import fsync_path
 from . import writers
 from ..errors import CheckpointError
-from .manifest import build_entries, check_entries, list_files, unlisted_files
+from .manifest import build_entries, check_entries, hash_shares, list_files, unlisted_files
 from .model_io import load_sharded_state
 from .plain import check_plain, load_plain
 from .rng import rng_state, set_rng_state
@@ -136,16 +138,23 @@ def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def _group():
+    """Where the ranks agree: the control plane (gloo, ``parallel.control_timeout_minutes``)
+    when it exists, since ranks wait there while others hash their share of a checkpoint;
+    else the default group."""
+    return control.group() if control.initialized() else None
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=_group())
 
 
 def _all_gather(obj: Any) -> list:
     if not torch.distributed.is_initialized():
         return [obj]
     out = [None] * _world()
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=_group())
     return out
 
 
@@ -153,7 +162,7 @@ def _from_rank0(obj: Any) -> Any:
     if not torch.distributed.is_initialized():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=0, group=_group())
     return box[0]
 
 
@@ -300,15 +309,18 @@ class CheckpointManager:
             raise CheckpointError(message)
 
     def _commit(self, step: int, tmp: str, final: str, meta: dict) -> None:
-        """Every rank's files are written: hash them (each rank a share), write ``meta.json``
-        with the manifest, rename into place, re-check and prune (collective)."""
+        """Every rank's files are written: hash them (each rank the files it wrote, while they
+        are in its page cache, and a share of the rest), write ``meta.json`` with the
+        manifest, rename into place, re-check and prune (collective)."""
         start = time.perf_counter()
         failpoint("checkpoint_before_commit", step)  # every shard written, not yet committed
         _barrier()
-        names = _from_rank0(list_files(tmp) if _rank() == 0 else None)
-        shares: list = []
-        self._guard(step, tmp, lambda: shares.append(build_entries(tmp, names[_rank()::_world()])))
-        manifest = {k: v for part in _all_gather(shares[0]) for k, v in part.items()}
+        sizes = _from_rank0({name: os.path.getsize(os.path.join(tmp, name))
+                             for name in list_files(tmp)} if _rank() == 0 else None)
+        mine = hash_shares(sizes, _world(), own_files=True)[_rank()]
+        entries: list = []
+        self._guard(step, tmp, lambda: entries.append(build_entries(tmp, mine)))
+        manifest = {k: v for part in _all_gather(entries[0]) for k, v in part.items()}
         self._guard(step, tmp, lambda: self._publish(step, tmp, final, meta, manifest),
                     only_rank0=True)
         self._pending = None
@@ -415,8 +427,9 @@ class CheckpointManager:
             problem = manifest_problem(manifest)
         problem = _agree(problem)
         if problem is None:
-            names = sorted(manifest)
-            found = check_entries(path, {n: manifest[n] for n in names[_rank()::_world()]},
+            mine = hash_shares({n: e["size"] for n, e in manifest.items()}, _world(),
+                               own_files=False)[_rank()]
+            found = check_entries(path, {n: manifest[n] for n in mine},
                                   checksums=self.verify_checksums)
             if _rank() == 0:
                 found += [f"{n} is not in the manifest"

@@ -29,6 +29,11 @@ def initialize(timeout: timedelta) -> None:
         _GROUP = torch.distributed.new_group(backend="gloo", timeout=timeout)
 
 
+def initialized() -> bool:
+    """Whether :func:`initialize` has run (and :func:`destroy` not since)."""
+    return _GROUP is not None
+
+
 def group():
     """The control group; raises if :func:`initialize` has not run."""
     if _GROUP is None:

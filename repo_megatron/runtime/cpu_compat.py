@@ -81,9 +81,43 @@ def set_cuda_rng_states(states: "list[torch.Tensor] | None") -> None:
         torch.cuda.set_rng_state_all(states)
 
 
+@contextmanager
+def device_scope(dev: torch.device) -> Iterator[None]:
+    """Make ``dev`` the current GPU of this thread for the block. torch's current device is
+    per thread: a worker thread (an event loop, ``asyncio.to_thread``) starts on GPU 0
+    whatever :func:`set_device` chose for the rank, so work handed to a thread runs under the
+    device its caller captured with :func:`device`. No-op for a CPU (or meta) device."""
+    if dev.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(dev):
+        yield
+
+
+def memory_allocated() -> int:
+    """GPU memory this process's tensors hold now, in bytes (0 on CPU)."""
+    return torch.cuda.memory_allocated() if has_gpu() else 0
+
+
 def max_memory_allocated() -> int:
-    """Peak GPU memory of this process in bytes (0 on CPU)."""
+    """Peak GPU memory of this process in bytes since the last :func:`reset_peak_memory`
+    (0 on CPU)."""
     return torch.cuda.max_memory_allocated() if has_gpu() else 0
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for :func:`max_memory_allocated` (no-op on CPU)."""
+    if has_gpu():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_description() -> "dict | None":
+    """Name, compute capability and memory of this rank's GPU (None on CPU)."""
+    if not has_gpu():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"name": props.name, "capability": [props.major, props.minor],
+            "memory_bytes": props.total_memory, "cuda": torch.version.cuda}
 
 
 def _is_cuda(dev: Any) -> bool:

@@ -21,6 +21,7 @@ share those pages; under torchrun or srun it uses the processes it is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,7 @@ import resource
 import sys
 import tempfile
 import time
-from typing import Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 
@@ -208,29 +209,44 @@ def _checksum(tensors: list[torch.Tensor]) -> float:
     return float(sum(t.detach().double().abs().sum() for t in tensors))
 
 
-def run_step(cfg: Config, level: str = "INFO") -> dict:
-    """One step of the (already scaled) config in this process's place of the layout,
-    device-faithful (:mod:`repo_megatron.runtime.device_faithful`): a host tensor where a GPU
-    run needs a device one, or the reverse, fails the step as it would fail on the cluster."""
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def run_step(cfg: Config, level: str = "INFO",
+             phase: Callable[[str], ContextManager] = _no_phase) -> dict:
+    """One step of the (already scaled) config in this process's place of the layout. On a
+    CPU it runs device-faithful (:mod:`repo_megatron.runtime.device_faithful`): a host tensor
+    where a GPU run needs a device one, or the reverse, fails the step as it would fail on the
+    cluster. ``phase(name)`` wraps each phase (``build``, ``rollout``, ``prepare``, ``train``,
+    ``weight_sync``, ``checkpoint_save``, ``checkpoint_load``): the GPU check measures them."""
     from ..runtime import cpu_compat
     from .session import Session
 
     logging.getLogger().setLevel(level)
     cpu_compat.enable(device_faithful=True)
     t0 = time.perf_counter()
-    session = Session(cfg, rollout=False)
+    with phase("build"):        # model, optimizer, initial weights
+        session = Session(cfg, rollout=False)
     try:
         if session.is_rank0:
             session.rollout_side = SyntheticRollout(cfg)
-        groups, metrics = session.rollout(1)
-        metrics.update(session.update(session.prepare(groups)))
-        session.sync_weights()
-        session.save(1)
+        with phase("rollout"):  # synthetic groups, broadcast over the control plane
+            groups, metrics = session.rollout(1)
+        with phase("prepare"):  # advantages, micro-batches, old (and reference) log-probs
+            prepared = session.prepare(groups)
+        with phase("train"):    # the loss through the pipeline schedule, the optimizer step
+            metrics.update(session.update(prepared))
+        with phase("weight_sync"):
+            session.sync_weights()
+        with phase("checkpoint_save"):
+            session.save(1)
         before = _checksum(training_state(session))
         with torch.no_grad():  # so that only the load can bring them back
             for tensor in training_state(session):
                 tensor.zero_()
-        restored_step = session.restore()
+        with phase("checkpoint_load"):
+            restored_step = session.restore()
         ps = session.ps
         sink = session.rollout_side.engine if session.is_rank0 else None
         return {"rank": torch.distributed.get_rank(), "tp": ps.get_tensor_model_parallel_rank(),
@@ -240,7 +256,8 @@ def run_step(cfg: Config, level: str = "INFO") -> dict:
                 "restored": restored_step == 1 and _checksum(training_state(session)) == before,
                 "synced": None if sink is None else (sink.tensors, sink.parameters),
                 "seconds": time.perf_counter() - t0,
-                "device_faithful": cpu_compat.device_faithful(),
+                # placement checked: device-faithful on a CPU, or a real GPU
+                "device_faithful": cpu_compat.device_faithful() or cpu_compat.has_gpu(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     finally:
         session.close()
@@ -267,8 +284,8 @@ def verdict(results: list[dict], cfg: Config) -> list[str]:
     problems += [f"weight sync delivered {r['synced'][1]} parameters to the engine, the model "
                  f"has {expected}" for r in results
                  if r["rank"] == 0 and r["synced"][1] != expected]
-    problems += [f"rank {r['rank']}: did not run device-faithful" for r in results
-                 if not r["device_faithful"]]
+    problems += [f"rank {r['rank']}: ran on the CPU without the device-faithful checks"
+                 for r in results if not r["device_faithful"]]
     return problems
 
 

@@ -21,7 +21,8 @@ more than its own shards plus a bounded number of buckets. Where the buckets go:
 Stages take turns except where their writes are independent (disk), so an SGLang worker, which
 loads one update request at a time, never waits on two senders in opposite orders; a failing
 sender keeps draining its stage (its TP peers are inside the gathers) and the failure is raised
-on every rank afterwards. Small objects travel on a gloo group, never inside a GPU collective.
+on every rank afterwards. Small objects travel on the gloo control plane
+(:mod:`repo_megatron.runtime.control`), never inside a GPU collective.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from ..config.rollout import SGLangConfig
 from ..convert.weight_sync import HFExport
 from ..models.architecture import Architecture
+from ..runtime import control
 from ..sglang.weight_sync.base import Bucket, SyncPlan
 from ..sglang.weight_sync.buckets import iter_buckets
 
@@ -62,8 +64,10 @@ class WeightStreamer:
         self.stage = ps.get_pipeline_model_parallel_rank()
         self.stages = ps.get_pipeline_model_parallel_world_size()
         self.is_sender = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-        # control plane: gloo beside an NCCL default group (created once, on every rank)
-        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        # Headers, bucket bytes to rank 0 and the waits for rank 0's engine go over the control
+        # plane: gloo, with parallel.control_timeout_minutes (an engine update can take longer
+        # than a collective of the default group may wait).
+        self.group = control.group()
         # pipeline stage -> global rank of its sender
         self.sender_ranks = dict(filter(None, self._all_gather(
             (self.stage, self.rank) if self.is_sender else None)))

@@ -31,11 +31,18 @@ def _save_three_then_resume(root: str):
     from repo_megatron.runtime.distributed import initialize
     from repo_megatron.training.forward import forward_logprobs
 
+    from repo_megatron.checkpoint import manager as manager_module
+
     parallel = ParallelConfig(tensor_model_parallel_size=2)
     initialize(parallel, seed=1)
     arch = read_architecture(os.path.join(root, "model"))
     model = build_model(arch, ModelConfig(transformer_impl="local"), parallel)
     manager = CheckpointManager(os.path.join(root, "ckpt"), keep_last=2)
+    hashed = {"save": [], "verify": []}   # the files this rank hashed, at save and on resume
+    build, check = manager_module.build_entries, manager_module.check_entries
+    manager_module.build_entries = lambda d, names: hashed["save"].extend(names) or build(d, names)
+    manager_module.check_entries = lambda d, entries, checksums: (
+        hashed["verify"].extend(entries) or check(d, entries, checksums))
     batch = [{"tokens": torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))}]
     for step in (1, 2, 3):
         with torch.no_grad():
@@ -56,6 +63,8 @@ def _save_three_then_resume(root: str):
     fresh = build_model(arch, ModelConfig(transformer_impl="local"), parallel)
     before = forward_logprobs(fresh, batch)[0]
     step, path = latest_checkpoint(manager.directory)
+    hashed["verify"] = []
+    verified = manager.verify(path)
     torch.manual_seed(999)
     loaded, trainer_state = manager.load(path, sharded_model_state(fresh))
     for i, m in enumerate(fresh):
@@ -63,12 +72,14 @@ def _save_three_then_resume(root: str):
     return dict(kept=kept, leftovers=leftovers, step=step, trainer_state=trainer_state,
                 diff=(forward_logprobs(fresh, batch)[0] - expected).abs().max().item(),
                 diff_before=(before - expected).abs().max().item(),
-                rng_equal=torch.equal(torch.rand(3), expected_draw))
+                rng_equal=torch.equal(torch.rand(3), expected_draw), verified=verified,
+                hashed=hashed, manifest=sorted(manager_module.read_meta(path)["manifest"]))
 
 
 def test_save_keeps_last_k_and_resume_restores_weights_and_rng(tmp_path):
     write_tiny_llama(str(tmp_path / "model"), num_layers=2)
-    for rank, res in enumerate(run_distributed(_save_three_then_resume, 2, str(tmp_path))):
+    results = run_distributed(_save_three_then_resume, 2, str(tmp_path))
+    for rank, res in enumerate(results):
         assert res["kept"] == [2, 3], rank
         assert res["leftovers"] == ["step_000002", "step_000003"], rank
         assert res["step"] == 3
@@ -76,6 +87,19 @@ def test_save_keeps_last_k_and_resume_restores_weights_and_rng(tmp_path):
         assert res["diff_before"] > 1e-3, "the fresh model already matched: test proves nothing"
         assert res["diff"] < 1e-6, rank
         assert res["rng_equal"], rank
+        assert res["verified"] is None, rank
+    # at save, each rank hashed the shards and RNG state it wrote (from its page cache)
+    for rank, res in enumerate(results):
+        def written_by(r):
+            return {n for n in res["manifest"]
+                    if n.startswith(f"__{r}_") or n == f"rng/rank_{r:05d}.pt"}
+        saved = set(res["hashed"]["save"])      # over the three saves
+        assert written_by(rank) and written_by(rank) <= saved, (rank, saved)
+        assert not written_by(1 - rank) & saved, (rank, saved)
+    # on resume, the two ranks checked every file of the manifest between them, once each
+    verified = [res["hashed"]["verify"] for res in results]
+    assert sorted(verified[0] + verified[1]) == results[0]["manifest"], verified
+    assert verified[0] and verified[1]
 
 
 def _tracker_states_round_trip(root: str):

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from repo_megatron.checkpoint.manifest import build_entries, check_entries, unlisted_files
+from repo_megatron.checkpoint.manifest import (build_entries, check_entries, hash_shares,
+                                               unlisted_files, writer_rank)
 from repo_megatron.checkpoint.plain import check_plain
 from tests.checkpoint import sessions as S
 from tests.distributed import run_distributed
@@ -41,6 +42,25 @@ def test_manifest_catches_garbage_truncation_and_extra_files(tmp_path):
     (tmp_path / "extra.pt").write_bytes(b"")
     assert "rng/r0.pt has 3 bytes, the manifest says 10" in check_entries(str(tmp_path), entries)
     assert unlisted_files(str(tmp_path), entries, exempt=[]) == ["extra.pt"]
+
+
+def test_each_rank_hashes_the_files_it_wrote_and_the_rest_goes_by_size():
+    sizes = {"__0_0.distcp": 100, "__0_1.distcp": 100, "__1_0.distcp": 300, "__1_1.distcp": 0,
+             "rng/rank_00000.pt": 1, "rng/rank_00001.pt": 1, ".metadata": 5, "common.pt": 3,
+             "trainer_state.pt": 50, "__7_0.distcp": 20}   # rank 7 is not in a world of 2
+    assert [writer_rank(n) for n in sizes] == [0, 0, 1, 1, 0, 1, None, None, None, 7]
+    assert hash_shares(sizes, 2, own_files=True) == [
+        ["__0_0.distcp", "__0_1.distcp", "rng/rank_00000.pt", "trainer_state.pt",
+         "__7_0.distcp", ".metadata", "common.pt"],
+        ["__1_0.distcp", "__1_1.distcp", "rng/rank_00001.pt"]]
+    # on resume, by size alone: largest first to the rank with the fewest bytes so far
+    shares = hash_shares(sizes, 3, own_files=False)
+    assert shares == [["__1_0.distcp"],                                      # 300 bytes
+                      ["__0_0.distcp", "trainer_state.pt"],                  # 150
+                      ["__0_1.distcp", "__7_0.distcp", ".metadata", "common.pt",
+                       "rng/rank_00000.pt", "rng/rank_00001.pt", "__1_1.distcp"]]   # 130
+    assert sorted(n for share in shares for n in share) == sorted(sizes)
+    assert [sorted(share) for share in hash_shares(sizes, 1, own_files=True)] == [sorted(sizes)]
 
 
 def test_trainer_state_must_be_plain_data():

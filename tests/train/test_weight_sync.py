@@ -4,6 +4,7 @@ than a bucket reach the embedded engine (loaded exactly) or the disk shards of e
 
 import json
 import os
+from datetime import timedelta
 
 import pytest
 
@@ -220,3 +221,42 @@ def test_colocated_sync_gives_each_engine_tp_rank_its_own_complete_entry(
     if workers == 2:                           # both engines got identical weights
         a, b = (got["ranks"][0] for got in received.values())
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+WAIT_TIMEOUT_S = 3       # every process group but the control plane
+ENGINE_DELAY_S = 8       # rank 0's engine loads its weights this long
+
+
+def _other_ranks_wait_for_a_slow_engine(cfg_dict: dict) -> dict:
+    """DP2: rank 1 has nothing to stream and waits for rank 0, whose engine is slower than
+    every process group's timeout except the control plane's."""
+    import time
+
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    from repo_megatron.runtime import control
+
+    cfg, chunks, streamer = _megatron_streamer(cfg_dict)
+    for group in list(c10d._world.pg_map):
+        if group is not control.group():
+            c10d._set_pg_timeout(timedelta(seconds=WAIT_TIMEOUT_S), group)
+
+    class SlowEngine:
+        def update_weights(self, bucket, version):
+            time.sleep(ENGINE_DELAY_S)
+            self.version = version
+
+    engine = SlowEngine() if torch.distributed.get_rank() == 0 else None
+    streamer.sync(engine, version=1)
+    timeout = streamer.group._get_backend(torch.device("cpu")).options._timeout
+    return {"synced": getattr(engine, "version", None), "timeout": timeout}
+
+
+def test_weight_sync_waits_on_the_control_plane_with_its_timeout(tmp_path):
+    model = write_tiny_llama(str(tmp_path / "model"), num_layers=2)
+    cfg = tiny_run_config(model, str(tmp_path / "run"),
+                          parallel={"control_timeout_minutes": 7})
+    rank0, rank1 = run_distributed(_other_ranks_wait_for_a_slow_engine, 2, cfg, timeout=300)
+    assert rank0["synced"] == 1 and rank1["synced"] is None
+    assert rank0["timeout"] == rank1["timeout"] == timedelta(minutes=7)

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import socket
 
+import torch
+
 from ...runtime import cpu_compat
 from ...runtime.ports import free_port
 from ..protocol import destroy_group_body, distributed_update_body, init_group_body
@@ -19,6 +21,8 @@ from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .process_group import broadcast_tensors, destroy, init_weight_update_group
 
 log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
 
 
 def group_name(stage: int) -> str:
@@ -42,6 +46,17 @@ class DistributedStrategy(WeightSyncStrategy):
         super().__init__(cfg, stage)
         self.group = None
         self.members: list[str] = []
+        # This rank's GPU, read here on its main thread (after distributed.initialize bound it):
+        # prepare and push run on the sender's event-loop thread and the NCCL calls on worker
+        # threads, where torch's current device is GPU 0 whatever the rank's is.
+        self.device = cpu_compat.device() if cfg.distributed_backend == "nccl" else _CPU
+
+    def _on_device(self, fn, *args):
+        """``fn(*args)`` in a worker thread whose current GPU is this rank's."""
+        def call():
+            with cpu_compat.device_scope(self.device):
+                return fn(*args)
+        return asyncio.to_thread(call)
 
     async def prepare(self, target: SyncTarget) -> None:
         if self.group is not None and self.members == target.workers:
@@ -57,21 +72,20 @@ class DistributedStrategy(WeightSyncStrategy):
         joins = [target.client.request(worker, "/init_weights_update_group", init_group_body(
             address, port, rank_offset, world_size, name, self.cfg.distributed_backend),
             retries=0) for worker, rank_offset in zip(target.workers, offsets)]
-        host = asyncio.to_thread(init_weight_update_group, self.cfg.distributed_backend,
-                                 address, port, world_size, 0, name)
+        host = self._on_device(init_weight_update_group, self.cfg.distributed_backend, address,
+                               port, world_size, 0, name)
         self.group, *_ = await asyncio.gather(host, *joins)
         self.members = list(target.workers)
 
     async def push(self, target: SyncTarget, bucket: Bucket) -> None:
-        device = cpu_compat.device() if self.cfg.distributed_backend == "nccl" else "cpu"
-        tensors = [tensor.detach().to(device).contiguous() for _, tensor in bucket]
+        tensors = [tensor.detach().to(self.device).contiguous() for _, tensor in bucket]
         body = distributed_update_body([name for name, _ in bucket], [t.dtype for t in tensors],
                                        [t.shape for t in tensors], group_name(self.stage))
         # the workers block in the broadcast until rank 0 sends, so announce first
         announced = [asyncio.ensure_future(target.client.request(
             worker, "/update_weights_from_distributed", body, retries=0))
             for worker in target.workers]
-        await asyncio.to_thread(broadcast_tensors, self.group, tensors)
+        await self._on_device(broadcast_tensors, self.group, tensors)
         await asyncio.gather(*announced)
 
     async def close(self, target: SyncTarget) -> None:
