@@ -86,8 +86,9 @@ def device_scope(dev: torch.device) -> Iterator[None]:
     """Make ``dev`` the current GPU of this thread for the block. torch's current device is
     per thread: a worker thread (an event loop, ``asyncio.to_thread``) starts on GPU 0
     whatever :func:`set_device` chose for the rank, so work handed to a thread runs under the
-    device its caller captured with :func:`device`. No-op for a CPU (or meta) device."""
-    if dev.type != "cuda":
+    device its caller captured with :func:`device`. No-op for a CPU (or meta) device, and
+    without a GPU (device-faithful mode names one)."""
+    if dev.type != "cuda" or not has_gpu():
         yield
         return
     with torch.cuda.device(dev):
