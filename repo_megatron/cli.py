@@ -23,7 +23,7 @@ COMMANDS = {
     "train": ("repo_megatron.train.command", "Run RePO / GRPO training from a YAML config"),
     "convert": ("repo_megatron.convert.command",
                 "Convert checkpoints between Hugging Face and Megatron (torch_dist)"),
-    "serve": ("repo_megatron.serve.command",
+    "serve": ("repo_megatron.engines.sglang_server.command",
               "Serve a model over SGLang's HTTP protocol with the embedded CPU engine"),
     "plot": ("repo_megatron.metrics.plot", "Plot the metrics of a run directory to PNG"),
     "plan": ("repo_megatron.plan.command", "Per-GPU memory plan of a config's layout"),

@@ -14,7 +14,7 @@ from repo_megatron.registry import Registry
 from repo_megatron.rewards.registry import REWARDS
 from repo_megatron.rollout.injection.registry import INJECTIONS
 from repo_megatron.rollout.replay.registry import RETRIEVALS
-from repo_megatron.sglang.weight_sync.registry import STRATEGIES
+from repo_megatron.weight_sync.registry import STRATEGIES
 
 DECLARED = [POLICY_LOSSES, ADVANTAGE_ESTIMATORS, INJECTIONS, RETRIEVALS, REWARDS, STRATEGIES]
 

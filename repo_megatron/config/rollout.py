@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
-from ..sglang.weight_sync.registry import STRATEGIES
+from ..weight_sync.registry import STRATEGIES
 from .base import knob, section
 
 
 @dataclass
 class SGLangLaunchConfig:
-    """Servers that repo-megatron starts itself (``repo_megatron.sglang.launcher``)."""
+    """Servers that repo-megatron starts itself (``repo_megatron.engines.sglang.launcher``)."""
     num_servers: int = knob(0, "SGLang servers to start (0 = use sglang.urls / router_url "
                                "as they are)", ge=0)
     mode: str = knob("local", "`local` processes on this node, or `srun` steps of the "

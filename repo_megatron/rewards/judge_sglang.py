@@ -1,5 +1,5 @@
 """``judge.backend: sglang``: SGLang's native /generate through our client
-(:class:`~repo_megatron.sglang.client.SGLangClient`), one server or an sglang-router.
+(:class:`~repo_megatron.engines.sglang.client.SGLangClient`), one server or an sglang-router.
 
 With ``judge.tokenizer`` the messages go through that tokenizer's chat template here and are
 sent as ``input_ids`` (what SGLang's own chat endpoint would do); without it, the prompt text
@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..config.data import JudgeConfig
 from ..data.chat import ChatFormatter
-from ..sglang.client import SGLangClient, SGLangError, SGLangTimeout
+from ..engines.sglang.client import SGLangClient, SGLangError, SGLangTimeout
 from .judge_backend import JudgeBackend, JudgeCallError
 from .judge_openai import retryable_status
 

@@ -23,7 +23,7 @@ from ..config.algorithm import AlgorithmConfig
 from ..config.rollout import RolloutConfig
 from ..rewards.base import RewardRequest, RewardResult
 from .dynamic_sampling import informative_groups
-from .engine import GenerationResult, RolloutEngine, SamplingParams
+from ..engines.base import GenerationResult, RolloutEngine, SamplingParams
 from .gate import failure_rate, gate_fires
 from .injection.base import Request
 from .injection.registry import INJECTIONS

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from ..rewards.base import RewardResult
-    from .engine import GenerationResult
+    from ..engines.base import GenerationResult
 
 
 @dataclass(frozen=True)

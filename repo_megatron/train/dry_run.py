@@ -35,7 +35,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 import torch
 
 from ..config import Config
-from ..rollout.engine import RolloutEngine
+from ..engines.base import RolloutEngine
 from ..rollout.types import Group, Prompt, Sample
 from ..runtime.launch import DistributedRunError, run_distributed
 

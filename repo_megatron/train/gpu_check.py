@@ -12,7 +12,7 @@ and what it cannot. The checks:
 - ``te_fp8``: the same step on the Transformer Engine spec with FP8 (e4m3; tensorwise scaling
   on Hopper and newer, delayed on Ada), where ``transformer_engine`` imports;
 - ``sglang_ipc``: colocated weight sync's payload: a bucket of CUDA tensors serialised by
-  :func:`~repo_megatron.sglang.weight_sync.flattened_bucket.bucket_payloads` (CUDA-IPC
+  :func:`~repo_megatron.weight_sync.flattened_bucket.bucket_payloads` (CUDA-IPC
   handles) and rebuilt in a second process by SGLang's own deserialiser and
   ``FlattenedTensorBucket``, where ``sglang`` imports.
 
@@ -241,7 +241,7 @@ def sglang_ipc(timeout_s: float = 300) -> dict:
     import torch
 
     from ..runtime import cpu_compat
-    from ..sglang.weight_sync.flattened_bucket import bucket_payloads, sglang_ipc as ipc
+    from ..weight_sync.flattened_bucket import bucket_payloads, sglang_ipc as ipc
 
     gpu_or_skip()
     if ipc() is None:

@@ -25,6 +25,7 @@ from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_su
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
+from ..engines.factory import build_engine, hf_config
 from ..errors import OutputExistsError, UserError
 from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
 from ..metrics.sources import source_metrics
@@ -37,7 +38,7 @@ from ..training.forward import forward_logprobs
 from ..training.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from ..rollout.metrics import mean
-from .engine_sync import WeightStreamer, gather_hf_weights
+from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
 from .guard import TrainingStopped
 from .prompts import MixtureSampler
 
@@ -344,7 +345,7 @@ class Session:
 
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine as weight version ``policy_version``,
-        streamed by every pipeline stage (:mod:`.engine_sync`)."""
+        streamed by every pipeline stage (:mod:`repo_megatron.weight_sync.streamer`)."""
         self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
                                   else None, version=self.policy_version)
 
@@ -429,7 +430,7 @@ class RolloutSide:
         """Start ``rollout.sglang.launch`` servers (and router); the config pointing at them."""
         import dataclasses
 
-        from ..sglang.launcher import ServerLauncher
+        from ..engines.sglang.launcher import ServerLauncher
 
         sg = cfg.rollout.sglang
         self.servers = ServerLauncher(sg.launch, log_dir=os.path.join(cfg.run_dir, "servers"))
@@ -511,31 +512,3 @@ class RolloutSide:
         if self.servers is not None:
             self.servers.stop()
 
-
-def hf_config(cfg: Config):
-    """The model's transformers config, with ``model.architecture_overrides`` applied."""
-    from transformers import AutoConfig
-
-    from ..hf_files import load_hf_config_dict
-
-    hf = load_hf_config_dict(cfg.model.hf_path, cfg.model.gguf_file)
-    hf.update(cfg.model.architecture_overrides)
-    hf.pop("transformers_version", None)
-    return AutoConfig.for_model(hf.pop("model_type"), **hf)
-
-
-def build_engine(cfg: Config, tokenizer, config):
-    """The rollout engine the config asks for: SGLang servers, or the embedded CPU engine
-    (a transformers model of the same architecture whose weights the first sync sets)."""
-    sg = cfg.rollout.sglang
-    engine = cfg.rollout.engine
-    if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url
-                                                    or sg.launch.num_servers)):
-        from ..sglang import SGLangEngine
-        return SGLangEngine(sg)
-    from transformers import AutoModelForCausalLM
-
-    from ..rollout.hf_engine import HFEngine
-
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)

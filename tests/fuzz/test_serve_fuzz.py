@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from repo_megatron.serve.app import ServeOptions
+from repo_megatron.engines.sglang_server.app import ServeOptions
 
 from ..serve.bodies import SERVER_MAX_NEW_TOKENS, VOCAB, nested, random_body
 from ..serve.test_tensor_payload import gadgets

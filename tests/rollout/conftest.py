@@ -32,5 +32,5 @@ def tiny_llama(vocab_size: int, seed: int):
 
 @pytest.fixture(scope="session")
 def tiny_engine(smollm2_tokenizer):
-    from repo_megatron.rollout.hf_engine import HFEngine
+    from repo_megatron.engines.embedded import HFEngine
     return HFEngine(tiny_llama(len(smollm2_tokenizer), seed=0), smollm2_tokenizer, batch_size=8)

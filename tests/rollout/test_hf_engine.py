@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.rollout.hf_engine import HFEngine
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.embedded import HFEngine
 
 from .conftest import tiny_llama
 
@@ -164,7 +164,7 @@ def test_a_reserved_cache_layer_appends_in_place_and_sees_replaced_keys():
     leaving the batch) into new buffers at the next append."""
     from transformers.cache_utils import DynamicLayer
 
-    from repo_megatron.rollout.hf_engine import ReservedLayer
+    from repo_megatron.engines.embedded import ReservedLayer
 
     torch.manual_seed(0)
     ours, plain = ReservedLayer(), DynamicLayer()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.rollout.sampling import nucleus_mask, sample_tokens
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sampling import nucleus_mask, sample_tokens
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
 

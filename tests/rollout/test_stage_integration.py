@@ -72,7 +72,7 @@ def test_repo_step_on_a_tiny_random_llama(tiny_engine, smollm2_tokenizer, math_r
 @pytest.mark.slow
 @pytest.mark.timeout(3600)   # minutes on 2 idle cores; much longer when the cores are shared
 def test_repo_step_on_smollm2_injects_verified_rephrases(smollm2_tokenizer, math_rewards):
-    from repo_megatron.rollout.hf_engine import HFEngine, load_hf_model
+    from repo_megatron.engines.embedded import HFEngine, load_hf_model
 
     t0 = time.perf_counter()
     engine = HFEngine(load_hf_model(None, "smollm2"), smollm2_tokenizer, batch_size=32)

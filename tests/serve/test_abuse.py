@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from repo_megatron.serve.app import ServeOptions
+from repo_megatron.engines.sglang_server.app import ServeOptions
 
 from ..sglang.inprocess import serve_model
 from .bodies import MISTAKES, SERVED, SERVER_MAX_NEW_TOKENS

@@ -7,8 +7,8 @@ import itertools
 import httpx
 import pytest
 
-from repo_megatron.serve.app import ServeOptions
-from repo_megatron.serve.auth import AuthLevel, bearer_matches, decide
+from repo_megatron.engines.sglang_server.app import ServeOptions
+from repo_megatron.engines.sglang_server.auth import AuthLevel, bearer_matches, decide
 
 from ..sglang.inprocess import serve_model
 from .conftest import needs_sglang_wheel
@@ -94,8 +94,8 @@ def test_management_endpoints_need_the_admin_key(keyed_server, path):
 def test_the_trainer_sends_the_keys_from_its_environment(keyed_server, model_dir,
                                                          monkeypatch):
     from repo_megatron.config.rollout import SGLangConfig
-    from repo_megatron.rollout.engine import SamplingParams
-    from repo_megatron.sglang import SGLangEngine, SGLangError
+    from repo_megatron.engines.base import SamplingParams
+    from repo_megatron.engines.sglang import SGLangEngine, SGLangError
 
     from ..sglang.inprocess import perturbed
 
@@ -130,8 +130,8 @@ def test_through_sglang_router_with_one_key_as_the_slurm_jobs_run(model_dir, mon
     import time
 
     from repo_megatron.config.rollout import SGLangConfig
-    from repo_megatron.rollout.engine import SamplingParams
-    from repo_megatron.sglang import SGLangEngine
+    from repo_megatron.engines.base import SamplingParams
+    from repo_megatron.engines.sglang import SGLangEngine
 
     from ..sglang.inprocess import perturbed
     from ..sglang.servers import free_ports

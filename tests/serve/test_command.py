@@ -14,7 +14,7 @@ import pytest
 
 from repo_megatron.cli import build_parser
 from repo_megatron.errors import ConfigError
-from repo_megatron.serve.command import is_loopback, options_from
+from repo_megatron.engines.sglang_server.command import is_loopback, options_from
 
 from ..sglang.servers import free_ports, wait_healthy
 

@@ -10,8 +10,8 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from repo_megatron.serve.auth import AuthLevel, auth_level
-from repo_megatron.serve.gate import BadRequest, RequestGate, error_response, json_object, typed
+from repo_megatron.engines.sglang_server.auth import AuthLevel, auth_level
+from repo_megatron.engines.sglang_server.gate import BadRequest, RequestGate, error_response, json_object, typed
 
 from ..sglang.servers import free_ports, serve_in_thread
 

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from repo_megatron.serve.gate import BadRequest
-from repo_megatron.serve.generate_request import GenerateLimits, parse_generate
+from repo_megatron.engines.sglang_server.gate import BadRequest
+from repo_megatron.engines.sglang_server.generate_request import GenerateLimits, parse_generate
 
 from .bodies import (CONTEXT, MISTAKES, SERVED, SERVER_MAX_NEW_TOKENS, VOCAB, random_body,
                      sglang_refusal)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from repo_megatron.serve import tensor_payload
-from repo_megatron.sglang.weight_sync.flattened_bucket import bucket_payloads
+from repo_megatron.engines.sglang_server import tensor_payload
+from repo_megatron.weight_sync.flattened_bucket import bucket_payloads
 
 from ..sglang.inprocess import serve_model
 from .conftest import needs_sglang_wheel

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from repo_megatron.serve.app import ServeOptions
-from repo_megatron.serve.gate import brief
-from repo_megatron.serve.weights_dir import WeightsDirError, read_weights_dir
+from repo_megatron.engines.sglang_server.app import ServeOptions
+from repo_megatron.engines.sglang_server.gate import brief
+from repo_megatron.engines.sglang_server.weights_dir import WeightsDirError, read_weights_dir
 
 from ..sglang.inprocess import serve_model
 

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from repo_megatron.config.rollout import SGLangLaunchConfig  # noqa: E402
-from repo_megatron.sglang.launcher import ServerLauncher  # noqa: E402
+from repo_megatron.engines.sglang.launcher import ServerLauncher  # noqa: E402
 
 from .servers import free_ports  # noqa: E402
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional
 
-from repo_megatron.serve.app import ServeOptions, SGLangServer
-from repo_megatron.serve.worker import EngineWorker
+from repo_megatron.engines.sglang_server.app import ServeOptions, SGLangServer
+from repo_megatron.engines.sglang_server.worker import EngineWorker
 
 from .servers import free_ports, serve_in_thread, wait_healthy
 
@@ -15,7 +15,7 @@ from .servers import free_ports, serve_in_thread, wait_healthy
 def load_tiny_engine(model_dir: str, batch_size: int = 16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from repo_megatron.rollout.hf_engine import HFEngine
+    from repo_megatron.engines.embedded import HFEngine
 
     return HFEngine(AutoModelForCausalLM.from_pretrained(model_dir),
                     AutoTokenizer.from_pretrained(model_dir), batch_size=batch_size)

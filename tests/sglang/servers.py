@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from repo_megatron.runtime.ports import free_port
-from repo_megatron.sglang.client import SGLangClient
+from repo_megatron.engines.sglang.client import SGLangClient
 
 
 def free_ports(n: int) -> int:

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from repo_megatron.config.rollout import SGLangConfig
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.sglang import SGLangEngine, SGLangError, SGLangTimeout
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sglang import SGLangEngine, SGLangError, SGLangTimeout
 
 from .servers import FakeWorker, free_ports, serve_in_thread
 

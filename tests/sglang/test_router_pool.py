@@ -16,8 +16,8 @@ from repo_megatron.config.data import DataConfig
 from repo_megatron.config.rollout import RolloutConfig, SGLangConfig
 from repo_megatron.data import ChatFormatter, load_prompts
 from repo_megatron.rollout import RolloutStage
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.sglang import SGLangEngine
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sglang import SGLangEngine
 from tests.rollout.fakes import InProcessScorer
 
 from .inprocess import load_tiny_engine, perturbed

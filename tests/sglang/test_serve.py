@@ -7,8 +7,8 @@ import time
 import httpx
 
 from repo_megatron.config.rollout import SGLangConfig
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.sglang import SGLangEngine
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sglang import SGLangEngine
 
 from .inprocess import load_tiny_engine, perturbed, serve_model
 from .servers import wait_healthy

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from repo_megatron.serve.openai import native_sampling_params
+from repo_megatron.engines.sglang_server.openai import native_sampling_params
 
 from .inprocess import serve_model
 

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from repo_megatron.config.rollout import SGLangConfig
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.sglang import SGLangEngine
-from repo_megatron.sglang import protocol
-from repo_megatron.sglang.weight_sync.flattened_bucket import bucket_payloads
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sglang import SGLangEngine
+from repo_megatron.engines.sglang import protocol
+from repo_megatron.weight_sync.flattened_bucket import bucket_payloads
 
 from .servers import RecordingWorker, free_ports, serve_in_thread
 
@@ -59,7 +59,7 @@ def recorded_flows(tmp_path) -> list[tuple[str, object]]:
 def built_bodies() -> list[tuple[str, dict]]:
     """Bodies of requests a recording worker cannot take part in (a process group) and of
     /generate, built by the same functions the client uses."""
-    from repo_megatron.sglang.weight_sync.distributed import group_name
+    from repo_megatron.weight_sync.distributed import group_name
 
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=8,
                             stop=("</s>",), stop_token_ids=(5,), seed=123)

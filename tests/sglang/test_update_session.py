@@ -13,9 +13,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from repo_megatron.config.rollout import SGLangConfig, SGLangLaunchConfig
-from repo_megatron.rollout.engine import SamplingParams
-from repo_megatron.sglang import SGLangEngine, SGLangError
-from repo_megatron.sglang.launcher import ServerLauncher
+from repo_megatron.engines.base import SamplingParams
+from repo_megatron.engines.sglang import SGLangEngine, SGLangError
+from repo_megatron.engines.sglang.launcher import ServerLauncher
 
 from .servers import GENERATED, RecordingWorker, free_ports, serve_in_thread
 
@@ -203,7 +203,7 @@ def test_nccl_group_and_broadcast_run_on_the_rank_gpu_not_the_worker_thread_gpu(
     NCCL calls start on GPU 0. The strategy captures the rank's device where it is built (the
     rank's main thread) and every NCCL call runs in a thread scoped to that device."""
     from repo_megatron.runtime import cpu_compat
-    from repo_megatron.sglang.weight_sync import distributed
+    from repo_megatron.weight_sync import distributed
 
     rank_gpu = torch.device("meta")    # stands for the rank's cuda:N; tensors can move there
     scoped = threading.local()

@@ -92,7 +92,7 @@ def test_sglang_side_rebuilds_our_payloads_with_sglangs_own_classes(tmp_path):
     CUDA-IPC handles): SGLang's deserialiser and FlattenedTensorBucket give back every tensor."""
     import torch
 
-    from repo_megatron.sglang.weight_sync.flattened_bucket import bucket_payloads
+    from repo_megatron.weight_sync.flattened_bucket import bucket_payloads
 
     pytest.importorskip("sglang.srt.weight_sync.tensor_bucket")
     bucket = [("a.weight", torch.randn(3, 4).to(torch.bfloat16)), ("b.bias", torch.randn(5))]

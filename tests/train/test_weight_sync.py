@@ -28,7 +28,7 @@ def _megatron_streamer(cfg_dict: dict):
     """(config, model chunks, WeightStreamer) of this rank, torch.distributed started."""
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime import distributed
-    from repo_megatron.train.engine_sync import WeightStreamer
+    from repo_megatron.weight_sync.streamer import WeightStreamer
 
     cfg = config_from_dict(cfg_dict)
     distributed.initialize(cfg.parallel, cfg.seed)
@@ -79,7 +79,7 @@ def _engine(cfg, kind):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if kind == "embedded":
-        from repo_megatron.rollout.hf_engine import HFEngine
+        from repo_megatron.engines.embedded import HFEngine
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.hf_path))
         with torch.no_grad():
@@ -89,7 +89,7 @@ def _engine(cfg, kind):
         class Tokenizer:
             eos_token_id, pad_token_id = 0, 0
         return HFEngine(model, Tokenizer()), None
-    from repo_megatron.sglang import SGLangEngine
+    from repo_megatron.engines.sglang import SGLangEngine
     from tests.sglang.servers import RecordingWorker, free_ports, serve_in_thread
 
     server = serve_in_thread(RecordingWorker().app(), free_ports(1))
@@ -154,8 +154,8 @@ def _colocated_sync(cfg_dict: dict, worker_tp: int, workers: int) -> dict:
 
     import torch
 
-    from repo_megatron.sglang import SGLangEngine
-    from repo_megatron.serve.tensor_payload import deserialize, named_tensors
+    from repo_megatron.engines.sglang import SGLangEngine
+    from repo_megatron.engines.sglang_server.tensor_payload import deserialize, named_tensors
     from tests.sglang.servers import RecordingWorker, free_ports, serve_in_thread
 
     cfg, _, streamer = _megatron_streamer(cfg_dict)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from ...rewards.base import RewardResult
-from ..engine import GenerationResult
+from ...engines.base import GenerationResult
 from ..types import Group, Prompt
 
 

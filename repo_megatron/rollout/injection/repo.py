@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 from ...rewards.base import RewardResult
-from ..engine import GenerationResult
+from ...engines.base import GenerationResult
 from ..gate import best_candidate, rephrase_prompt, replace_lowest, strip_meta
 from ..types import Group, Prompt, Sample
 from .base import Injection, Request

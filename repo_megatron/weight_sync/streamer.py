@@ -1,7 +1,7 @@
 """Weight sync, Megatron side: every pipeline stage streams its own weights, bucket by bucket.
 
 Each stage's TP group gathers one parameter at a time and maps it to Hugging Face names
-(:class:`repo_megatron.convert.weight_sync.HFExport`, the converters' mapping); the
+(:class:`repo_megatron.weight_sync.plan.HFExport`, the converters' mapping); the
 stage's *sender* (DP rank 0, TP rank 0) groups the tensors into buckets of at most
 ``rollout.sglang.weight_bucket_mb`` and sends each as soon as it is full (slime's
 ``update_weight_from_distributed.py``: one sender per stage after the TP gather). No rank holds
@@ -11,7 +11,7 @@ more than its own shards plus a bounded number of buckets. Where the buckets go:
   buckets to rank 0 over gloo, which loads each into the model as it arrives;
 - **SGLang, disk / distributed**: rank 0 plans the update (:meth:`SGLangEngine.begin_update`:
   pause, sessions) and every stage's sender pushes to the workers itself
-  (:class:`~repo_megatron.sglang.weight_sync.sender.StageSender`: its own safetensors shards,
+  (:class:`~repo_megatron.weight_sync.sender.StageSender`: its own safetensors shards,
   its own process group); rank 0 finishes (index, flush, version, continue);
 - **SGLang, tensor** (colocated): trainer rank ``e * tp + i`` shares a GPU with TP rank ``i`` of
   engine ``e``. Every rank gets every bucket (its stage gathers it, the other stages receive it
@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 
 from ..config.rollout import SGLangConfig
-from ..convert.weight_sync import HFExport
+from .plan import HFExport
 from ..models.architecture import Architecture
 from ..runtime import control
-from ..sglang.weight_sync.base import Bucket, SyncPlan
-from ..sglang.weight_sync.buckets import iter_buckets
+from .base import Bucket, SyncPlan
+from .buckets import iter_buckets
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class WeightStreamer:
         """Megatron's weights -> ``engine`` (rank 0's rollout engine; None elsewhere, and on
         rank 0 of a run without rollouts) as weight ``version`` (default: the engine's next).
         Collective over every rank."""
-        from ..sglang.engine import SGLangEngine
+        from ..engines.sglang.engine import SGLangEngine
 
         kind = None if engine is None else ("sglang" if isinstance(engine, SGLangEngine)
                                             else "embedded")
@@ -168,7 +168,7 @@ class WeightStreamer:
 
     # ---- SGLang -------------------------------------------------------------------------------
     def _stage_sender(self, cfg: SGLangConfig, engine):
-        from ..sglang.weight_sync.sender import StageSender
+        from .sender import StageSender
 
         if self.sender is None:
             self.sender = engine.sender if self.rank == 0 else StageSender(cfg, self.stage)
@@ -203,7 +203,7 @@ class WeightStreamer:
     def stream_from_senders(self, plan: SyncPlan, engine) -> list:
         """disk / distributed: each stage's sender pushes its buckets; returns the stages'
         results on rank 0 (after raising any sender's failure on every rank)."""
-        from ..sglang.weight_sync.registry import STRATEGIES
+        from .registry import STRATEGIES
 
         result, error = None, None
         pushes = self.ps.get_data_parallel_rank() == 0
@@ -254,7 +254,7 @@ class WeightStreamer:
     def stream_colocated(self, plan: SyncPlan, engine) -> None:
         """Every rank serialises every bucket for its engine TP rank; each engine's first rank
         posts the entries of its ``tp`` ranks in rank order."""
-        from ..sglang.weight_sync.flattened_bucket import bucket_payloads
+        from .flattened_bucket import bucket_payloads
 
         tp = self._engine_layout(plan)
         index, first = self.rank // tp, self.rank // tp * tp

@@ -3,14 +3,14 @@
 rank and TP rank i reads entry i: on GPUs entry i must be made by the trainer process on the
 GPU of that rank, so each such process serialises its own copy of the bucket (CUDA-IPC
 handles, see :mod:`.flattened_bucket`) and the engine's first rank posts them together
-(:mod:`repo_megatron.train.engine_sync`). One process alone (:meth:`TensorStrategy.push`) can
+(:mod:`repo_megatron.weight_sync.streamer`). One process alone (:meth:`TensorStrategy.push`) can
 serve engines of TP 1, or any TP with CPU tensors, which travel by value."""
 
 from __future__ import annotations
 
 import asyncio
 
-from ..protocol import tensor_update_body
+from ..engines.sglang.protocol import tensor_update_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .flattened_bucket import bucket_payloads
 

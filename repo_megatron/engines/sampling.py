@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import SamplingParams
+from .base import SamplingParams
 
 
 def sampling_logprobs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:

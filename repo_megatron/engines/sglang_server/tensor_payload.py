@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..sglang.weight_sync.flattened_bucket import FlattenedTensorMetadata
+from ...weight_sync.flattened_bucket import FlattenedTensorMetadata
 
 SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
 

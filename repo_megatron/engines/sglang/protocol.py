@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from ..rollout.engine import GenerationResult, SamplingParams
+from ..base import GenerationResult, SamplingParams
 
 # SGLang renamed /get_server_info to /server_info in 0.5.9. Its PyPI wheels refuse tensor and
 # distributed weight updates outside /begin_weight_update ... /end_weight_update from 0.5.21 on

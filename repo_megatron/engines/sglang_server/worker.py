@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..rollout.engine import GenerationResult, SamplingParams
-from ..rollout.hf_engine import HFEngine
+from ..base import GenerationResult, SamplingParams
+from ..embedded import HFEngine
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The rollout engine interface: what the RePO stage needs from anything that samples tokens.
 
-Two implementations: the embedded CPU engine (:mod:`.hf_engine`, a transformers model in the
+Two implementations: the embedded CPU engine (:mod:`.embedded`, a transformers model in the
 trainer process) and an SGLang HTTP client. Requests go in batches (:meth:`RolloutEngine.generate`,
 one call per round, so a client can keep all servers busy) or through a
 :class:`GenerationStream`, where requests join while others run and come back as they finish

@@ -14,9 +14,9 @@ import socket
 
 import torch
 
-from ...runtime import cpu_compat
-from ...runtime.ports import free_port
-from ..protocol import destroy_group_body, distributed_update_body, init_group_body
+from ..runtime import cpu_compat
+from ..runtime.ports import free_port
+from ..engines.sglang.protocol import destroy_group_body, distributed_update_body, init_group_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 from .process_group import broadcast_tensors, destroy, init_weight_update_group
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
-from ..rollout.engine import SamplingParams
+from ..base import SamplingParams
 from .gate import BadRequest, brief
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128

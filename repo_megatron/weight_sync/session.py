@@ -22,12 +22,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from ..client import SGLangError
-from ..protocol import EMPTY, memory_body, pause_body, weight_version_body
+from ..engines.sglang.client import SGLangError
+from ..engines.sglang.protocol import EMPTY, memory_body, pause_body, weight_version_body
 from .base import SyncPlan, SyncTarget
 
 if TYPE_CHECKING:
-    from ..engine import SGLangEngine
+    from ..engines.sglang.engine import SGLangEngine
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import subprocess
 import time
 from typing import Optional
 
-from ..config.rollout import SGLangLaunchConfig
+from ...config.rollout import SGLangLaunchConfig
 from .client import SGLangClient, SGLangError
 from .router import register_worker
 

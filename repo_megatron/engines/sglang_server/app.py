@@ -44,9 +44,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..rollout.engine import GenerationResult
+from ..base import GenerationResult
 from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_version
-from ..sglang.weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
+from ...weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from . import tensor_payload
 from .auth import AuthLevel, auth_level
 from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed

@@ -15,7 +15,7 @@ import shutil
 
 from safetensors.torch import save_file
 
-from ..protocol import disk_update_body
+from ..engines.sglang.protocol import disk_update_body
 from .base import Bucket, SyncTarget, WeightSyncStrategy
 
 INDEX = "model.safetensors.index.json"

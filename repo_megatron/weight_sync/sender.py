@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from ...config.rollout import SGLangConfig
-from ..client import LoopThread, SGLangClient
+from ..config.rollout import SGLangConfig
+from ..engines.sglang.client import LoopThread, SGLangClient
 from .base import Bucket, SyncPlan, SyncTarget
 from .registry import STRATEGIES
 

@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..runtime import cpu_compat
-from .engine import (GenerationResult, GenerationStream, RolloutEngine, SamplingParams,
+from .base import (GenerationResult, GenerationStream, RolloutEngine, SamplingParams,
                      check_requests)
 from .sampling import sample_tokens
 

@@ -20,7 +20,7 @@ tensor as ``flattened_tensor[start_idx:end_idx].view(dtype).reshape(shape)``. Ea
   SGLang's readers before and after its multi-dtype (byte offset) buckets both rebuild.
 
 The server side (unpickling through SGLang's allow-list) is
-:mod:`repo_megatron.serve.tensor_payload`.
+:mod:`repo_megatron.engines.sglang_server.tensor_payload`.
 """
 
 from __future__ import annotations

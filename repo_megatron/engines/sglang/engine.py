@@ -1,5 +1,5 @@
 """The rollout engine over SGLang servers: :class:`SGLangEngine` implements
-:class:`~repo_megatron.rollout.engine.RolloutEngine`, so the RePO stage runs on it unchanged.
+:class:`~repo_megatron.engines.base.RolloutEngine`, so the RePO stage runs on it unchanged.
 
     engine = SGLangEngine(cfg.rollout.sglang)      # waits for health, reads versions, TP sizes
     results = engine.generate(prompt_ids, params)  # one /generate per request, all in flight
@@ -11,7 +11,7 @@ turn; a request whose server fails with a connection error or 503 moves on to th
 and a request that a weight update's pause aborted is sent again. The blocking API runs an
 asyncio loop of its own in a background thread, so it works from any caller, including one
 that runs its own event loop. In a Megatron run the update is planned here but streamed by
-every pipeline stage (:mod:`repo_megatron.train.engine_sync`).
+every pipeline stage (:mod:`repo_megatron.weight_sync.streamer`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ..config.rollout import SGLangConfig
-from ..rollout.engine import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
+from ...config.rollout import SGLangConfig
+from ..base import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
                               check_requests)
 from .client import LoopThread, SGLangError
 from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
                        parse_weight_version)
 from .router import router_workers
-from .weight_sync.buckets import iter_buckets
-from .weight_sync.sender import StageSender, make_client
-from .weight_sync.session import UpdateSession, plan_update
+from ...weight_sync.buckets import iter_buckets
+from ...weight_sync.sender import StageSender, make_client
+from ...weight_sync.session import UpdateSession, plan_update
 
 log = logging.getLogger(__name__)
 

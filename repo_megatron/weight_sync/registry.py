@@ -7,10 +7,10 @@ each pipeline stage's sender. This module imports none of them (the config reads
 
 from __future__ import annotations
 
-from ...registry import Registry
+from ..registry import Registry
 
 STRATEGIES = Registry("weight sync strategy", "rollout.sglang.weight_sync", {
-    "disk": "repo_megatron.sglang.weight_sync.disk:DiskStrategy",
-    "tensor": "repo_megatron.sglang.weight_sync.tensor:TensorStrategy",
-    "distributed": "repo_megatron.sglang.weight_sync.distributed:DistributedStrategy",
+    "disk": "repo_megatron.weight_sync.disk:DiskStrategy",
+    "tensor": "repo_megatron.weight_sync.tensor:TensorStrategy",
+    "distributed": "repo_megatron.weight_sync.distributed:DistributedStrategy",
 })

@@ -80,8 +80,8 @@ def is_loopback(host: str) -> bool:
 
 def load_engine(model: str, gguf_file: str, batch_size: int):
     """The :class:`HFEngine` for the model and its tokenizer."""
-    from ..data.chat import load_tokenizer
-    from ..rollout.hf_engine import HFEngine, load_hf_model
+    from ...data.chat import load_tokenizer
+    from ..embedded import HFEngine, load_hf_model
 
     return HFEngine(load_hf_model(model, gguf_file), load_tokenizer(model, gguf_file),
                     batch_size=batch_size)
@@ -89,7 +89,7 @@ def load_engine(model: str, gguf_file: str, batch_size: int):
 
 def options_from(args: argparse.Namespace):
     """The :class:`ServeOptions` of the command line; ConfigError for unsafe or bad flags."""
-    from ..errors import ConfigError
+    from ...errors import ConfigError
     from .app import ServeOptions
 
     if args.model is None and args.gguf_file is None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ...config.rollout import SGLangConfig
-from ..client import SGLangClient
+from ..config.rollout import SGLangConfig
+from ..engines.sglang.client import SGLangClient
 
 Bucket = list[tuple[str, torch.Tensor]]
 
