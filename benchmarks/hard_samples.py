@@ -106,11 +106,11 @@ def solve_rates(model_section: dict, prompts_path: str, template: str, temperatu
     from repo_megatron.config.base import build
     from repo_megatron.config.data import DataConfig
     from repo_megatron.data import ChatFormatter, load_prompts, load_tokenizer
+    from repo_megatron.engines.base import SamplingParams
+    from repo_megatron.engines.embedded import HFEngine, load_hf_model
     from repo_megatron.rewards import RewardRunner
     from repo_megatron.rewards.base import RewardRequest
-    from repo_megatron.engines.base import SamplingParams
     from repo_megatron.rollout.gate import rephrase_prompt
-    from repo_megatron.engines.embedded import HFEngine, load_hf_model
 
     hf_path, gguf = model_section.get("hf_path"), model_section.get("gguf_file")
     tokenizer = load_tokenizer(hf_path, gguf)

@@ -26,10 +26,10 @@ import httpx
 
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.engines.base import SamplingParams
-from repo_megatron.runtime.ports import free_port
 from repo_megatron.engines.sglang import SGLangEngine
 from repo_megatron.engines.sglang.client import SGLangClient
 from repo_megatron.engines.sglang.protocol import generate_body
+from repo_megatron.runtime.ports import free_port
 
 
 def canned_server(port: int, new_tokens: int) -> None:

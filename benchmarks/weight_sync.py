@@ -86,11 +86,11 @@ def measure(cfg_dict: dict, bucket_mb: int, repeats: int) -> dict:
     import torch
 
     from repo_megatron.config.rollout import SGLangConfig
-    from repo_megatron.weight_sync.plan import TPGroup
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime import distributed
     from repo_megatron.runtime.rss import (peak_rss_bytes, reset_peak_rss, return_freed_memory,
                                            rss_bytes)
+    from repo_megatron.weight_sync.plan import TPGroup
     from repo_megatron.weight_sync.streamer import WeightStreamer
 
     return_freed_memory()

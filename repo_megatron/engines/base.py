@@ -1,12 +1,14 @@
-"""The rollout engine interface: what the RePO stage needs from anything that samples tokens.
+"""The rollout engine interface: what every engine must do for the RePO stage and the trainer.
 
 Two implementations: the embedded CPU engine (:mod:`.embedded`, a transformers model in the
-trainer process) and an SGLang HTTP client. Requests go in batches (:meth:`RolloutEngine.generate`,
-one call per round, so a client can keep all servers busy) or through a
-:class:`GenerationStream`, where requests join while others run and come back as they finish
-(the RePO stage sends a group's rephrase requests as soon as the group is scored). Every
+trainer process) and an SGLang HTTP client (:mod:`.sglang`). Requests go in batches
+(:meth:`RolloutEngine.generate`, one call per round, so a client can keep all servers busy) or
+through a :class:`GenerationStream`, where requests join while others run and come back as they
+finish (the RePO stage sends a group's rephrase requests as soon as the group is scored). Every
 request carries its own seed, so the samples do not depend on how requests are batched,
-ordered, routed or timed.
+ordered, routed or timed. New weights arrive as Hugging Face-named tensors
+(:meth:`RolloutEngine.update_weights`) or, for an engine that names its own
+``weight_sync_strategy``, the way that strategy of :mod:`repo_megatron.weight_sync` takes them.
 """
 
 from __future__ import annotations
@@ -170,3 +172,13 @@ class RolloutEngine(abc.ABC):
     def weight_version(self) -> int:
         """Version of the weights that the next :meth:`generate` call samples with."""
         return self._version
+
+    def set_weight_version(self, version: int) -> None:
+        """Record that the engine now serves weight ``version`` (a weight update that the
+        engine does not carry out itself calls it once the update has finished)."""
+        self._version = version
+
+    # How the trainer's weights reach this engine: a strategy class of repo_megatron.weight_sync
+    # (its trainer side streams the pipeline stages' buckets). None: the embedded way, every
+    # stage's buckets to rank 0, whose engine loads them through update_weights.
+    weight_sync_strategy: Optional[type] = None

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..runtime import cpu_compat
 from .base import (GenerationResult, GenerationStream, RolloutEngine, SamplingParams,
-                     check_requests)
+                   check_requests)
 from .sampling import sample_tokens
 
 

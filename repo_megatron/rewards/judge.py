@@ -67,8 +67,8 @@ class JudgeReward:
 
     def launch(self, log_dir: Optional[str]) -> list[str]:
         """Start the judge servers of ``cfg.launch``; their URLs as this backend wants them."""
-        from ..errors import ConfigError
         from ..engines.sglang.launcher import ServerLauncher
+        from ..errors import ConfigError
 
         launch = self.cfg.launch
         ports = [launch.base_port + i for i in range(launch.num_servers)]

@@ -21,9 +21,9 @@ from typing import Callable, Optional, Sequence
 
 from ..config.algorithm import AlgorithmConfig
 from ..config.rollout import RolloutConfig
+from ..engines.base import GenerationResult, RolloutEngine, SamplingParams
 from ..rewards.base import RewardRequest, RewardResult
 from .dynamic_sampling import informative_groups
-from ..engines.base import GenerationResult, RolloutEngine, SamplingParams
 from .gate import failure_rate, gate_fires
 from .injection.base import Request
 from .injection.registry import INJECTIONS

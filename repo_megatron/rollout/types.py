@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from ..rewards.base import RewardResult
     from ..engines.base import GenerationResult
+    from ..rewards.base import RewardResult
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@
 - :mod:`.buckets`: grouping them into buckets of bounded size;
 - :mod:`.streamer`: :class:`WeightStreamer`, the per-rank side every trainer rank runs;
 - :mod:`.base`: the strategy interface; one strategy per file (:mod:`.disk`,
-  :mod:`.distributed`, :mod:`.tensor`), named in :mod:`.registry`
-  (``rollout.sglang.weight_sync``);
+  :mod:`.distributed`, :mod:`.tensor` for SGLang servers, :mod:`.embedded` for the embedded
+  engine), the SGLang ones named in :mod:`.registry` (``rollout.sglang.weight_sync``);
 - :mod:`.sender` and :mod:`.session`: one pipeline stage's sender, and the sequence of one
   update on the engine's rank (pause, sessions, flush, version, continue).
 

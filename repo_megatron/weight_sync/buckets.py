@@ -6,7 +6,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .base import Bucket
+Bucket = list[tuple[str, torch.Tensor]]
+
+END = None  # what ends a stage's stream of buckets (a header, or the next bucket)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -33,3 +35,9 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
         size += nbytes
     if bucket:
         yield bucket
+
+
+def drain(buckets: Iterator[Bucket]) -> None:
+    """Take part in the gathers of a stage without keeping what they produce."""
+    for _ in buckets:
+        pass

@@ -16,7 +16,8 @@ import shutil
 from safetensors.torch import save_file
 
 from ..engines.sglang.protocol import disk_update_body
-from .base import Bucket, SyncTarget, WeightSyncStrategy
+from .base import SyncTarget, WeightSyncStrategy
+from .buckets import Bucket
 
 INDEX = "model.safetensors.index.json"
 

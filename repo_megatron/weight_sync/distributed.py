@@ -14,10 +14,11 @@ import socket
 
 import torch
 
+from ..engines.sglang.protocol import destroy_group_body, distributed_update_body, init_group_body
 from ..runtime import cpu_compat
 from ..runtime.ports import free_port
-from ..engines.sglang.protocol import destroy_group_body, distributed_update_body, init_group_body
-from .base import Bucket, SyncTarget, WeightSyncStrategy
+from .base import SyncTarget, WeightSyncStrategy
+from .buckets import Bucket
 from .process_group import broadcast_tensors, destroy, init_weight_update_group
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .base import Bucket
+from .buckets import Bucket
 
 def sglang_ipc():
     """SGLang's (FlattenedTensorBucket, MultiprocessingSerializer) with its torch reductions

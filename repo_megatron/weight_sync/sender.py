@@ -8,7 +8,8 @@ from typing import Any, Iterable, Optional
 
 from ..config.rollout import SGLangConfig
 from ..engines.sglang.client import LoopThread, SGLangClient
-from .base import Bucket, SyncPlan, SyncTarget
+from .base import SyncPlan, SyncTarget
+from .buckets import Bucket
 from .registry import STRATEGIES
 
 

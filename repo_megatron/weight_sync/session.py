@@ -20,19 +20,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Optional, Protocol
 
+from ..config.rollout import SGLangConfig
 from ..engines.sglang.client import SGLangError
-from ..engines.sglang.protocol import EMPTY, memory_body, pause_body, weight_version_body
+from ..engines.sglang.protocol import EMPTY, pause_body, weight_version_body
 from .base import SyncPlan, SyncTarget
-
-if TYPE_CHECKING:
-    from ..engines.sglang.engine import SGLangEngine
+from .sender import StageSender
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ["weights"]
 KV_CACHE_AND_GRAPHS = ["kv_cache", "cuda_graph"]
+
+
+class UpdatableEngine(Protocol):
+    """What an update session needs from the engine it updates (the SGLang engine,
+    :class:`~repo_megatron.engines.sglang.engine.SGLangEngine`): its workers, its stage-0
+    sender, and public methods for the state an update changes."""
+    cfg: SGLangConfig
+    sender: StageSender               # the sender of pipeline stage 0, on the engine's loop
+    tp_sizes: dict[str, int]          # worker URL -> engine TP size
+    disk_dir: str                     # disk sync: the directory the workers read
+
+    def run(self, coro):
+        """Run a coroutine on the engine's loop and wait for its result."""
+
+    async def workers(self) -> list[str]:
+        """The worker URLs."""
+
+    def note_pause(self) -> None:
+        """Count a ``/pause_generation`` (before it is sent): requests it aborts are retried."""
+
+    async def resume_weights_memory(self, workers: list[str]) -> None:
+        """The released weights' memory back (the rest stays released until
+        :meth:`resume_memory`)."""
+
+    async def resume_memory(self, tags: Optional[list[str]] = None,
+                            workers: Optional[list[str]] = None) -> None:
+        """What the engine released back (``tags`` of it, on ``workers``)."""
+
+    def set_weight_version(self, version: int) -> None:
+        """The weight version the engine now serves."""
 
 
 async def open_sessions(target: SyncTarget) -> list[str]:
@@ -51,20 +79,19 @@ async def open_sessions(target: SyncTarget) -> list[str]:
     return [w for w, ok in zip(target.workers, opened) if ok]
 
 
-async def begin(engine: "SGLangEngine", target: SyncTarget) -> list[str]:
+async def begin(engine: UpdatableEngine, target: SyncTarget) -> list[str]:
     """Everything before the first bucket; returns the workers with an open session."""
     cfg = target.plan.cfg
-    if engine.memory_released:
-        await target.post_all("/resume_memory_occupation", memory_body(WEIGHTS))
+    await engine.resume_weights_memory(target.workers)
     # Counted before the request goes out: a worker may answer its aborted requests before it
     # answers the pause, and every request aborted from here on is retried.
-    engine.pauses += 1
+    engine.note_pause()
     await target.post_all("/pause_generation", pause_body(cfg.pause_mode))
     strategy = engine.sender.strategy
     return await open_sessions(target) if strategy.in_session else []
 
 
-async def finish(engine: "SGLangEngine", target: SyncTarget, stage_results: list,
+async def finish(engine: UpdatableEngine, target: SyncTarget, stage_results: list,
                  sessions: list[str]) -> None:
     """Everything after the last bucket of every stage (not ``/continue_generation``)."""
     cfg = target.plan.cfg
@@ -81,17 +108,15 @@ async def close_sessions(target: SyncTarget, sessions: list[str]) -> None:
                            for w in sessions))
 
 
-async def resume(engine: "SGLangEngine", target: SyncTarget) -> None:
+async def resume(engine: UpdatableEngine, target: SyncTarget) -> None:
     """After success or failure: memory back, sessions closed, generation continued."""
     try:
-        if engine.memory_released:
-            await target.post_all("/resume_memory_occupation", memory_body(KV_CACHE_AND_GRAPHS))
-            engine.memory_released = False
+        await engine.resume_memory(KV_CACHE_AND_GRAPHS, target.workers)
     finally:
         await target.post_all("/continue_generation", EMPTY)
 
 
-def plan_update(engine: "SGLangEngine", version: int) -> SyncPlan:
+def plan_update(engine: UpdatableEngine, version: int) -> SyncPlan:
     """The plan of an update to ``version`` to the engine's current workers."""
     workers = engine.run(engine.workers())
     return SyncPlan(workers, {w: engine.tp_sizes.get(w, 1) for w in workers}, version,
@@ -102,7 +127,7 @@ class UpdateSession:
     """One update as a context: ``begin`` on entry, ``finish`` (success) and the resumption
     (always) on exit; stage results are added by whoever collects them."""
 
-    def __init__(self, engine: "SGLangEngine", plan: SyncPlan):
+    def __init__(self, engine: UpdatableEngine, plan: SyncPlan):
         self.engine, self.plan = engine, plan
         self.target = engine.sender.target(plan)
         self.stage_results: list = []
@@ -121,7 +146,7 @@ class UpdateSession:
         try:
             if exc_type is None:
                 run(finish(self.engine, self.target, self.stage_results, self.sessions))
-                self.engine._version = self.plan.version
+                self.engine.set_weight_version(self.plan.version)
             elif self.sessions:
                 try:
                     run(close_sessions(self.target, self.sessions))

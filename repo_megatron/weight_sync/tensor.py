@@ -3,15 +3,23 @@
 rank and TP rank i reads entry i: on GPUs entry i must be made by the trainer process on the
 GPU of that rank, so each such process serialises its own copy of the bucket (CUDA-IPC
 handles, see :mod:`.flattened_bucket`) and the engine's first rank posts them together
-(:mod:`repo_megatron.weight_sync.streamer`). One process alone (:meth:`TensorStrategy.push`) can
+(:meth:`TensorStrategy.stream_stages`: trainer rank ``e * tp + i`` shares a GPU with TP rank
+``i`` of engine ``e``; every rank gets every bucket, its stage gathers it and the other stages
+receive it over the pipeline group). One process alone (:meth:`TensorStrategy.push`) can
 serve engines of TP 1, or any TP with CPU tensors, which travel by value."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
 
 from ..engines.sglang.protocol import tensor_update_body
-from .base import Bucket, SyncTarget, WeightSyncStrategy
+from ..runtime import cpu_compat
+from .base import SyncPlan, SyncTarget, WeightSyncStrategy
+from .buckets import END, Bucket
 from .flattened_bucket import bucket_payloads
 
 
@@ -35,3 +43,71 @@ class TensorStrategy(WeightSyncStrategy):
         """One flattened bucket to ``worker``: ``entries[i]`` for its TP rank i."""
         await target.client.request(worker, "/update_weights_from_tensor",
                                     tensor_update_body(entries))
+
+    # ---- the trainer side: colocated ----------------------------------------------------------
+    @classmethod
+    def stream_stages(cls, streamer, plan: SyncPlan, engine) -> list:
+        """Every rank serialises every bucket for its engine TP rank; each engine's first rank
+        posts the entries of its ``tp`` ranks in rank order. The stages take turns."""
+        tp = engine_tp_size(plan)
+        rank = streamer.rank
+        index, first = rank // tp, rank // tp * tp
+        # every rank creates every engine's group
+        group = streamer.gloo_groups([list(range(e * tp, (e + 1) * tp))
+                                      for e in range(len(plan.workers))])[index]
+        worker = plan.workers[index]
+        poster = streamer.stage_sender(plan.cfg, engine) if rank == first else None
+        error = None
+        for stage in range(streamer.stages):
+            buckets = streamer.stage_buckets() if streamer.stage == stage else None
+            while (bucket := stage_bucket(streamer, buckets, stage)) is not END:
+                payloads = bucket_payloads(bucket)
+                entries = [None] * tp if rank == first else None
+                dist.gather_object(payloads, entries, dst=first, group=group)
+                if poster is not None and error is None:
+                    try:
+                        for i in range(len(payloads)):
+                            poster.loop.run(poster.strategy.post(
+                                poster.target(plan), worker, [entry[i] for entry in entries]))
+                    except Exception as e:
+                        error = f"engine {worker} (rank {rank}): {type(e).__name__}: {e}"
+                # the engine has loaded: every rank's CUDA-IPC memory may go now
+                dist.barrier(group=group)
+                del bucket, payloads
+        streamer.raise_failures(error)
+        return []
+
+
+def engine_tp_size(plan: SyncPlan) -> int:
+    """The engines' TP size, after checking that trainer rank ``e * tp + i`` can be TP rank
+    ``i`` of engine ``e`` (the same check, with the same answer, on every rank)."""
+    sizes = {plan.tp_sizes[w] for w in plan.workers}
+    world = dist.get_world_size()
+    if len(sizes) != 1 or len(plan.workers) * next(iter(sizes)) != world:
+        raise RuntimeError(
+            f"weight_sync=tensor is the colocated layout: the {world} trainer ranks must be "
+            f"the engines' GPUs, one engine TP rank each, but the workers have TP sizes "
+            f"{[plan.tp_sizes[w] for w in plan.workers]}; use weight_sync=distributed")
+    return sizes.pop()
+
+
+def stage_bucket(streamer, buckets: Optional[Iterator[Bucket]], stage: int):
+    """The next bucket of ``stage`` on every rank (END after its last): the stage's ranks
+    gather it, the other stages receive it over the pipeline group."""
+    bucket = next(buckets, END) if buckets is not None else END
+    if streamer.stages == 1:
+        return bucket
+    group = streamer.ps.get_pipeline_model_parallel_group()
+    src = dist.get_global_rank(group, stage)
+    header = [None if bucket is END else [(n, tuple(t.shape), t.dtype) for n, t in bucket]]
+    dist.broadcast_object_list(header, src=src, group=group)
+    if header[0] is END:
+        return END
+    if buckets is None:
+        bucket = [(n, torch.empty(shape, dtype=dtype, device=cpu_compat.device()))
+                  for n, shape, dtype in header[0]]
+    else:
+        bucket = [(n, t.contiguous()) for n, t in bucket]
+    for _, tensor in bucket:
+        dist.broadcast(tensor, src, group=group)
+    return bucket

@@ -55,9 +55,9 @@ def _export_fp8_weights(model_dir: str) -> dict:
 
     from repo_megatron.config.model import ModelConfig
     from repo_megatron.config.parallel import ParallelConfig
-    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
+    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
 
     parallel = ParallelConfig(tensor_model_parallel_size=2)
     initialize(parallel, seed=5)
@@ -115,9 +115,9 @@ def test_te_fp8_weights_export_as_bf16(tmp_path):
 
     from repo_megatron.config.model import ModelConfig
     from repo_megatron.config.parallel import ParallelConfig
-    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
     from repo_megatron.models.weight_mapping import split_qkv
     from repo_megatron.runtime.distributed import LaunchEnv, initialize, teardown
+    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
 
     write_tiny_llama(str(tmp_path))
     arch = parse_hf_config(json.load(open(tmp_path / "config.json")))

@@ -49,11 +49,11 @@ def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool,
     from repo_megatron.checkpoint.model_io import load_model, save_model
     from repo_megatron.config.model import ModelConfig
     from repo_megatron.config.parallel import ParallelConfig
-    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
     from repo_megatron.training.forward import forward_logprobs, run_schedule
+    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=99)  # random init differs from the checkpoint: loading must fix it

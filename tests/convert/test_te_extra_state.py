@@ -48,10 +48,10 @@ def _load_everywhere(root: str) -> dict:
     from repo_megatron.checkpoint.model_io import load_model, save_model, sharded_model_state
     from repo_megatron.config.model import ModelConfig
     from repo_megatron.config.parallel import ParallelConfig
-    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
+    from repo_megatron.weight_sync import megatron_to_hf_named_tensors
     from tests.convert.te_standins import build_te_model
 
     records = _Records()

@@ -12,10 +12,10 @@ import pytest
 
 from repo_megatron.config.data import JudgeConfig
 from repo_megatron.config.rollout import SGLangLaunchConfig
+from repo_megatron.engines.sglang.launcher import ServerLauncher
 from repo_megatron.errors import ConfigError
 from repo_megatron.rewards.base import RewardRequest
 from repo_megatron.rewards.judge import JudgeReward
-from repo_megatron.engines.sglang.launcher import ServerLauncher
 from tests.helpers import write_scripted_chat_model
 from tests.sglang.servers import free_ports
 

@@ -10,8 +10,8 @@ from repo_megatron.config.algorithm import (AlgorithmConfig, DynamicSamplingConf
                                             ReplayConfig)
 from repo_megatron.config.rollout import RolloutConfig
 from repo_megatron.data.chat import ChatFormatter
-from repo_megatron.rewards.base import call_reward, resolve_reward
 from repo_megatron.engines.base import GenerationResult, GenerationStream, RolloutEngine
+from repo_megatron.rewards.base import call_reward, resolve_reward
 from repo_megatron.rollout.stage import RolloutStage
 from repo_megatron.rollout.types import Prompt
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from repo_megatron.cli import build_parser
-from repo_megatron.errors import ConfigError
 from repo_megatron.engines.sglang_server.command import is_loopback, options_from
+from repo_megatron.errors import ConfigError
 
 from ..sglang.servers import free_ports, wait_healthy
 

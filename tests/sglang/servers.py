@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from repo_megatron.runtime.ports import free_port
 from repo_megatron.engines.sglang.client import SGLangClient
+from repo_megatron.runtime.ports import free_port
 
 
 def free_ports(n: int) -> int:

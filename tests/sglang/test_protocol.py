@@ -5,12 +5,12 @@ import torch
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.engines.base import SamplingParams
 from repo_megatron.engines.sglang.client import SGLangClient
-from repo_megatron.engines.sglang.protocol import (error_message, generate_body, generation_result,
-                                           parse_version)
-from repo_megatron.weight_sync.registry import STRATEGIES
+from repo_megatron.engines.sglang.protocol import (error_message, generate_body,
+                                                   generation_result, parse_version)
 from repo_megatron.engines.sglang_server.tensor_payload import deserialize, named_tensors
 from repo_megatron.weight_sync.buckets import iter_buckets
 from repo_megatron.weight_sync.flattened_bucket import bucket_payloads, dtype_groups
+from repo_megatron.weight_sync.registry import STRATEGIES
 
 # what sglang-router 0.3 forwards of a /generate body (it re-serialises and drops the rest)
 ROUTER_KEPT = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",

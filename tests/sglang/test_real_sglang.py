@@ -11,9 +11,9 @@ import pytest
 
 from repo_megatron.config.rollout import SGLangConfig, SGLangLaunchConfig
 from repo_megatron.engines.base import SamplingParams
-from repo_megatron.runtime import cpu_compat
 from repo_megatron.engines.sglang import SGLangEngine
 from repo_megatron.engines.sglang.launcher import ServerLauncher
+from repo_megatron.runtime import cpu_compat
 
 from .servers import free_ports
 

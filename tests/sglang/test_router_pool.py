@@ -15,9 +15,9 @@ from repo_megatron.config.algorithm import AlgorithmConfig, RePOConfig
 from repo_megatron.config.data import DataConfig
 from repo_megatron.config.rollout import RolloutConfig, SGLangConfig
 from repo_megatron.data import ChatFormatter, load_prompts
-from repo_megatron.rollout import RolloutStage
 from repo_megatron.engines.base import SamplingParams
 from repo_megatron.engines.sglang import SGLangEngine
+from repo_megatron.rollout import RolloutStage
 from tests.rollout.fakes import InProcessScorer
 
 from .inprocess import load_tiny_engine, perturbed

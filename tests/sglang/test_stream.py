@@ -3,9 +3,9 @@ RePO schedule's rephrases run while other groups decode), with the same results 
 
 from repo_megatron.config.algorithm import AlgorithmConfig, RePOConfig
 from repo_megatron.config.rollout import RolloutConfig, SGLangConfig
-from repo_megatron.rollout import RolloutStage
 from repo_megatron.engines.base import SamplingParams
 from repo_megatron.engines.sglang import SGLangEngine
+from repo_megatron.rollout import RolloutStage
 from tests.rollout.fakes import FORMATTER, InProcessScorer, prompt
 
 from .inprocess import serve_model

@@ -51,8 +51,8 @@ def _synced_weights(root: str, tp: int, pp: int) -> dict:
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.weight_sync.streamer import WeightStreamer, gather_hf_weights
     from repo_megatron.training.train_step import wrap_model
+    from repo_megatron.weight_sync.streamer import WeightStreamer, gather_hf_weights
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=7)

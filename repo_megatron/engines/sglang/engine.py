@@ -24,15 +24,15 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ...config.rollout import SGLangConfig
+from ...weight_sync.buckets import iter_buckets
+from ...weight_sync.sender import StageSender, make_client
+from ...weight_sync.session import UpdateSession, plan_update
 from ..base import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
-                              check_requests)
+                    check_requests)
 from .client import LoopThread, SGLangError
 from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
                        parse_weight_version)
 from .router import router_workers
-from ...weight_sync.buckets import iter_buckets
-from ...weight_sync.sender import StageSender, make_client
-from ...weight_sync.session import UpdateSession, plan_update
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class SGLangEngine(RolloutEngine):
         self.tp_sizes: dict[str, int] = {}               # worker URL -> engine TP size
         self.disk_dir = cfg.disk_dir or (tempfile.mkdtemp(prefix="repo_megatron_weights_")
                                          if cfg.weight_sync == "disk" else "")
-        self.memory_released = False
-        self.pauses = 0                                  # /pause_generation calls so far
+        self._memory_released = False
+        self._pauses = 0                                 # /pause_generation calls so far
         self._version = 0
         self._next = 0                                   # round robin over the workers
         if start:
@@ -81,6 +81,12 @@ class SGLangEngine(RolloutEngine):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def weight_sync_strategy(self) -> type:
+        """The ``rollout.sglang.weight_sync`` strategy: how the trainer's stages stream to these
+        workers."""
+        return type(self.sender.strategy)
 
     # -- servers ----------------------------------------------------------------------------
     async def workers(self) -> list[str]:
@@ -119,19 +125,38 @@ class SGLangEngine(RolloutEngine):
         workers = list(workers) if workers is not None else await self.workers()
         return await asyncio.gather(*(self.client.request(w, endpoint, body) for w in workers))
 
+    @property
+    def memory_released(self) -> bool:
+        """Whether the servers' memory is released (:meth:`release_memory`) and not resumed."""
+        return self._memory_released
+
     def release_memory(self) -> None:
         """Colocated runs (``releases_memory``): free the servers' GPU memory for training
         (``/release_memory_occupation``); the next update or generation resumes it."""
-        if not self.cfg.releases_memory or self.memory_released:
+        if not self.cfg.releases_memory or self._memory_released:
             return
         self.run(self.post_all("/release_memory_occupation", memory_body()))
-        self.memory_released = True
+        self._memory_released = True
 
-    async def resume_memory(self) -> None:
-        """Everything :meth:`release_memory` freed back (before generating)."""
-        if self.memory_released:
-            await self.post_all("/resume_memory_occupation", memory_body())
-            self.memory_released = False
+    async def resume_weights_memory(self, workers: Sequence[str]) -> None:
+        """A weight update's first step on released servers: the weights' memory back on
+        ``workers`` (the KV cache and CUDA graphs stay released until :meth:`resume_memory`)."""
+        if self._memory_released:
+            await self.post_all("/resume_memory_occupation", memory_body(["weights"]), workers)
+
+    async def resume_memory(self, tags: Optional[list[str]] = None,
+                            workers: Optional[Sequence[str]] = None) -> None:
+        """What :meth:`release_memory` freed back on ``workers`` (default: all): every region
+        (before generating), or ``tags`` of them (after an update, whose weights came back
+        first); the servers then count as holding their memory."""
+        if self._memory_released:
+            await self.post_all("/resume_memory_occupation", memory_body(tags), workers)
+            self._memory_released = False
+
+    def note_pause(self) -> None:
+        """Count a ``/pause_generation`` a weight update is about to send: a request that
+        comes back aborted after it is sent again (:meth:`generate_one`)."""
+        self._pauses += 1
 
     def abort(self) -> None:
         """Abort every request running on the workers (``/abort_request abort_all``); their
@@ -178,13 +203,13 @@ class SGLangEngine(RolloutEngine):
         A request aborted by a weight update's pause (``pause_mode: abort``) is sent again
         (it then waits for ``/continue_generation``); any other abort is an error."""
         for attempt in range(self.cfg.max_retries + 1):
-            pauses = self.pauses
+            pauses = self._pauses
             answer = await self.client.request(servers, "/generate",
                                                generate_body(input_ids, params))
             if isinstance(answer, list):        # SGLang answers a batch with a list
                 answer = answer[0]
             result = generation_result(answer)
-            if result.finish_reason != "abort" or self.pauses == pauses:
+            if result.finish_reason != "abort" or self._pauses == pauses:
                 break
             log.info("a request aborted by a weight update is sent again (%d/%d)", attempt + 1,
                      self.cfg.max_retries)

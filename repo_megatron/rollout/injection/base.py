@@ -6,8 +6,8 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ...rewards.base import RewardResult
 from ...engines.base import GenerationResult
+from ...rewards.base import RewardResult
 from ..types import Group, Prompt
 
 

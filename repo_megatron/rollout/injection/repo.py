@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from ...rewards.base import RewardResult
 from ...engines.base import GenerationResult
+from ...rewards.base import RewardResult
 from ..gate import best_candidate, rephrase_prompt, replace_lowest, strip_meta
 from ..types import Group, Prompt, Sample
 from .base import Injection, Request
