@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -44,9 +45,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ...weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from ..base import GenerationResult
 from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_version
-from ...weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from . import tensor_payload
 from .auth import AuthLevel, auth_level
 from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed
@@ -59,6 +60,18 @@ log = logging.getLogger(__name__)
 
 ADMIN = auth_level(AuthLevel.ADMIN_OPTIONAL)   # SGLang's level for every management endpoint
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
+
+
+def in_update_session(endpoint):
+    """A tensor or distributed update route: SGLang >= 0.5.22 refuses it outside
+    ``/begin_weight_update`` ... ``/end_weight_update``."""
+    @functools.wraps(endpoint)
+    async def refuse_outside(self: "SGLangServer", request: HTTPRequest) -> Response:
+        if self._version >= WEIGHT_UPDATE_SESSION and not self.in_update_session:
+            return weight_response(False, f"{request.url.path} must be called between "
+                                          f"/begin_weight_update and /end_weight_update")
+        return await endpoint(self, request)
+    return refuse_outside
 
 
 def this_host_names() -> tuple[str, ...]:
@@ -239,13 +252,6 @@ class SGLangServer:
         self.in_update_session = False
         return weight_response(True, "Weight update session ended.")
 
-    def session_refusal(self, endpoint: str) -> Optional[Response]:
-        """SGLang >= 0.5.22 refuses tensor/distributed updates outside a session."""
-        if self._version >= WEIGHT_UPDATE_SESSION and not self.in_update_session:
-            return weight_response(False, f"{endpoint} must be called between "
-                                          f"/begin_weight_update and /end_weight_update")
-        return None
-
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every parameter, under each of its names (tied ones have two)."""
         return {name: tuple(p.shape) for name, p in
@@ -280,10 +286,8 @@ class SGLangServer:
                                num_paused_requests=0)
 
     @ADMIN
+    @in_update_session
     async def update_weights_from_tensor(self, request: HTTPRequest) -> Response:
-        refusal = self.session_refusal("/update_weights_from_tensor")
-        if refusal is not None:
-            return refusal
         body = await json_object(request)
         entries = typed(body, "serialized_named_tensors", list, [])
         if not entries:
@@ -326,10 +330,8 @@ class SGLangServer:
         return weight_response(True, "Succeeded to initialize custom process group.")
 
     @ADMIN
+    @in_update_session
     async def update_weights_from_distributed(self, request: HTTPRequest) -> Response:
-        refusal = self.session_refusal("/update_weights_from_distributed")
-        if refusal is not None:
-            return refusal
         body = await json_object(request)
         name = typed(body, "group_name", str, "weight_update_group")
         group = self.groups.get(name)
@@ -387,24 +389,22 @@ class SGLangServer:
     # -- app --------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
         get, post, both = ["GET"], ["POST"], ["GET", "POST"]
+
+        def posts(*names: str) -> list:       # POST /<name>, served by the method <name>
+            return [(f"/{name}", getattr(self, name), post) for name in names]
+
         table = [
             ("/health", self.health, get), ("/health_generate", self.health, get),
             ("/server_info", self.server_info, get), ("/get_server_info", self.server_info, get),
             ("/model_info", self.model_info, get), ("/get_model_info", self.model_info, get),
             ("/get_weight_version", self.get_weight_version, get),
             ("/generate", self.generate, ["POST", "PUT"]),
-            ("/abort_request", self.abort_request, post),
-            ("/pause_generation", self.pause_generation, post),
-            ("/continue_generation", self.continue_generation, post),
+            *posts("abort_request", "pause_generation", "continue_generation"),
             ("/flush_cache", self.flush_cache, both),
-            ("/begin_weight_update", self.begin_weight_update, post),
-            ("/end_weight_update", self.end_weight_update, post),
-            ("/update_weights_from_disk", self.update_weights_from_disk, post),
-            ("/update_weights_from_tensor", self.update_weights_from_tensor, post),
-            ("/init_weights_update_group", self.init_weights_update_group, post),
-            ("/update_weights_from_distributed", self.update_weights_from_distributed, post),
-            ("/destroy_weights_update_group", self.destroy_weights_update_group, post),
-            ("/update_weight_version", self.update_weight_version, post),
+            *posts("begin_weight_update", "end_weight_update", "update_weights_from_disk",
+                   "update_weights_from_tensor", "init_weights_update_group",
+                   "update_weights_from_distributed", "destroy_weights_update_group",
+                   "update_weight_version"),
             ("/v1/chat/completions", ChatCompletions(self).completions, post),
         ]
         return [Route(path, handler, methods=methods) for path, handler, methods in table]
