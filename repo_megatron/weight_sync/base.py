@@ -84,9 +84,12 @@ class WeightSyncStrategy(SyncStrategy):
     ``in_session``: SGLang with ``/begin_weight_update`` accepts these updates only inside a
     session. ``concurrent_stages``: the stages may push at the same time (else they take
     turns, which keeps SGLang workers, that load one update request at a time, from waiting
-    on two senders in opposite orders)."""
+    on two senders in opposite orders). ``uses_disk_dir``: the senders write files the
+    workers read, in the plan's ``disk_dir`` (a temporary directory when
+    ``rollout.sglang.disk_dir`` is empty)."""
     in_session: bool = True
     concurrent_stages: bool = False
+    uses_disk_dir: bool = False
 
     def __init__(self, cfg: SGLangConfig, stage: int = 0):
         self.cfg, self.stage = cfg, stage

@@ -55,6 +55,7 @@ class DiskStrategy(WeightSyncStrategy):
     name = "disk"
     in_session = False
     concurrent_stages = True
+    uses_disk_dir = True
 
     def __init__(self, cfg, stage: int = 0):
         super().__init__(cfg, stage)

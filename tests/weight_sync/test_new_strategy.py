@@ -37,6 +37,7 @@ from repo_megatron.weight_sync.disk import own_storage
 class BucketDirs(WeightSyncStrategy):
     name = "bucket_dirs"
     in_session = False                  # SGLang takes disk updates outside a session
+    uses_disk_dir = True                # it writes files the workers read, in disk_dir
 
     def __init__(self, cfg, stage=0):
         super().__init__(cfg, stage)

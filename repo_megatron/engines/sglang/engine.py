@@ -52,7 +52,7 @@ class SGLangEngine(RolloutEngine):
         self.versions: dict[str, tuple[int, ...]] = {}   # worker URL -> SGLang version
         self.tp_sizes: dict[str, int] = {}               # worker URL -> engine TP size
         self.disk_dir = cfg.disk_dir or (tempfile.mkdtemp(prefix="repo_megatron_weights_")
-                                         if cfg.weight_sync == "disk" else "")
+                                         if self.sender.strategy.uses_disk_dir else "")
         self._memory_released = False
         self._pauses = 0                                 # /pause_generation calls so far
         self._version = 0
