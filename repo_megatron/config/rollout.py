@@ -76,6 +76,14 @@ class SGLangConfig:
         None, "Release the servers' GPU memory (weights, KV cache) while the trainer trains "
               "and resume it for the weight update (null = on for weight_sync=tensor, the "
               "colocated layout)")
+    offload_trainer: str = knob(
+        "auto", "Colocated runs (weight_sync=tensor): take the trainer's weights, gradient "
+                "buffers, fp32 main weights and Adam state off the GPU while SGLang generates, "
+                "back bit for bit before the next forward: `memory_saver` (torch_memory_saver; "
+                "needs the package and a GPU), `host` (pinned host copies, portable), `auto` = "
+                "memory_saver where it can work, host otherwise, or `off`. Disaggregated runs "
+                "never offload (docs/sglang.md)",
+        choices=["auto", "off", "host", "memory_saver"])
     disk_dir: str = knob("", "disk sync: directory every server can read (empty = a "
                              "temporary directory, single node only)")
     distributed_backend: str = knob("nccl", "distributed sync: process-group backend (gloo "
@@ -90,6 +98,12 @@ class SGLangConfig:
     def releases_memory(self) -> bool:
         """Whether the engines' memory is released during training (``release_memory``)."""
         return self.weight_sync == "tensor" if self.release_memory is None else self.release_memory
+
+    @property
+    def trainer_offload(self) -> str:
+        """``offload_trainer`` in this layout: ``off`` unless colocated (weight_sync=tensor);
+        ``auto`` is resolved where the trainer runs (``training.offload``)."""
+        return self.offload_trainer if self.weight_sync == "tensor" else "off"
 
 
 @dataclass
@@ -111,6 +125,10 @@ class RolloutConfig:
 
     def validate(self, path: str) -> None:
         sg = self.sglang
+        if sg.offload_trainer in ("host", "memory_saver") and sg.weight_sync != "tensor":
+            raise ConfigError(f"{path}.sglang.offload_trainer={sg.offload_trainer} needs the "
+                              f"colocated layout ({path}.sglang.weight_sync=tensor): a "
+                              f"disaggregated trainer has its GPUs to itself")
         if self.engine == "sglang" and not (sg.urls or sg.router_url or sg.launch.num_servers):
             raise ConfigError(f"{path}.engine=sglang needs {path}.sglang.urls, "
                               f"{path}.sglang.router_url or {path}.sglang.launch.num_servers")

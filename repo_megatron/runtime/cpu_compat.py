@@ -112,6 +112,27 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def pinned_host_bytes(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory (uint8) for copies to and from this rank's GPU: page-locked
+    when there is a GPU (so ``non_blocking`` copies are asynchronous DMA at full PCIe speed),
+    plain memory otherwise."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=has_gpu())
+
+
+def empty_cache() -> None:
+    """Give the caching allocator's free blocks back to the driver (no-op on CPU): memory a
+    process frees is usable by another process on the same GPU (a colocated SGLang server)
+    only then."""
+    if has_gpu():
+        torch.cuda.empty_cache()
+
+
+def device_free_bytes() -> "int | None":
+    """Free memory of this rank's GPU as the driver sees it, all processes counted (None on
+    CPU): what torch_memory_saver's pause frees shows here, not in :func:`memory_allocated`."""
+    return torch.cuda.mem_get_info()[0] if has_gpu() else None
+
+
 def gpu_description() -> "dict | None":
     """Name, compute capability and memory of this rank's GPU (None on CPU)."""
     if not has_gpu():
