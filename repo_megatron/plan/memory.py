@@ -21,7 +21,7 @@ from ..models.architecture import Architecture
 GIB = 2**30
 FP32 = 4
 # fp32 [chunk, vocab/TP] buffers the chunked vocab-parallel log-probs hold at once
-# (repo_megatron/training/logprobs.py: DEFAULT_CHUNK_BYTES = 16 MiB, about three live).
+# (repo_megatron/trainer/logprobs.py: DEFAULT_CHUNK_BYTES = 16 MiB, about three live).
 LOGPROB_CHUNK_BUFFERS = 3 * 16 * 2**20
 KV_CACHE_BYTES = 2  # SGLang's default KV cache dtype follows the bf16 model
 

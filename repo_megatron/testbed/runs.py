@@ -2,7 +2,7 @@
 
 :func:`run_config` is the config of one run (the embedded engine, Megatron's local spec, fp32);
 :func:`run_many` trains several configs, ``parallel`` at a time, each with
-``repo_megatron.train.loop.train`` in a fresh process (``run_distributed``, gloo), and returns
+``repo_megatron.run.loop.train`` in a fresh process (``run_distributed``, gloo), and returns
 their ``metrics.jsonl`` rows and wall times.
 """
 

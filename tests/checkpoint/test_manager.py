@@ -29,7 +29,7 @@ def _save_three_then_resume(root: str):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
 
     from repo_megatron.checkpoint import manager as manager_module
 

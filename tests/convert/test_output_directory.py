@@ -186,10 +186,10 @@ def test_exported_json_files_are_checked(megatron, tmp_path):
 
 
 def test_trainer_export_replaces_the_previous_export_whole(tmp_path):
-    """RolloutSide.export (train/session.py) writes through the same atomic directory."""
+    """RolloutSide.export (run/session.py) writes through the same atomic directory."""
     from types import SimpleNamespace
 
-    from repo_megatron.train.session import RolloutSide
+    from repo_megatron.run.session import RolloutSide
 
     out = tmp_path / "hf" / "step_000001"
     out.mkdir(parents=True)
@@ -243,7 +243,7 @@ def test_runs_started_together_convert_the_cached_model_once(tmp_path, monkeypat
 
     import repo_megatron.convert as convert
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train import session
+    from repo_megatron.run import session
 
     calls = []
 

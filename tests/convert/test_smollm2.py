@@ -24,7 +24,7 @@ def _smollm2_logprobs(ckpt: str):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import run_schedule
+    from repo_megatron.trainer.forward import run_schedule
 
     parallel = ParallelConfig()
     initialize(parallel)

@@ -77,7 +77,7 @@ def test_te_fp8_model_forward_keeps_logprobs_fp32(tmp_path):
     if not (cpu_compat.has_gpu() and builder.te_available()):
         pytest.skip("needs a GPU (sm90+) and Transformer Engine")
     from repo_megatron.runtime.distributed import LaunchEnv, initialize, teardown
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
 
     # FP8 GEMMs need dimensions that are multiples of 16: hidden 64, FFN 128, head_dim 16.
     write_tiny_llama(str(tmp_path))

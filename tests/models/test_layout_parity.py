@@ -39,7 +39,7 @@ def _logprobs_in_layout(root: str, tp: int, pp: int, vpp, load_from, save_to):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp)

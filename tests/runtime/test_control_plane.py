@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 from tests.distributed import run_distributed
-from tests.train.conftest import tiny_chat_model, tiny_run_config  # noqa: F401 (a fixture)
+from tests.run.conftest import tiny_chat_model, tiny_run_config  # noqa: F401 (a fixture)
 
 DEFAULT_TIMEOUT_S = 4
 RANK0_DELAY_S = 10
@@ -80,8 +80,8 @@ def _short_timeouts_except_control(method):
 
 def _train_with_slow_rank0_rollout(cfg_dict: dict):
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train import session
-    from repo_megatron.train.loop import train
+    from repo_megatron.run import session
+    from repo_megatron.run.loop import train
 
     rollout = session.RolloutSide.rollout
 

@@ -11,7 +11,7 @@ import pytest
 from repo_megatron.config import config_from_dict
 from tests.distributed import run_distributed
 from tests.helpers import write_tiny_llama
-from tests.train.conftest import tiny_run_config
+from tests.run.conftest import tiny_run_config
 
 BUCKET_MB = 4
 OVERHEAD_MB = 16        # pickled headers, gloo buffers, a TP gather in flight: not proportional

@@ -52,7 +52,7 @@ def _synced_weights(root: str, tp: int, pp: int) -> dict:
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
     from repo_megatron.train.engine_sync import WeightStreamer, gather_hf_weights
-    from repo_megatron.training.train_step import wrap_model
+    from repo_megatron.trainer.train_step import wrap_model
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=7)

@@ -131,7 +131,7 @@ class PolicyTrainer:
 
     ``chunks``: this rank's GPTModel chunks (``build_model``), already holding their weights.
     ``micro_batches`` passed to the methods are this rank's share of the global batch (its DP
-    slice), in the format of :mod:`repo_megatron.training.loss`."""
+    slice), in the format of :mod:`repo_megatron.trainer.loss`."""
 
     def __init__(self, chunks: list, optimizer_cfg: OptimizerConfig, loss_params: LossParams,
                  total_steps: int, temperature: float = 1.0,

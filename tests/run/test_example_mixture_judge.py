@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.sglang.servers import free_ports
-from tests.train.conftest import ROOT
+from tests.run.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

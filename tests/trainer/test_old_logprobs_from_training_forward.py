@@ -15,7 +15,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.helpers import write_tiny_llama
-from tests.training.test_train_parity import TEMPERATURE, VOCAB, global_batch
+from tests.trainer.test_train_parity import TEMPERATURE, VOCAB, global_batch
 
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2)}  # name: (TP, PP, world)
 
@@ -31,8 +31,8 @@ def _both_paths(root: str, tp: int, pp: int):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs
-    from repo_megatron.training.train_step import PolicyTrainer, build_reference_model
+    from repo_megatron.trainer.forward import forward_logprobs
+    from repo_megatron.trainer.train_step import PolicyTrainer, build_reference_model
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=11)

@@ -14,12 +14,12 @@ from repo_megatron.data import ChatFormatter, load_sources
 from repo_megatron.metrics.ledger import read_ledger
 from repo_megatron.metrics.writer import read_rows
 from repo_megatron.rewards.judge import port_in_use
-from repo_megatron.train.prompts import MixtureSampler
+from repo_megatron.run.prompts import MixtureSampler
 from tests.helpers import write_scripted_chat_model
 from tests.rollout.fakes import ByteTokenizer
 from tests.sglang.servers import free_ports
-from tests.train.conftest import ROOT, tiny_run_config
-from tests.train.test_resume import _run
+from tests.run.conftest import ROOT, tiny_run_config
+from tests.run.test_resume import _run
 
 STEPS, PROMPTS_PER_STEP = 3, 3
 SOURCES = [

@@ -26,7 +26,7 @@ the gradients by the all-reduced token count in ``finalize_model_grads``; it onl
 
 The reported loss and metrics are the unscaled ``l_k`` (and the library's metrics, also
 additive), summed over micro-batches and DP ranks by :func:`reduce_metrics` in
-:mod:`repo_megatron.training.train_step`.
+:mod:`repo_megatron.trainer.train_step`.
 
 A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores ``tokens[t+1]``):
 

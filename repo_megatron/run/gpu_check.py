@@ -1,4 +1,4 @@
-"""``python -m repo_megatron.train.gpu_check``: what one GPU can show of the GPU path, in minutes.
+"""``python -m repo_megatron.run.gpu_check``: what one GPU can show of the GPU path, in minutes.
 
 ``scripts/gpu_check.sh`` makes the environment (a venv over the machine's torch, megatron-core
 from the wheelhouse) and runs this driver; ``docs/gpu_check.md`` says what each check proves
@@ -40,7 +40,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-MODULE = "repo_megatron.train.gpu_check"   # run as python -m MODULE (also as __main__)
+MODULE = "repo_megatron.run.gpu_check"   # run as python -m MODULE (also as __main__)
 CHECKS = ("trainer_step", "te_fp8", "sglang_ipc")
 ALLOW_CPU = "GPU_CHECK_ALLOW_CPU"
 GIB = 2**30
@@ -149,7 +149,7 @@ def check_config(root: str, shape: Shape, fp8_recipe: Optional[str] = None):
         "data": {"max_prompt_tokens": MAX_PROMPT_TOKENS},
         "checkpoint": {"hf_export_at_end": False},
         "logging": {"tensorboard": False, "progress_bar": False, "level": "WARNING"},
-    }, source="repo_megatron.train.gpu_check")
+    }, source="repo_megatron.run.gpu_check")
 
 
 class PhasePeaks:

@@ -39,7 +39,7 @@ def _tp2_logprobs():
 
     from repo_megatron.config.parallel import ParallelConfig
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.logprobs import vocab_parallel_logprobs
+    from repo_megatron.trainer.logprobs import vocab_parallel_logprobs
 
     initialize(ParallelConfig(tensor_model_parallel_size=2))
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -25,8 +25,8 @@ def _same(a, b) -> bool:
 
 
 def _nonfinite_steps(root: str) -> dict:
-    from repo_megatron.train.dry_run import synthetic_groups
-    from repo_megatron.train.guard import TrainingStopped
+    from repo_megatron.run.dry_run import synthetic_groups
+    from repo_megatron.run.guard import TrainingStopped
 
     s = S.session(root, parallel={"tensor_model_parallel_size": 2})
     rank = torch.distributed.get_rank()

@@ -14,7 +14,7 @@ import yaml
 from repo_megatron.checkpoint.manager import complete_checkpoints, read_meta
 from repo_megatron.metrics.writer import read_rows
 from tests.helpers import global_tensors
-from tests.train.conftest import ROOT, tiny_run_config
+from tests.run.conftest import ROOT, tiny_run_config
 
 
 def _run(cfg_path, *extra, failpoint=None):

@@ -1,6 +1,6 @@
 """The end-of-run summary: failed groups, rescued ones, solve rate before and after, the plot."""
 
-from repo_megatron.train.summary import summary_text
+from repo_megatron.run.summary import summary_text
 
 ROWS = [
     {"step": 0, "eval/solve_rate": 0.0},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from repo_megatron.train.guard import RunGuard, TrainingStopped
+from repo_megatron.run.guard import RunGuard, TrainingStopped
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_at_the_limit():

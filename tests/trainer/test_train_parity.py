@@ -89,7 +89,7 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.train_step import build_reference_model
+    from repo_megatron.trainer.train_step import build_reference_model
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp)
@@ -136,8 +136,8 @@ def _two_steps(chunks: list, reference_model: list, micro_batches: list[dict], m
     from repo_megatron.algorithm import LossParams
     from repo_megatron.checkpoint.model_io import save_model
     from repo_megatron.config.optimizer import OptimizerConfig
-    from repo_megatron.training.forward import forward_logprobs
-    from repo_megatron.training.train_step import PolicyTrainer
+    from repo_megatron.trainer.forward import forward_logprobs
+    from repo_megatron.trainer.train_step import PolicyTrainer
 
     trainer = PolicyTrainer(
         chunks, OptimizerConfig(lr=1e-2, clip_grad=CLIP_GRAD, adam_eps=ADAM_EPS,
@@ -182,7 +182,7 @@ def save_with_main_params(chunks: list, optimizer, directory: str) -> None:
 def recorded_dtypes(chunks: list):
     """Records the dtypes along the log-prob and loss path of a training step: the output
     layer's logits, the log-probs and entropy from them, what the loss receives and returns."""
-    from repo_megatron.training import loss as loss_module
+    from repo_megatron.trainer import loss as loss_module
 
     dtypes: dict[str, str] = {}
     logprobs, policy_loss = loss_module.vocab_parallel_logprobs, loss_module.compute_policy_loss

@@ -10,7 +10,7 @@ import yaml
 from repo_megatron.checkpoint.manager import complete_checkpoints
 from repo_megatron.metrics.writer import read_rows
 from tests.distributed import run_distributed
-from tests.train.conftest import ROOT, tiny_run_config
+from tests.run.conftest import ROOT, tiny_run_config
 
 
 def test_a_reward_that_always_fails_stops_the_run_with_one_line(tiny_chat_model, tmp_path):
@@ -37,9 +37,9 @@ def test_a_reward_that_always_fails_stops_the_run_with_one_line(tiny_chat_model,
 
 def _train_with_nan_losses_from_step_2(cfg: dict):
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train import session as session_module
-    from repo_megatron.train.guard import TrainingStopped
-    from repo_megatron.train.loop import train
+    from repo_megatron.run import session as session_module
+    from repo_megatron.run.guard import TrainingStopped
+    from repo_megatron.run.loop import train
 
     prepare = session_module.Session.prepare
     calls = []

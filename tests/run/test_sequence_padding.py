@@ -17,8 +17,8 @@ MODES = ("token-mean", "seq-mean-token-mean")
 def _batch(length_multiple: int) -> list[dict]:
     """Synthetic RePO groups (ragged prompts and responses, a rephrased sample per group) as
     the trainer's micro-batches."""
-    from repo_megatron.train import batch as B
-    from repo_megatron.train.dry_run import synthetic_groups
+    from repo_megatron.run import batch as B
+    from repo_megatron.run.dry_run import synthetic_groups
 
     groups = synthetic_groups(prompts=2, group_size=4, max_new_tokens=9, seed=5)
     full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
@@ -32,7 +32,7 @@ def _step(root: str, mode: str, length_multiple: int, parallel, model_cfg) -> di
     from repo_megatron.config.optimizer import OptimizerConfig
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
-    from repo_megatron.training.train_step import PolicyTrainer
+    from repo_megatron.trainer.train_step import PolicyTrainer
 
     arch = read_architecture(root)
     chunks = build_model(arch, model_cfg, parallel)

@@ -33,11 +33,11 @@ from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model, sequence_length_multiple
 from ..rewards.scorers import build_rewards, scorer_metrics
 from ..runtime import control, distributed
-from ..training.forward import forward_logprobs
-from ..training.train_step import PolicyTrainer, build_reference_model
+from ..trainer.forward import forward_logprobs
+from ..trainer.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from ..rollout.metrics import mean
-from .engine_sync import WeightStreamer, gather_hf_weights
+from ..train.engine_sync import WeightStreamer, gather_hf_weights
 from .guard import TrainingStopped
 from .prompts import MixtureSampler
 
@@ -344,7 +344,7 @@ class Session:
 
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine as weight version ``policy_version``,
-        streamed by every pipeline stage (:mod:`.engine_sync`)."""
+        streamed by every pipeline stage (:mod:`repo_megatron.train.engine_sync`)."""
         self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
                                   else None, version=self.policy_version)
 

@@ -6,8 +6,8 @@ import signal
 import yaml
 
 from repo_megatron.metrics.writer import read_rows
-from tests.train.conftest import tiny_run_config
-from tests.train.test_resume import _run
+from tests.run.conftest import tiny_run_config
+from tests.run.test_resume import _run
 
 
 def test_resume_without_a_checkpoint_keeps_the_step_0_eval(tiny_chat_model, tmp_path):

@@ -15,9 +15,9 @@ import os
 import pytest
 
 from repo_megatron.config import load_config
-from repo_megatron.train.dry_run import RANK_IMPORTS, dry_config, run_step, verdict
+from repo_megatron.run.dry_run import RANK_IMPORTS, dry_config, run_step, verdict
 from tests.distributed import free_port, run_distributed
-from tests.train.conftest import ROOT
+from tests.run.conftest import ROOT
 
 ALGORITHMS = {
     "grpo": {"injection": "none"},

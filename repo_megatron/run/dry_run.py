@@ -49,7 +49,7 @@ DEVICE_FAITHFUL_NOTE = (
     "on the gloo control plane")
 # What every rank imports (the trainer and the parts of megatron-core a step uses): loaded
 # once in the fork server, shared by the forked ranks.
-RANK_IMPORTS = ["repo_megatron.train.session", "megatron.core.models.gpt",
+RANK_IMPORTS = ["repo_megatron.run.session", "megatron.core.models.gpt",
                 "megatron.core.distributed", "megatron.core.optimizer",
                 "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing"]
 

@@ -1,7 +1,7 @@
 """From rollout groups to the trainer's micro-batches (plain torch, no Megatron).
 
 Every rank builds the same global batch from the same groups, then takes its data-parallel
-slice and cuts it into micro-batches in the format of :mod:`repo_megatron.training.loss`.
+slice and cuts it into micro-batches in the format of :mod:`repo_megatron.trainer.loss`.
 A sequence is ``prompt_ids + response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace
 too); position ``t`` scores ``tokens[t + 1]``, so response token ``j`` of a prompt of length
 ``P`` is scored at position ``P - 1 + j``.

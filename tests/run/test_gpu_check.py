@@ -1,4 +1,4 @@
-"""The prepared GPU check (scripts/gpu_check.sh, repo_megatron.train.gpu_check) as far as a CPU
+"""The prepared GPU check (scripts/gpu_check.sh, repo_megatron.run.gpu_check) as far as a CPU
 can run it: every check skipped without a GPU, the driver's verdicts and exit code, and the
 trainer check itself on the CPU (GPU_CHECK_ALLOW_CPU=1, gloo, real Megatron-Core)."""
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from repo_megatron.runtime import cpu_compat
-from repo_megatron.train import gpu_check
+from repo_megatron.run import gpu_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PHASES = ["build", "rollout", "prepare", "train", "weight_sync", "checkpoint_save",

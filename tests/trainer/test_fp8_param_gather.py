@@ -23,7 +23,7 @@ def _ddp_configs(model_dir: str) -> dict:
     from repo_megatron.models import builder
     from repo_megatron.models.architecture import parse_hf_config
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.train_step import PolicyTrainer
+    from repo_megatron.trainer.train_step import PolicyTrainer
 
     parallel = ParallelConfig()
     initialize(parallel, seed=1)

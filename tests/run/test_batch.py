@@ -3,7 +3,7 @@
 import torch
 
 from repo_megatron.rollout.types import Group, Prompt, Sample
-from repo_megatron.train import batch as B
+from repo_megatron.run import batch as B
 
 
 def _sample(prompt, response, reward, rephrased=False, logprobs=True, replay=False):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.train.conftest import ROOT
+from tests.run.conftest import ROOT
 
 SHIPPED = {"llama3_70b_repo.yaml": 32, "qwen25_72b_repo.yaml": 64,
            "llama3_70b_repo_colocated.yaml": 64}

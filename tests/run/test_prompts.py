@@ -3,7 +3,7 @@
 from collections import Counter
 
 from repo_megatron.rollout.types import Prompt
-from repo_megatron.train.prompts import MixtureSampler, PromptSampler
+from repo_megatron.run.prompts import MixtureSampler, PromptSampler
 
 
 def prompts(source: str, n: int) -> list[Prompt]:

@@ -7,11 +7,11 @@ import pytest
 from repo_megatron.config import config_from_dict
 from repo_megatron.metrics.writer import read_rows
 from tests.distributed import run_distributed
-from tests.train.conftest import tiny_run_config
+from tests.run.conftest import tiny_run_config
 
 
 def _train(cfg_dict: dict) -> int:
-    from repo_megatron.train.loop import train
+    from repo_megatron.run.loop import train
     return train(config_from_dict(cfg_dict))
 
 
