@@ -30,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -38,6 +39,7 @@ from ..config import Config
 from ..rollout.engine import RolloutEngine
 from ..rollout.types import Group, Prompt, Sample
 from ..runtime.launch import DistributedRunError, run_distributed
+from .rollout_side import RolloutSide
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,8 @@ class SyncSink(RolloutEngine):
         self._version = self._version + 1 if version is None else version
 
 
-class SyntheticRollout:
-    """Rank 0's rollout side in a dry run (the interface of :class:`~.session.RolloutSide`)."""
+class SyntheticRollout(RolloutSide):
+    """Rank 0's rollout side in a dry run: synthetic groups, and the sink as the engine."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -189,8 +191,8 @@ class SyntheticRollout:
         if not state.get("synthetic"):
             raise ValueError("the checkpoint's rollout state is not the dry run's")
 
-    def close(self) -> None:
-        pass
+    def export(self, weights: dict, out: str) -> None:
+        raise RuntimeError("the dry run exports no Hugging Face weights")
 
 
 def training_state(session) -> list[torch.Tensor]:
@@ -227,10 +229,8 @@ def run_step(cfg: Config, level: str = "INFO",
     cpu_compat.enable(device_faithful=True)
     t0 = time.perf_counter()
     with phase("build"):        # model, optimizer, initial weights
-        session = Session(cfg, rollout=False)
+        session = Session(cfg, rollout=partial(SyntheticRollout, cfg))
     try:
-        if session.is_rank0:
-            session.rollout_side = SyntheticRollout(cfg)
         with phase("rollout"):  # synthetic groups, broadcast over the control plane
             groups, metrics = session.rollout(1)
         with phase("prepare"):  # advantages, micro-batches, old (and reference) log-probs
@@ -248,7 +248,7 @@ def run_step(cfg: Config, level: str = "INFO",
         with phase("checkpoint_load"):
             restored_step = session.restore()
         ps = session.ps
-        sink = session.rollout_side.engine if session.is_rank0 else None
+        sink = session.rollout_side.engine
         return {"rank": torch.distributed.get_rank(), "tp": ps.get_tensor_model_parallel_rank(),
                 "pp": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
                 "params": sum(p.numel() for c in session.chunks for p in c.parameters()),

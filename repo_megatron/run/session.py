@@ -9,14 +9,11 @@ ORIGINAL prompts), :meth:`Session.update` (``ppo_epochs`` optimizer steps),
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from statistics import fmean
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,13 +22,11 @@ from ..algorithm.provenance import finalize_provenance_metrics, is_provenance_su
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
-from ..errors import OutputExistsError, UserError
-from ..metrics.ledger import LEDGER_FILE, HardSampleLedger
-from ..metrics.sources import source_metrics
+from ..convert.cache import converted_checkpoint
+from ..data.run_data import load_run_data
+from ..errors import UserError
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
-from ..models.architecture import padded_vocab_size
 from ..models.builder import build_model, sequence_length_multiple
-from ..rewards.scorers import build_rewards, scorer_metrics
 from ..runtime import control, distributed
 from ..trainer.forward import forward_logprobs
 from ..trainer.train_step import PolicyTrainer, build_reference_model
@@ -39,7 +34,7 @@ from . import batch as B
 from ..rollout.metrics import mean
 from ..train.engine_sync import WeightStreamer, gather_hf_weights
 from .guard import TrainingStopped
-from .prompts import MixtureSampler
+from .rollout_side import EngineRollout, NoRollout, RolloutSide
 
 log = logging.getLogger(__name__)
 
@@ -53,38 +48,6 @@ OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def _rank() -> int:
     return torch.distributed.get_rank()
-
-
-def converted_checkpoint(cfg: Config, arch) -> str:
-    """The torch_dist checkpoint of ``model.hf_path`` / ``model.gguf_file`` for this run's
-    vocabulary padding, converted on first use into ``model.cache_dir`` (atomically: a
-    temporary directory renamed into place) and reused afterwards."""
-    from ..convert import convert_hf_to_megatron
-
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    source = os.path.abspath(m.hf_path) if m.hf_path else ""
-    name = os.path.basename(source.rstrip("/")) or os.path.splitext(m.gguf_file or "model")[0]
-    key = hashlib.sha1(f"{source}|{m.gguf_file}".encode()).hexdigest()[:10]
-    vocab = padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by, tp)
-    out = os.path.join(os.path.expanduser(m.cache_dir), f"{name}-{key}-vocab{vocab}")
-    if _rank() == 0 and not os.path.isdir(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        # One conversion per cache entry at a time: runs started together (a sweep, the
-        # benchmarks' parallel arms) wait for the first one and reuse its copy.
-        with open(out + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isdir(out):
-                log.info("Converting %s to Megatron torch_dist (first use) -> %s",
-                         m.gguf_file or source, out)
-                # Written aside and renamed into place: out exists only once complete.
-                try:
-                    convert_hf_to_megatron(
-                        m.hf_path, out, tp=tp, gguf_file=m.gguf_file,
-                        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-                except OutputExistsError:  # a run without the lock converted it first
-                    log.info("%s was converted by another process meanwhile: using it", out)
-    control.barrier()  # the others wait for rank 0's conversion (hours for a 70B model)
-    return out
 
 
 @dataclass
@@ -113,9 +76,11 @@ def _add_mismatch(total: Optional[torch.Tensor], mb: dict, old: torch.Tensor) ->
 
 
 class Session:
-    """``rollout=False`` builds only the trainer side (the dry run feeds synthetic groups)."""
+    """One run's state on this rank. ``rollout`` builds rank 0's rollout side (after the model;
+    every other rank gets a :class:`~.rollout_side.NoRollout`); None: the run's own, an
+    :class:`~.rollout_side.EngineRollout` on the config's data and engine."""
 
-    def __init__(self, cfg: Config, rollout: bool = True):
+    def __init__(self, cfg: Config, rollout: Optional[Callable[[], RolloutSide]] = None):
         self.cfg = cfg
         self.env = distributed.initialize(cfg.parallel, cfg.seed)
         from megatron.core import parallel_state as ps
@@ -129,7 +94,9 @@ class Session:
         self.checkpoints.remove_incomplete()
         # Prompts are read and checked first: a bad dataset stops every rank in seconds,
         # before minutes of model building.
-        data = self._rank0_first(lambda: load_run_data(cfg)) if rollout else None
+        if rollout is None:
+            data = self._rank0_first(lambda: load_run_data(cfg))
+            rollout = lambda: EngineRollout(cfg, data, hf_config(cfg), build_engine)  # noqa: E731
         # The RL step the weights are from: the engine's weight version, so that a resumed run
         # samples under the same versions as an uninterrupted one.
         self.policy_version = 0
@@ -147,7 +114,7 @@ class Session:
         self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
-        self.rollout_side = RolloutSide(cfg, data) if (self.is_rank0 and rollout) else None
+        self.rollout_side = rollout() if self.is_rank0 else NoRollout()
         control.barrier()  # rank 0 may have launched SGLang servers: minutes
         self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
@@ -213,9 +180,8 @@ class Session:
         if not self.trainer.parameters_finite():
             raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
                                   "it, the last good checkpoint is kept")
-        trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict()}
-        if self.rollout_side is not None:
-            trainer_state.update(self.rollout_side.state())
+        trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict(),
+                         **self.rollout_side.state()}
         return self.checkpoints.save(step, self._sharded_state(loading=False), trainer_state)
 
     def restore(self) -> int:
@@ -235,8 +201,7 @@ class Session:
         with torch.no_grad():  # fp32 main params are views of the weights
             self.trainer.optimizer.load_state_dict(loaded["optimizer"])
         self.trainer.scheduler.load_state_dict(state["scheduler"])
-        if self.rollout_side is not None:
-            self.rollout_side.load_state(state)
+        self.rollout_side.load_state(state)
         if self.is_rank0:
             truncate_after(self.run_dir, step)
             log.info("Resumed from %s (step %d)", path, step)
@@ -246,8 +211,8 @@ class Session:
 
     def rollout(self, step: int):
         """Groups (and rollout metrics) of this step, identical on every rank."""
-        payload = self.rollout_side.rollout(step) if self.rollout_side is not None else None
-        return control.broadcast_object(payload)  # the others wait on gloo, not NCCL
+        # the others wait on gloo, not NCCL
+        return control.broadcast_object(self.rollout_side.rollout(step))
 
     def prepare(self, groups) -> PreparedBatch:
         cfg, ps = self.cfg, self.ps
@@ -345,16 +310,13 @@ class Session:
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine as weight version ``policy_version``,
         streamed by every pipeline stage (:mod:`repo_megatron.train.engine_sync`)."""
-        self.weight_streamer.sync(self.rollout_side.engine if self.rollout_side is not None
-                                  else None, version=self.policy_version)
+        self.weight_streamer.sync(self.rollout_side.engine, version=self.policy_version)
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
         ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
         weights = gather_hf_weights(self.weight_streamer)
-        if self.rollout_side is not None:
-            out = os.path.join(self.run_dir, "hf", f"step_{step:06d}")
-            self.rollout_side.export(weights, out)
+        self.rollout_side.export(weights, os.path.join(self.run_dir, "hf", f"step_{step:06d}"))
         control.barrier()
 
     def initial_eval_recorded(self) -> bool:
@@ -364,152 +326,14 @@ class Session:
         return control.broadcast_object(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
-        return control.broadcast_object(
-            self.rollout_side.evaluate() if self.rollout_side is not None else {})
+        return control.broadcast_object(self.rollout_side.evaluate())
 
     def close(self) -> None:
         self.checkpoints.close()  # commits a background save still in flight
         self.weight_streamer.close()
         self.writer.close()
-        if self.rollout_side is not None:
-            self.rollout_side.close()
+        self.rollout_side.close()
         distributed.teardown()
-
-
-@dataclass
-class RunData:
-    """What rank 0 reads before the model is built: the tokenizer and the checked prompts."""
-    tokenizer: object
-    formatter: object
-    sources: list        # [(Source, [Prompt])]: data.sources, or the one file of data.path
-    eval_prompts: list
-
-
-def load_run_data(cfg: Config) -> RunData:
-    """The tokenizer and every prompt of ``data.sources`` (or ``data.path``) and
-    ``data.eval_path``, validated (DataError names the file or source, row and column)."""
-    from ..data import ChatFormatter, load_prompts, load_sources, load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)
-    formatter = ChatFormatter.from_config(tokenizer, cfg.data)
-    sources = load_sources(cfg.data, formatter)
-    eval_prompts = (load_prompts(cfg.data, formatter, cfg.data.eval_path)
-                    [:cfg.data.eval_max_prompts] if cfg.data.eval_path else [])
-    return RunData(tokenizer, formatter, sources, eval_prompts)
-
-
-class RolloutSide:
-    """Rank 0's half of the run: tokenizer, prompts, the rollout engine, rewards, the RePO stage."""
-
-    def __init__(self, cfg: Config, data: "RunData"):
-        from ..rollout.stage import RolloutStage
-
-        self.cfg = cfg
-        self.engine = self.servers = None
-        # started first: the reward workers import the reward while the engine is built
-        self.rewards = build_rewards(cfg.data, {s.name: s.reward for s, _ in data.sources},
-                                     log_dir=os.path.join(cfg.run_dir, "judge_servers"))
-        tokenizer, self.formatter = data.tokenizer, data.formatter
-        self.sampler = MixtureSampler({s.name: (prompts, s.weight) for s, prompts in data.sources},
-                                      cfg.seed, cfg.data.shuffle)
-        self.ledger = HardSampleLedger(cfg.algorithm.repo.reward_threshold)
-        self.eval_prompts = data.eval_prompts
-        try:
-            self.hf_config = hf_config(cfg)
-            if cfg.rollout.sglang.launch.num_servers > 0:  # SGLang servers this run starts
-                cfg = self._launch_servers(cfg)
-            self.engine = build_engine(cfg, tokenizer, self.hf_config)
-        except BaseException:
-            self.close()
-            raise
-        self.stage = RolloutStage(self.engine, self.formatter, self.rewards, cfg.rollout,
-                                  cfg.algorithm, seed=cfg.seed)
-
-    def _launch_servers(self, cfg: Config) -> Config:
-        """Start ``rollout.sglang.launch`` servers (and router); the config pointing at them."""
-        import dataclasses
-
-        from ..sglang.launcher import ServerLauncher
-
-        sg = cfg.rollout.sglang
-        self.servers = ServerLauncher(sg.launch, log_dir=os.path.join(cfg.run_dir, "servers"))
-        try:
-            urls, router_url = self.servers.start()
-        except BaseException:
-            self.servers.stop()
-            raise
-        sg = dataclasses.replace(sg, urls=urls, router_url=router_url)
-        return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, sglang=sg))
-
-    def rollout(self, step: int):
-        n = self.cfg.rollout.prompts_per_step
-        batch = self.stage.run(self.sampler.take(n), step, refill=self.sampler.take)
-        self.engine.release_memory()          # colocated servers free their GPU for training
-        threshold = self.cfg.algorithm.repo.reward_threshold
-        metrics = {**batch.metrics, **scorer_metrics(self.rewards),
-                   **self.ledger.record(step, batch.sampled)}
-        if len(self.sampler.names) > 1:
-            metrics.update(source_metrics(batch.sampled, batch.groups, self.sampler.names,
-                                          threshold))
-        self.ledger.export(self.ledger_path, step)
-        return batch.groups, metrics
-
-    @property
-    def ledger_path(self) -> str:
-        return os.path.join(self.cfg.run_dir, LEDGER_FILE)
-
-    def evaluate(self) -> dict:
-        """Solve rate of greedy answers on the held-out prompts (the hard-set solve rate)."""
-        from ..rewards.base import RewardRequest
-        from ..rollout.stage import sampling_params
-
-        if not self.eval_prompts:
-            return {}
-        params = sampling_params(self.cfg.rollout)
-        greedy = type(params)(**{**params.__dict__, "temperature": 0.0, "seed": 0})
-        results = self.engine.generate([list(p.prompt_ids) for p in self.eval_prompts],
-                                       [greedy] * len(self.eval_prompts))
-        scores = self.rewards.score([RewardRequest.for_prompt(p, r.text)
-                                     for p, r in zip(self.eval_prompts, results)])
-        threshold = self.cfg.algorithm.repo.reward_threshold
-        return {"eval/solve_rate": fmean(s.value >= threshold for s in scores),
-                "eval/prompts": float(len(scores))}
-
-    def export(self, weights: dict, out: str) -> None:
-        from ..convert.output import atomic_directory
-        from ..convert.safetensors_io import write_safetensors
-
-        # Written aside, then swapped in whole: a reader never sees a mix of two exports.
-        with atomic_directory(out, overwrite=True, flag="export") as tmp:
-            write_safetensors(tmp, weights.items(), max_shard_bytes=4 << 30)
-            self.hf_config.save_pretrained(tmp)
-            self.formatter.tokenizer.save_pretrained(tmp)
-        log.info("Exported Hugging Face weights to %s", out)
-
-    def state(self) -> dict:
-        """Plain data only (checkpoints are loaded with ``weights_only``)."""
-        replay = self.stage.replay
-        return {"sampler": self.sampler.state(),
-                "replay": replay.state() if replay is not None else None,
-                "ledger": self.ledger.state(), "injection": self.stage.injection.state()}
-
-    def load_state(self, state: dict) -> None:
-        self.sampler.load_state(state["sampler"])
-        if self.stage.replay is not None and state.get("replay") is not None:
-            self.stage.replay.load_state(state["replay"])
-        self.ledger.load_state(state.get("ledger"))
-        self.stage.injection.load_state(state.get("injection") or {})
-        self.ledger.export(self.ledger_path)    # drop what a killed run recorded after it
-
-    def close(self) -> None:
-        """Stop the reward workers, judge servers, engine and rollout servers (whatever was
-        started)."""
-        if self.rewards is not None:
-            self.rewards.close()
-        if hasattr(self.engine, "close"):
-            self.engine.close()
-        if self.servers is not None:
-            self.servers.stop()
 
 
 def hf_config(cfg: Config):

@@ -11,6 +11,7 @@ import torch
 def session(root: str, parallel: dict | None = None, **checkpoint):
     """A Session of the model in ``root/model``, run directory ``root/run``."""
     from repo_megatron.config import config_from_dict
+    from repo_megatron.run.rollout_side import NoRollout
     from repo_megatron.run.session import Session
 
     cfg = config_from_dict({
@@ -23,7 +24,7 @@ def session(root: str, parallel: dict | None = None, **checkpoint):
         "checkpoint": {"hf_export_at_end": False, **checkpoint},
         "logging": {"tensorboard": False, "progress_bar": False},
     })
-    return Session(cfg, rollout=False)
+    return Session(cfg, rollout=NoRollout)
 
 
 def train_step(s, step: int) -> dict:
