@@ -1,10 +1,11 @@
 """From rollout groups to the trainer's micro-batches (plain torch, no Megatron).
 
 Every rank builds the same global batch from the same groups, then takes its data-parallel
-slice and cuts it into micro-batches in the format of :mod:`repo_megatron.trainer.loss`.
-A sequence is ``prompt_ids + response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace
-too); position ``t`` scores ``tokens[t + 1]``, so response token ``j`` of a prompt of length
-``P`` is scored at position ``P - 1 + j``.
+slice and cuts it into the trainer's micro-batches
+(:class:`~repo_megatron.trainer.micro_batch.MicroBatch`). A sequence is ``prompt_ids +
+response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace too); position ``t`` scores
+``tokens[t + 1]``, so response token ``j`` of a prompt of length ``P`` is scored at position
+``P - 1 + j``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from ..algorithm import compute_advantages
 from ..algorithm.provenance import provenance_codes
 from ..rollout.types import Group, Sample
+from ..trainer.micro_batch import MicroBatch
+
 
 def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> list[list[float]]:
     """Advantages of every sample of every group (``estimator`` from the registry).
@@ -36,15 +39,17 @@ def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> lis
 
 
 def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[float]],
-                       pad_id: int) -> dict[str, torch.Tensor]:
-    """The step's sequences, right-padded: ``tokens``/``loss_mask``/``behaviour_logprobs``
-    ``[N, S]`` and per-sequence ``advantages``, ``rewards``, flags and ``provenance`` codes
-    ``[N]``.
+                       pad_id: int) -> MicroBatch:
+    """The step's ``N`` sequences as one batch, right-padded to the longest: ``tokens``,
+    ``loss_mask``, ``behaviour_logprobs`` ``[N, S]``, per-sequence ``advantages``,
+    ``provenance`` codes, ``lengths`` and ``sampled_onpolicy`` ``[N]``, and the flags of the
+    loss terms the step needs: ``is_offpolicy`` when it holds a LUFFY expert trace,
+    ``is_replay`` when it holds a replayed sample (None otherwise).
 
-    ``behaviour_logprobs`` holds the sampling policy's log-probs where they are valid
-    (``has_behaviour``): on-policy rollouts and replayed samples. Rephrased traces were sampled
-    under another prompt and LUFFY's expert trace was not sampled at all: zeros, flagged
-    invalid, so nothing can use them as old log-probs."""
+    ``behaviour_logprobs`` holds the sampling policy's log-probs where they are valid:
+    on-policy rollouts and replayed samples. Rephrased traces were sampled under another prompt
+    and LUFFY's expert trace was not sampled at all: zeros, outside ``sampled_onpolicy`` and
+    ``is_replay``, so nothing can use them as old log-probs."""
     samples: list[Sample] = [s for g in groups for s in g.samples]
     flat_adv = [a for adv in advantages for a in adv]
     if len(flat_adv) != len(samples):
@@ -60,50 +65,34 @@ def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[fl
         loss_mask[i, p - 1:p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float32)
         if s.logprobs_valid:
             behaviour[i, p - 1:p - 1 + r] = torch.tensor(s.behaviour_logprobs)
-    flags = {
-        "is_offpolicy": torch.tensor([s.is_offpolicy and not s.is_replay for s in samples]),
-        "is_replay": torch.tensor([s.is_replay for s in samples]),
-        "is_rephrased": torch.tensor([s.is_rephrased for s in samples]),
-    }
-    return {
-        "tokens": tokens, "loss_mask": loss_mask, "behaviour_logprobs": behaviour,
-        "advantages": torch.tensor(flat_adv, dtype=torch.float32),
-        "rewards": torch.tensor([s.reward for s in samples], dtype=torch.float32),
-        **flags, "provenance": provenance_codes(**flags),
-        "has_behaviour": torch.tensor([s.logprobs_valid for s in samples]),
-        "lengths": torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples]),
-    }
+    is_offpolicy = torch.tensor([s.is_offpolicy and not s.is_replay for s in samples])
+    is_replay = torch.tensor([s.is_replay for s in samples])
+    is_rephrased = torch.tensor([s.is_rephrased for s in samples])
+    has_behaviour = torch.tensor([s.logprobs_valid for s in samples])
+    return MicroBatch(
+        tokens=tokens, loss_mask=loss_mask, behaviour_logprobs=behaviour,
+        advantages=torch.tensor(flat_adv, dtype=torch.float32),
+        is_offpolicy=is_offpolicy if bool(is_offpolicy.any()) else None,
+        is_replay=is_replay if bool(is_replay.any()) else None,
+        provenance=provenance_codes(is_rephrased=is_rephrased, is_offpolicy=is_offpolicy,
+                                    is_replay=is_replay),
+        lengths=torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples]),
+        sampled_onpolicy=has_behaviour & ~is_replay & ~is_rephrased)
 
 
-def num_sequences(batch: dict) -> int:
-    return batch["tokens"].shape[0]
-
-
-def select(batch: dict, index: torch.Tensor | slice) -> dict:
-    """Rows ``index`` of every tensor of ``batch``."""
-    return {k: v[index] for k, v in batch.items()}
-
-
-def pad_rows(batch: dict, rows: int) -> dict:
-    """``batch`` with ``rows`` fully masked rows appended (they count nowhere in the loss)."""
-    if rows <= 0:
-        return batch
-    return {k: torch.cat([v, v.new_zeros((rows, *v.shape[1:]))]) for k, v in batch.items()}
-
-
-def data_parallel_slice(batch: dict, rank: int, size: int, micro_batch_size: int,
-                        multiple_of: int = 1) -> dict:
+def data_parallel_slice(batch: MicroBatch, rank: int, size: int, micro_batch_size: int,
+                        multiple_of: int = 1) -> MicroBatch:
     """This DP rank's contiguous share of ``batch``, padded with masked rows so that every
     rank holds the same number of micro-batches, a multiple of ``multiple_of`` (the
     interleaved schedule's pipeline size)."""
-    n = num_sequences(batch)
+    n = batch.num_sequences
     per_rank = math.ceil(n / size)
     micro = math.ceil(per_rank / micro_batch_size)
     micro = math.ceil(micro / multiple_of) * multiple_of
     per_rank = micro * micro_batch_size
     start = min(rank * per_rank, n)
-    mine = select(batch, slice(start, min(start + per_rank, n)))
-    return pad_rows(mine, per_rank - num_sequences(mine))
+    mine = batch.select(slice(start, min(start + per_rank, n)))
+    return mine.pad_rows(per_rank - mine.num_sequences)
 
 
 def padded_length(length: int, multiple: int) -> int:
@@ -111,29 +100,18 @@ def padded_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def micro_batches(batch: dict, micro_batch_size: int,
-                  keys: Sequence[str] = ("tokens", "loss_mask", "advantages"),
-                  length_multiple: int = 1) -> list[dict]:
-    """Cut ``batch`` into micro-batches of ``keys``, each trimmed to its longest sequence and
-    right-padded to a multiple of ``length_multiple`` (what sequence parallelism and FP8
-    require: :func:`repo_megatron.models.builder.sequence_length_multiple`). The padding
-    positions are zeros (token 0, ``loss_mask`` 0): they count nowhere in the loss, and causal
-    attention leaves the real positions unchanged."""
+def micro_batches(batch: MicroBatch, micro_batch_size: int,
+                  length_multiple: int = 1) -> list[MicroBatch]:
+    """Cut ``batch`` into micro-batches of ``micro_batch_size`` sequences, each trimmed to its
+    longest sequence and right-padded to a multiple of ``length_multiple`` (what sequence
+    parallelism and FP8 require: :func:`repo_megatron.models.builder.sequence_length_multiple`;
+    see :meth:`~repo_megatron.trainer.micro_batch.MicroBatch.fit_length`)."""
     out = []
-    for start in range(0, num_sequences(batch), micro_batch_size):
-        mb = select(batch, slice(start, start + micro_batch_size))
+    for start in range(0, batch.num_sequences, micro_batch_size):
+        mb = batch.select(slice(start, start + micro_batch_size))
         # padding rows have length 0; a sequence needs >= 2 positions to score a token
-        length = padded_length(max(2, int(mb["lengths"].max())), length_multiple)
-        out.append({k: (_fit_length(v, length) if v.dim() == 2 else v)
-                    for k, v in mb.items() if k in keys})
+        out.append(mb.fit_length(padded_length(max(2, int(mb.lengths.max())), length_multiple)))
     return out
-
-
-def _fit_length(values: torch.Tensor, length: int) -> torch.Tensor:
-    """``values`` [b, s] cut or right-padded with zeros to [b, length]."""
-    if values.shape[1] >= length:
-        return values[:, :length]
-    return torch.cat([values, values.new_zeros(values.shape[0], length - values.shape[1])], 1)
 
 
 def mismatch_metrics(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,

@@ -29,6 +29,7 @@ from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.builder import build_model, sequence_length_multiple
 from ..runtime import control, distributed
 from ..trainer.forward import forward_logprobs
+from ..trainer.micro_batch import MicroBatch
 from ..trainer.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from ..rollout.metrics import mean
@@ -38,7 +39,6 @@ from .rollout_side import EngineRollout, NoRollout, RolloutSide
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("tokens", "loss_mask", "advantages", "old_logprobs", "provenance")
 # How the distributed optimizer's state is checkpointed: Megatron-LM's default, reshardable
 # across DP (the model weights reshard in any layout). megatron-core 0.16-0.19 cannot save
 # their own default (fully_sharded_model_space: "flattened_range is not supported"), and
@@ -56,20 +56,16 @@ class PreparedBatch:
     optimizer step, plus the step's mismatch metrics. ``deferred`` holds the full
     micro-batches when old log-probs come from the training forward itself (one optimizer
     step): their mismatch metrics are measured by :meth:`Session.update`."""
-    minibatches: list[list[dict]]
+    minibatches: list[list[MicroBatch]]
     metrics: dict = field(default_factory=dict)
-    deferred: Optional[list[dict]] = None
+    deferred: Optional[list[MicroBatch]] = None
 
 
-def _onpolicy(mb: dict) -> torch.Tensor:
-    """[b] sequences sampled from pi(. | q) with their behaviour log-probs."""
-    return mb["has_behaviour"] & ~mb["is_replay"] & ~mb["is_rephrased"]
-
-
-def _add_mismatch(total: Optional[torch.Tensor], mb: dict, old: torch.Tensor) -> torch.Tensor:
+def _add_mismatch(total: Optional[torch.Tensor], mb: MicroBatch,
+                  old: torch.Tensor) -> torch.Tensor:
     """``total`` plus the train/rollout mismatch ``[sum, max, tokens]`` of micro-batch ``mb``
     under ``old``, on the device of ``old``."""
-    m = B.mismatch_metrics(old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb))
+    m = B.mismatch_metrics(old, mb.behaviour_logprobs, mb.loss_mask, mb.sampled_onpolicy)
     if total is None:
         return m
     return torch.stack([total[0] + m[0], torch.maximum(total[1], m[1]), total[2] + m[2]])
@@ -215,47 +211,44 @@ class Session:
         return control.broadcast_object(self.rollout_side.rollout(step))
 
     def prepare(self, groups) -> PreparedBatch:
+        """Advantages, this rank's data-parallel slice cut into micro-batches, and their old
+        (and reference) log-probs recomputed by Megatron under the original prompts. The loss
+        terms of the step follow from what the batch carries (:func:`.batch.build_global_batch`:
+        LUFFY's with an expert trace, replay's with a replayed sample)."""
         cfg, ps = self.cfg, self.ps
         alg = cfg.algorithm
         adv = B.group_advantages(groups, alg.advantage_estimator, alg.advantage_eps)
         full = B.build_global_batch(groups, adv, pad_id=0)
-        gbs = alg.global_batch_size or B.num_sequences(full)
+        gbs = alg.global_batch_size or full.num_sequences
         interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
-        keys = list(LOSS_KEYS)
-        if alg.injection == "luffy":
-            keys.append("is_offpolicy")
-        if alg.replay.enabled:
-            keys += ["is_replay", "behaviour_logprobs"]
-        if self.reference is not None:
-            keys.append("ref_logprobs")
-        num_minibatches = math.ceil(B.num_sequences(full) / gbs)
+        num_minibatches = math.ceil(full.num_sequences / gbs)
         # One optimizer step on this batch and no TIS weights: the old policy is the policy of
         # the training forward itself, so its detached log-probs serve and the separate
         # forward is skipped (train_step takes them when old_logprobs is None).
         reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
         mismatch = None
         minibatches = []
-        for start in range(0, B.num_sequences(full), gbs):
-            part = B.select(full, slice(start, start + gbs))
+        for start in range(0, full.num_sequences, gbs):
             shard = B.data_parallel_slice(
-                part, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                alg.micro_batch_size,
+                full.select(slice(start, start + gbs)), ps.get_data_parallel_rank(),
+                ps.get_data_parallel_world_size(), alg.micro_batch_size,
                 multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-            mbs = B.micro_batches(shard, alg.micro_batch_size, keys=list(shard),
+            mbs = B.micro_batches(shard, alg.micro_batch_size,
                                   length_multiple=sequence_length_multiple(cfg.model, cfg.parallel))
             olds = [None] * len(mbs) if reuse else self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
             for mb, old, ref in zip(mbs, olds, refs):
-                mb["old_logprobs"], mb["ref_logprobs"] = old, ref
+                mb.old_logprobs, mb.ref_logprobs = old, ref
                 if old is None:
                     continue
                 mismatch = _add_mismatch(mismatch, mb, old)
                 if alg.tis_cap is not None:
                     weights = B.truncated_importance_weights(
-                        old, mb["behaviour_logprobs"], mb["loss_mask"], _onpolicy(mb), alg.tis_cap)
-                    mb["advantages"] = mb["advantages"].to(weights.device)[:, None] * weights
-            minibatches.append([{k: mb[k] for k in keys} for mb in mbs])
+                        old, mb.behaviour_logprobs, mb.loss_mask, mb.sampled_onpolicy,
+                        alg.tis_cap)
+                    mb.advantages = mb.advantages.to(weights.device)[:, None] * weights
+            minibatches.append(mbs)
         if reuse:
             return PreparedBatch(minibatches, deferred=mbs)
         return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))

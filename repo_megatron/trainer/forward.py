@@ -1,8 +1,9 @@
 """Forward passes of Megatron model chunks through Megatron's pipeline schedules.
 
-Micro-batches are dicts of ``tokens`` [b, s] (long) and, optionally, ``position_ids`` [b, s]
-and ``loss_mask`` [b, s] (log-probs are then computed on those positions only).
-Every schedule (no pipelining, 1F1B, interleaved) is driven by
+Micro-batches are :class:`~.micro_batch.MicroBatch` es: a forward pass reads ``tokens``
+[b, s] and, when present, ``position_ids`` and ``loss_mask`` (log-probs are then computed on
+those positions only); each forward step moves its micro-batch to the rank's device. Every
+schedule (no pipelining, 1F1B, interleaved) is driven by
 ``megatron.core.pipeline_parallel.get_forward_backward_func``; results come back on the last
 pipeline stage and are broadcast to the other stages when asked.
 """
@@ -16,6 +17,7 @@ import torch
 
 from ..runtime import cpu_compat
 from .logprobs import vocab_parallel_logprobs
+from .micro_batch import ForwardOutput, MicroBatch
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -25,11 +27,11 @@ def causal_attention_mask(seq_len: int) -> torch.Tensor:
     return torch.triu(mask, diagonal=1).view(1, 1, seq_len, seq_len)
 
 
-def model_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_inputs(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens, position_ids, attention_mask) on this rank's device."""
-    tokens = batch["tokens"].to(cpu_compat.device())
+    tokens = batch.tokens.to(cpu_compat.device())
     b, s = tokens.shape
-    pos = batch.get("position_ids")
+    pos = batch.position_ids
     pos = (torch.arange(s, device=tokens.device).expand(b, s) if pos is None
            else pos.to(tokens.device))
     return tokens, pos, causal_attention_mask(s)
@@ -38,14 +40,6 @@ def model_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
     """targets[:, t] = tokens[:, t + 1]; the last position repeats its own token (ignored)."""
     return torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
-
-
-def pad_to_length(batch: dict, length: int) -> dict:
-    """``batch`` with every ``[b, s]`` tensor right-padded with zeros to ``length``. The padding
-    is masked out of the loss, and causal attention keeps the real positions unchanged."""
-    b, s = batch["tokens"].shape
-    return {k: torch.cat([v, v.new_zeros(b, length - s)], dim=1)
-            if torch.is_tensor(v) and v.shape == (b, s) else v for k, v in batch.items()}
 
 
 def needs_equal_lengths(model: list) -> bool:
@@ -60,16 +54,16 @@ def needs_equal_lengths(model: list) -> bool:
     return len(model) > 1 and parallel_state.get_pipeline_model_parallel_world_size() == 2
 
 
-def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Callable,
+def run_schedule(model: list, micro_batches: list[MicroBatch], forward_step_func: Callable,
                  forward_only: bool) -> list:
     """Run Megatron's schedule over ``micro_batches``; returns the loss function outputs
     collected on the last pipeline stage (empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seq = max(mb["tokens"].shape[1] for mb in micro_batches)
-    mbs = max(mb["tokens"].shape[0] for mb in micro_batches)
+    seq = max(mb.seq_length for mb in micro_batches)
+    mbs = max(mb.num_sequences for mb in micro_batches)
     if needs_equal_lengths(model):
-        micro_batches = [pad_to_length(mb, seq) for mb in micro_batches]
+        micro_batches = [mb.fit_length(seq) for mb in micro_batches]
     iters: object = iter(micro_batches)
     if len(model) > 1:  # interleaved: each model chunk reads the same micro-batches
         iters = [iter(micro_batches) for _ in model]
@@ -79,18 +73,17 @@ def run_schedule(model: list, micro_batches: list[dict], forward_step_func: Call
         seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
 
 
-def _logprob_loss(batch: dict, temperature: float, vocab_size: Optional[int],
+def _logprob_loss(batch: MicroBatch, temperature: float, vocab_size: Optional[int],
                   logits: torch.Tensor):
-    targets = next_token_targets(batch["tokens"].to(logits.device))
-    mask = batch.get("loss_mask")
-    logp, _ = vocab_parallel_logprobs(logits, targets, temperature,
-                                      None if mask is None else mask.to(logits.device).bool(),
+    mask = batch.loss_mask
+    logp, _ = vocab_parallel_logprobs(logits, next_token_targets(batch.tokens), temperature,
+                                      None if mask is None else mask.bool(),
                                       vocab_size=vocab_size)
-    return logits.new_zeros(()), {"logprobs": logp.detach()}
+    return logits.new_zeros(()), ForwardOutput(logprobs=logp.detach())
 
 
 def _logprob_forward_step(temperature: float, vocab_size: Optional[int], data_iterator, model):
-    batch = next(data_iterator)
+    batch = next(data_iterator).to(cpu_compat.device())
     tokens, pos, mask = model_inputs(batch)
     return model(tokens, pos, mask), partial(_logprob_loss, batch, temperature, vocab_size)
 
@@ -114,8 +107,9 @@ def broadcast_from_last_stage(values: Optional[list[torch.Tensor]],
 
 
 @torch.no_grad()
-def forward_logprobs(model: list, micro_batches: Iterable[dict], temperature: float = 1.0,
-                     vocab_size: Optional[int] = None) -> list[torch.Tensor]:
+def forward_logprobs(model: list, micro_batches: Iterable[MicroBatch],
+                     temperature: float = 1.0, vocab_size: Optional[int] = None
+                     ) -> list[torch.Tensor]:
     """Per-token log-probs of the next token, ``[b, s]`` per micro-batch (position t scores
     tokens[t + 1]; the last position is meaningless; 0 outside ``loss_mask`` when the
     micro-batch has one), available on every pipeline stage. ``vocab_size``: the real
@@ -128,6 +122,6 @@ def forward_logprobs(model: list, micro_batches: Iterable[dict], temperature: fl
     out = run_schedule(model, micro_batches,
                        partial(_logprob_forward_step, temperature, vocab_size), forward_only=True)
     last = parallel_state.is_pipeline_last_stage()
-    values = ([o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(out, micro_batches)]
+    values = ([o.logprobs[:, :mb.seq_length] for o, mb in zip(out, micro_batches)]
               if last else None)
-    return broadcast_from_last_stage(values, [mb["tokens"].shape for mb in micro_batches])
+    return broadcast_from_last_stage(values, [mb.shape for mb in micro_batches])

@@ -28,18 +28,10 @@ The reported loss and metrics are the unscaled ``l_k`` (and the library's metric
 additive), summed over micro-batches and DP ranks by :func:`reduce_metrics` in
 :mod:`repo_megatron.trainer.train_step`.
 
-A micro-batch is a dict (tensors ``[b, s]`` unless noted; position ``t`` scores ``tokens[t+1]``):
-
-- ``tokens`` (long), optional ``position_ids``;
-- ``loss_mask``: 1 where ``tokens[t+1]`` is a response token (0 on prompt and padding);
-- ``advantages``: ``[b]`` per sequence or ``[b, s]`` per token;
-- ``old_logprobs``: log pi_old recomputed by the trainer (:func:`forward_logprobs`), or absent
-  when the batch gets exactly one optimizer step: pi_old is then the policy of this very
-  forward, so its detached log-probs serve (the ratio is exactly 1) and are returned;
-- optional ``ref_logprobs`` (KL), ``is_offpolicy`` (``[b]`` or ``[b, s]``: LUFFY tokens),
-  ``is_replay`` (Replay-Enhanced PO tokens) with ``behaviour_logprobs``, ``provenance`` (``[b]``
-  codes of :data:`repo_megatron.algorithm.provenance.PROVENANCES`: per-provenance metric sums,
-  additive like the others).
+What a micro-batch carries, and so which terms its loss has, is defined once, by
+:class:`~.micro_batch.MicroBatch`. Without ``old_logprobs`` (a batch that gets exactly one
+optimizer step) pi_old is the policy of this very forward: its detached log-probs serve (the
+ratio is exactly 1) and come back in :class:`~.micro_batch.ForwardOutput`.
 """
 
 from __future__ import annotations
@@ -54,10 +46,7 @@ from ..algorithm import LossNormalisers, LossParams, compute_policy_loss
 from ..runtime import cpu_compat
 from .forward import model_inputs, next_token_targets
 from .logprobs import vocab_parallel_logprobs
-
-OPTIONAL_INPUTS = ("ref_logprobs", "is_offpolicy", "is_replay", "behaviour_logprobs",
-                   "provenance")
-FORWARD_LOGPROBS = "forward_logprobs"  # output key of the log-probs used as old ones
+from .micro_batch import ForwardOutput, MicroBatch
 
 
 @dataclass(frozen=True)
@@ -76,42 +65,43 @@ class LossContext:
         return self.num_microbatches * self.data_parallel_size
 
 
-def global_normalisers(micro_batches: Iterable[dict]) -> LossNormalisers:
+def global_normalisers(micro_batches: Iterable[MicroBatch]) -> LossNormalisers:
     """Response-token and sequence counts of this rank's micro-batches, summed over the DP
     group: the denominators of the global batch's loss."""
     from megatron.core import parallel_state
 
-    local = [LossNormalisers.from_mask(mb["loss_mask"]) for mb in micro_batches]
+    local = [LossNormalisers.from_mask(mb.loss_mask) for mb in micro_batches]
     counts = torch.tensor([[float(n.num_tokens), float(n.num_sequences)] for n in local],
                           dtype=torch.float64, device=cpu_compat.device()).sum(dim=0)  # [2]
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return LossNormalisers(num_tokens=int(counts[0]), num_sequences=int(counts[1]))
 
 
-def policy_loss_func(batch: dict, ctx: LossContext, logits: torch.Tensor):
-    """Megatron loss function of one micro-batch (last pipeline stage).
-
-    ``logits`` [b, s, v/tp]. Returns ``(l_k * M * DP, metrics)``; ``metrics`` holds the
-    unscaled ``loss`` and the library's metrics, detached (and, without ``old_logprobs``,
-    the log-probs [b, s] under :data:`FORWARD_LOGPROBS`)."""
-    dev = logits.device
-    mask = batch["loss_mask"].to(dev).bool()
-    logp, entropy = vocab_parallel_logprobs(logits, next_token_targets(batch["tokens"].to(dev)),
+def policy_loss_func(batch: MicroBatch, ctx: LossContext, logits: torch.Tensor):
+    """Megatron loss function of one micro-batch (last pipeline stage; ``batch`` on the
+    device of ``logits`` [b, s, v/tp]). Returns ``(l_k * M * DP, ForwardOutput)``: the
+    unscaled ``loss`` and the library's metrics, detached, and, without ``old_logprobs``, the
+    log-probs [b, s] that served as the old ones."""
+    mask = batch.loss_mask.bool()
+    logp, entropy = vocab_parallel_logprobs(logits, next_token_targets(batch.tokens),
                                             ctx.temperature, mask, vocab_size=ctx.vocab_size)
     if ctx.params.entropy_coef == 0:
         entropy = entropy.detach()  # a metric only: no backward through it
-    optional = {k: batch[k].to(dev) for k in OPTIONAL_INPUTS if batch.get(k) is not None}
-    old = batch.get("old_logprobs")
+    old = batch.old_logprobs
     loss, metrics = compute_policy_loss(
-        logp, logp.detach() if old is None else old.to(dev), batch["advantages"].to(dev), mask,
-        params=ctx.params, normalisers=ctx.normalisers, entropy=entropy, **optional)
-    if old is None:  # they were the old log-probs: the trainer hands them back
-        metrics[FORWARD_LOGPROBS] = logp.detach()
-    return loss * ctx.megatron_scale, {"loss": loss.detach(), **metrics}
+        logp, logp.detach() if old is None else old, batch.advantages, mask,
+        params=ctx.params, normalisers=ctx.normalisers, entropy=entropy,
+        ref_logprobs=batch.ref_logprobs, is_offpolicy=batch.is_offpolicy,
+        is_replay=batch.is_replay, behaviour_logprobs=batch.behaviour_logprobs,
+        provenance=batch.provenance)
+    return loss * ctx.megatron_scale, ForwardOutput(
+        {"loss": loss.detach(), **metrics},
+        logprobs=logp.detach() if old is None else None)  # the old ones: handed back
 
 
 def policy_forward_step(ctx: LossContext, data_iterator, model):
-    """Megatron forward step: run the model chunk on the next micro-batch."""
-    batch = next(data_iterator)
+    """Megatron forward step: run the model chunk on the next micro-batch (moved to this
+    rank's device)."""
+    batch = next(data_iterator).to(cpu_compat.device())
     tokens, position_ids, attention_mask = model_inputs(batch)
     return model(tokens, position_ids, attention_mask), partial(policy_loss_func, batch, ctx)

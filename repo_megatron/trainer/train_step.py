@@ -32,7 +32,8 @@ from ..config.model import ModelConfig
 from ..config.optimizer import OptimizerConfig
 from ..config.parallel import ParallelConfig
 from .forward import broadcast_from_last_stage, forward_logprobs, run_schedule
-from .loss import FORWARD_LOGPROBS, LossContext, global_normalisers, policy_forward_step
+from .loss import LossContext, global_normalisers, policy_forward_step
+from .micro_batch import MicroBatch
 
 
 @dataclass
@@ -131,7 +132,7 @@ class PolicyTrainer:
 
     ``chunks``: this rank's GPTModel chunks (``build_model``), already holding their weights.
     ``micro_batches`` passed to the methods are this rank's share of the global batch (its DP
-    slice), in the format of :mod:`repo_megatron.trainer.loss`."""
+    slice)."""
 
     def __init__(self, chunks: list, optimizer_cfg: OptimizerConfig, loss_params: LossParams,
                  total_steps: int, temperature: float = 1.0,
@@ -150,7 +151,7 @@ class PolicyTrainer:
         self.loss_scaling = config.fp16  # fp16: megatron's scaler finds and skips inf gradients
         self.nonfinite_in_a_row = 0      # optimizer steps skipped in a row for NaN/inf
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
         """Forward/backward over ``micro_batches`` and one optimizer step.
 
         Micro-batches without ``old_logprobs`` (all of them or none) take the detached
@@ -168,14 +169,14 @@ class PolicyTrainer:
                           self.temperature, self.vocab_size)
         outputs = run_schedule(self.model, micro_batches, partial(policy_forward_step, ctx),
                                forward_only=False)
-        forward = [o.pop(FORWARD_LOGPROBS) for o in outputs if FORWARD_LOGPROBS in o]
         logprobs = None
-        if micro_batches[0].get("old_logprobs") is None:
+        if micro_batches[0].old_logprobs is None:
             last = parallel_state.is_pipeline_last_stage()
             logprobs = broadcast_from_last_stage(
-                [lp[:, :mb["tokens"].shape[1]] for lp, mb in zip(forward, micro_batches)]
-                if last else None, [mb["tokens"].shape for mb in micro_batches])
-        metrics = reduce_metrics(outputs)  # identical on every rank, so is every branch below
+                [o.logprobs[:, :mb.seq_length] for o, mb in zip(outputs, micro_batches)]
+                if last else None, [mb.shape for mb in micro_batches])
+        # identical on every rank, so is every branch below
+        metrics = reduce_metrics([o.metrics for o in outputs])
         loss = metrics.pop("loss")
         lr = self.optimizer.param_groups[0]["lr"]
         finite = math.isfinite(loss) and (self.loss_scaling or self.gradients_finite())
@@ -205,7 +206,7 @@ class PolicyTrainer:
         """Whether every weight of every rank is finite (collective)."""
         return _all_ranks_finite(p.data for chunk in self.model for p in chunk.parameters())
 
-    def compute_logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
+    def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
         """Old log-probs ``[b, s]`` per micro-batch under the current weights (forward only)."""
         return forward_logprobs(self.model, micro_batches, self.temperature, self.vocab_size)
 

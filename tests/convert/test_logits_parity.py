@@ -54,10 +54,11 @@ def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool,
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
     from repo_megatron.trainer.forward import forward_logprobs, run_schedule
+    from repo_megatron.trainer.micro_batch import MicroBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=99)  # random init differs from the checkpoint: loading must fix it
-    micro_batches = [{"tokens": t} for t in TOKENS.split(2)]
+    micro_batches = [MicroBatch(tokens=t) for t in TOKENS.split(2)]
     out = {}
     for family in families:
         ckpt = os.path.join(root, family, "megatron")

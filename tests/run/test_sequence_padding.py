@@ -3,6 +3,7 @@ asks for) train exactly like the trimmed ones: the same loss, gradient norm and 
 through real Megatron at TP=2 on gloo; and (GPU only) Transformer Engine with sequence
 parallelism runs on the padded batches."""
 
+import dataclasses
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from tests.helpers import write_tiny_llama
 MODES = ("token-mean", "seq-mean-token-mean")
 
 
-def _batch(length_multiple: int) -> list[dict]:
+def _batch(length_multiple: int) -> list:
     """Synthetic RePO groups (ragged prompts and responses, a rephrased sample per group) as
     the trainer's micro-batches."""
     from repo_megatron.run import batch as B
@@ -42,13 +43,13 @@ def _step(root: str, mode: str, length_multiple: int, parallel, model_cfg) -> di
     micro_batches = _batch(length_multiple)
     old = trainer.compute_logprobs(micro_batches)
     # a ratio != 1: old log-probs shifted on the real tokens only
-    batch = [{**mb, "old_logprobs": o + 0.05 * mb["loss_mask"]}
+    batch = [dataclasses.replace(mb, old_logprobs=o + 0.05 * mb.loss_mask)
              for mb, o in zip(micro_batches, old)]
     result = trainer.train_step(batch)
     grads = {name: p.main_grad.detach().clone().float()
              for name, p in trainer.model[0].named_parameters()}
     return {"loss": result.loss, "grad_norm": result.grad_norm, "grads": grads,
-            "lengths": [mb["tokens"].shape[1] for mb in micro_batches]}
+            "lengths": [mb.seq_length for mb in micro_batches]}
 
 
 def _initialise(root: str, parallel, model_cfg) -> None:

@@ -50,7 +50,7 @@ def _train_with_nan_losses_from_step_2(cfg: dict):
         if len(calls) >= 2:
             for minibatch in prepared.minibatches:
                 for mb in minibatch:
-                    mb["advantages"] = torch_full_nan(mb["advantages"])
+                    mb.advantages = torch_full_nan(mb.advantages)
         return prepared
 
     session_module.Session.prepare = nan_after_first

@@ -37,7 +37,7 @@ def _nonfinite_steps(root: str) -> dict:
     # 1. NaN advantages: the loss is NaN.
     before = _snapshot(s)
     prepared = s.prepare(groups)
-    prepared.minibatches[0][0]["advantages"].fill_(math.nan)
+    prepared.minibatches[0][0].advantages.fill_(math.nan)
     m = s.update(prepared)
     out["nan_loss"] = (math.isnan(m["train/loss"]), m["train/nonfinite_skipped"],
                        m["train/nonfinite_in_a_row"], m["train/skipped_updates"])

@@ -8,6 +8,7 @@ micro-batches of the layout-parity test (ragged responses, a fully masked sequen
 advantages), with KL to a frozen reference, an entropy bonus, dual-clip and gradient clipping.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -41,7 +42,7 @@ def _both_paths(root: str, tp: int, pp: int):
     init = os.path.join(root, "init")
     if not os.path.exists(init):  # the TP=1 run writes the weights every layout starts from
         save_model(build_model(arch, model_cfg, parallel), init)
-    micro_batches = global_batch()
+    micro_batches, ref_noise = global_batch()
     reference = build_reference_model(arch, model_cfg, parallel, init)
     refs = forward_logprobs(reference, micro_batches, TEMPERATURE)
 
@@ -53,8 +54,8 @@ def _both_paths(root: str, tp: int, pp: int):
             LossParams(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0), total_steps=1,
             temperature=TEMPERATURE)
         olds = trainer.compute_logprobs(micro_batches) if separate else [None] * len(refs)
-        batch = [{**mb, "old_logprobs": old, "ref_logprobs": ref + mb["ref_noise"]}
-                 for mb, old, ref in zip(micro_batches, olds, refs)]
+        batch = [dataclasses.replace(mb, old_logprobs=old, ref_logprobs=ref + noise)
+                 for mb, old, ref, noise in zip(micro_batches, olds, refs, ref_noise)]
         result = trainer.train_step(batch)
         grads = {name: p.main_grad.clone() for chunk in trainer.model
                  for name, p in chunk.named_parameters()}
@@ -75,7 +76,7 @@ def _both_paths(root: str, tp: int, pp: int):
         "param_diff": diff(separate_params, fused_params),
         "logprob_diff": max((a - b).abs().max().item() for a, b in zip(olds, fused.logprobs)),
         "logprob_shapes": [tuple(lp.shape) for lp in fused.logprobs],
-        "batch_shapes": [tuple(mb["tokens"].shape) for mb in micro_batches],
+        "batch_shapes": [tuple(mb.shape) for mb in micro_batches],
     }
 
 

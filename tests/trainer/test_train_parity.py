@@ -23,6 +23,7 @@ padding, tied embeddings under PP).
 """
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -52,12 +53,15 @@ TEMPERATURE = 0.9  # the policy's sampling temperature: log-probs of pi / T
 ADAM_EPS = 1e-2
 
 
-def global_batch() -> list[dict]:
+def global_batch() -> tuple[list, list[torch.Tensor]]:
     """4 micro-batches of 2 sequences, prompts of 3-6 tokens, responses of 0-10 tokens, each
     micro-batch padded to its own length; micro-batch 0 has per-token advantages; the second
-    sequence of each is marked rephrased (provenance metrics)."""
+    sequence of each is marked rephrased (provenance metrics). With each, the noise [2, s] to
+    add to its reference log-probs."""
+    from repo_megatron.trainer.micro_batch import MicroBatch
+
     g = torch.Generator().manual_seed(1)
-    batches = []
+    batches, noise = [], []
     for k in range(NUM_MICRO_BATCHES):
         prompt = torch.randint(3, 7, (MICRO_BATCH_SIZE,), generator=g)
         response = torch.randint(1, 11, (MICRO_BATCH_SIZE,), generator=g)
@@ -72,11 +76,12 @@ def global_batch() -> list[dict]:
         if k == 0:
             advantages = advantages[:, None] + 0.1 * torch.randn(MICRO_BATCH_SIZE, seq,
                                                                   generator=g)
-        batches.append({"tokens": tokens, "loss_mask": loss_mask.float(), "advantages": advantages,
-                        "ref_noise": 0.05 * torch.randn(MICRO_BATCH_SIZE, seq, generator=g),
-                        # per-provenance metrics: a rephrased trace in every micro-batch
-                        "provenance": torch.tensor([0, 1])})
-    return batches
+        noise.append(0.05 * torch.randn(MICRO_BATCH_SIZE, seq, generator=g))
+        batches.append(MicroBatch(tokens=tokens, loss_mask=loss_mask.float(),
+                                  advantages=advantages,
+                                  # per-provenance metrics: a rephrased trace in every one
+                                  provenance=torch.tensor([0, 1])))
+    return batches, noise
 
 
 def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bool,
@@ -98,7 +103,8 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
                    parallel_state.get_data_parallel_rank())
     share = NUM_MICRO_BATCHES // dp
-    micro_batches = global_batch()[dp_rank * share:(dp_rank + 1) * share]
+    mine = slice(dp_rank * share, (dp_rank + 1) * share)
+    micro_batches, ref_noise = (part[mine] for part in global_batch())
     results = {}
     for mode in MODES:
         name = "tied" if mode in TIED else "untied"
@@ -112,7 +118,7 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
             save_model(chunks, init)
         load_model(chunks, init)
         reference_model = build_reference_model(arch, model_cfg, parallel, init)
-        results[mode] = _two_steps(chunks, reference_model, micro_batches, mode,
+        results[mode] = _two_steps(chunks, reference_model, micro_batches, ref_noise, mode,
                                    distributed_optimizer, os.path.join(root, layout, mode))
     # bf16 as the shipped configs run it: Float16Module, fp32 main params in the distributed
     # optimizer, fp32 gradient reduction; the log-probs and the loss in fp32.
@@ -123,14 +129,16 @@ def _train_in_layout(root: str, tp: int, pp: int, vpp, distributed_optimizer: bo
     load_model(chunks, init)  # exact: the initial weights are bf16 numbers
     reference_model = build_reference_model(arch, model_cfg, parallel, init)
     with recorded_dtypes(chunks) as dtypes:
-        results[BF16] = _two_steps(chunks, reference_model, micro_batches, "token-mean", True,
-                                   os.path.join(root, layout, BF16), save_main_params=True)
+        results[BF16] = _two_steps(chunks, reference_model, micro_batches, ref_noise,
+                                   "token-mean", True, os.path.join(root, layout, BF16),
+                                   save_main_params=True)
     results[BF16]["dtypes"] = dtypes
     return results
 
 
-def _two_steps(chunks: list, reference_model: list, micro_batches: list[dict], mode: str,
-               distributed_optimizer: bool, save_to: str, save_main_params: bool = False) -> dict:
+def _two_steps(chunks: list, reference_model: list, micro_batches: list, ref_noise: list,
+               mode: str, distributed_optimizer: bool, save_to: str,
+               save_main_params: bool = False) -> dict:
     """Two optimizer steps on ``micro_batches``; saves the weights (and the distributed
     optimizer's fp32 main weights, in model space, if ``save_main_params``) to ``save_to``."""
     from repo_megatron.algorithm import LossParams
@@ -147,8 +155,8 @@ def _two_steps(chunks: list, reference_model: list, micro_batches: list[dict], m
     old = trainer.compute_logprobs(micro_batches)
     ref = forward_logprobs(reference_model, micro_batches, TEMPERATURE)
     # noise: the policy starts at the reference, so KL would vanish at the first step
-    batch = [{**mb, "old_logprobs": o, "ref_logprobs": r + mb["ref_noise"]}
-             for mb, o, r in zip(micro_batches, old, ref)]
+    batch = [dataclasses.replace(mb, old_logprobs=o, ref_logprobs=r + noise)
+             for mb, o, r, noise in zip(micro_batches, old, ref, ref_noise)]
     steps = [trainer.train_step(batch) for _ in range(2)]
     if save_main_params:
         save_with_main_params(chunks, trainer.optimizer, save_to)
