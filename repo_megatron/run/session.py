@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +24,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.model_io import load_model, save_model, sharded_model_state
 from ..config import Config
 from ..convert.cache import converted_checkpoint
-from ..data.run_data import load_run_data
+from ..data.run_data import RunData, load_run_data
 from ..errors import UserError
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.builder import build_model, sequence_length_multiple
@@ -91,8 +92,7 @@ class Session:
         # Prompts are read and checked first: a bad dataset stops every rank in seconds,
         # before minutes of model building.
         if rollout is None:
-            data = self._rank0_first(lambda: load_run_data(cfg))
-            rollout = lambda: EngineRollout(cfg, data, hf_config(cfg), build_engine)  # noqa: E731
+            rollout = partial(engine_rollout, cfg, self._rank0_first(lambda: load_run_data(cfg)))
         # The RL step the weights are from: the engine's weight version, so that a resumed run
         # samples under the same versions as an uninterrupted one.
         self.policy_version = 0
@@ -327,6 +327,11 @@ class Session:
         self.writer.close()
         self.rollout_side.close()
         distributed.teardown()
+
+
+def engine_rollout(cfg: Config, data: RunData) -> EngineRollout:
+    """Rank 0's rollout side of a run: the config's rollout engine over ``data``."""
+    return EngineRollout(cfg, data, hf_config(cfg), build_engine)
 
 
 def hf_config(cfg: Config):

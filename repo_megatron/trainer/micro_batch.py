@@ -16,7 +16,12 @@ forward's own log-probs, detached, serve as the old ones (exact for the one opti
 batch) and come back in :class:`ForwardOutput`.
 
 The micro-batches are built on the host; the forward step moves each to the rank's device
-(:meth:`MicroBatch.to`) as it runs it.
+(:meth:`MicroBatch.to`) as it runs it. The schedules and the trainer ask a micro-batch for its
+shape (:attr:`~MicroBatch.shape`, :attr:`~MicroBatch.seq_length`,
+:attr:`~MicroBatch.num_sequences`) and the builder for its real ``lengths``, never a step-wide
+layout: cutting micro-batches by a token budget, or a packed layout (several sequences in a
+row, with their boundaries and ``position_ids`` restarting at each), changes this class and
+the builder, not them.
 """
 
 from __future__ import annotations
