@@ -46,7 +46,7 @@ def train_rows(cfg: dict) -> list[dict]:
     """Train ``cfg`` (in this process) and return its metric rows."""
     from ..config import config_from_dict
     from ..metrics.writer import read_rows
-    from ..train.loop import train
+    from ..run.loop import train
 
     train(config_from_dict(copy.deepcopy(cfg)))
     return read_rows(cfg["run_dir"])
