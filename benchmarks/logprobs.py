@@ -6,7 +6,7 @@ For each TP size the script re-launches itself under ``torch.distributed.run`` (
 thread per rank). Each rank holds random bf16 logits ``[T, V/tp]`` (what a bf16 model emits)
 and computes, forward, the log-probs of random targets and the entropies, in fp32:
 
-- ours: :func:`repo_megatron.training.logprobs.vocab_parallel_logprobs` (token chunks, TP
+- ours: :func:`repo_megatron.trainer.logprobs.vocab_parallel_logprobs` (token chunks, TP
   all-reduces of per-token statistics, never the full vocabulary);
 - naive: megatron's all-gather of the vocabulary, ``log_softmax`` over ``[T, V]`` in fp32,
   gather the targets, entropy ``-sum exp(logp) logp``.
@@ -60,7 +60,7 @@ def measure(fn):
 
 
 def ours(logits: torch.Tensor, targets: torch.Tensor):
-    from repo_megatron.training.logprobs import vocab_parallel_logprobs
+    from repo_megatron.trainer.logprobs import vocab_parallel_logprobs
 
     with torch.no_grad():
         logp, entropy = vocab_parallel_logprobs(logits[None], targets[None])   # [1, T]
@@ -79,7 +79,7 @@ def naive(logits: torch.Tensor, targets: torch.Tensor):
 
 
 def ours_forward_backward(logits: torch.Tensor, targets: torch.Tensor):
-    from repo_megatron.training.logprobs import vocab_parallel_logprobs
+    from repo_megatron.trainer.logprobs import vocab_parallel_logprobs
 
     logits = logits.detach().requires_grad_(True)
     logp, entropy = vocab_parallel_logprobs(logits[None], targets[None])

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from repo_megatron.config import config_from_dict  # noqa: E402
 from repo_megatron.runtime.launch import run_distributed  # noqa: E402
-from repo_megatron.train.dry_run import RANK_IMPORTS, expected_parameters  # noqa: E402
+from repo_megatron.run.dry_run import RANK_IMPORTS, expected_parameters  # noqa: E402
 from weight_sync import llama_config  # noqa: E402  (this directory: the same test model)
 
 GIB = 2 ** 30
@@ -52,14 +52,14 @@ GIB = 2 ** 30
 
 def kept_digests(offloader) -> list[str]:
     """SHA-256 of every storage that must come back (all but the gradient buffers)."""
-    from repo_megatron.training.offload_state import storage_bytes
+    from repo_megatron.trainer.offload_state import storage_bytes
 
     return [hashlib.sha256(storage_bytes(s.storage).cpu().numpy().data).hexdigest()
             for s in offloader.state() if s.keep]
 
 
 def gradients_zero(offloader) -> bool:
-    from repo_megatron.training.offload_state import storage_bytes
+    from repo_megatron.trainer.offload_state import storage_bytes
 
     return all(not bool(storage_bytes(s.storage).any())
                for s in offloader.state() if not s.keep)
@@ -71,10 +71,10 @@ def measure(cfg_dict: dict, cycles: int) -> dict:
 
     from repo_megatron.runtime import cpu_compat
     from repo_megatron.runtime.rss import return_freed_memory, rss_bytes
-    from repo_megatron.train.dry_run import SyntheticRollout
-    from repo_megatron.train.session import Session
-    from repo_megatron.training.offload_host import HostOffload
-    from repo_megatron.training.offload_state import device_bytes_held
+    from repo_megatron.run.dry_run import SyntheticRollout
+    from repo_megatron.run.session import Session
+    from repo_megatron.trainer.offload_host import HostOffload
+    from repo_megatron.trainer.offload_state import device_bytes_held
 
     return_freed_memory()       # freed blocks leave the process: RSS tracks the live tensors
     cpu_compat.enable(device_faithful=True)

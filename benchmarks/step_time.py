@@ -159,11 +159,11 @@ def workload_config(run_dir: str, steps: int, injection: str, schedule: str,
 
 
 def run_ours(args) -> dict:
-    """Our loop (train/loop.py's phases, each timed) on the matched workload."""
+    """Our loop (run/loop.py's phases, each timed) on the matched workload."""
     import torch
     torch.set_num_threads(THREADS)
     from repo_megatron.cli import quiet_libraries
-    from repo_megatron.train.session import Session
+    from repo_megatron.run.session import Session
     quiet_libraries()
     imports_s = time.perf_counter() - START
     watch = MemoryWatch()
@@ -234,7 +234,7 @@ def trl_dataset(steps: int):
 
     from repo_megatron.config import load_config
     from repo_megatron.data import ChatFormatter, load_prompts, load_tokenizer
-    from repo_megatron.train.prompts import PromptSampler
+    from repo_megatron.run.prompts import PromptSampler
 
     cfg = load_config(QUICKSTART, PROMPT_OVERRIDES)
     tokenizer = load_tokenizer(cfg.model.hf_path, cfg.model.gguf_file)

@@ -20,7 +20,7 @@ from .errors import UserError
 
 # name -> (module providing add_arguments/run, one-line help)
 COMMANDS = {
-    "train": ("repo_megatron.train.command", "Run RePO / GRPO training from a YAML config"),
+    "train": ("repo_megatron.run.command", "Run RePO / GRPO training from a YAML config"),
     "convert": ("repo_megatron.convert.command",
                 "Convert checkpoints between Hugging Face and Megatron (torch_dist)"),
     "serve": ("repo_megatron.engines.sglang_server.command",

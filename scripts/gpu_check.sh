@@ -3,7 +3,7 @@
 #   bash scripts/build_gpu_wheelhouse.sh    # here, where PyPI is reachable
 #   bash scripts/gpu_check.sh               # there, with gpu_wheels/ carried beside the tree
 # It makes a venv over the machine's torch (--system-site-packages), installs the wheelhouse and
-# this package offline, and runs python -m repo_megatron.train.gpu_check: one line per check
+# this package offline, and runs python -m repo_megatron.run.gpu_check: one line per check
 # (ran / skipped and why / failed, with figures), then one JSON line. Exit status non-zero only
 # when a check that ran failed. Without a CUDA GPU every check is skipped at once: no venv is
 # made and nothing is installed.
@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-gpu_wheels}
 VENV=${GPU_CHECK_VENV:-.venv-gpu-check}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-DRIVER=(-m repo_megatron.train.gpu_check)
+DRIVER=(-m repo_megatron.run.gpu_check)
 
 has_gpu() {
     "$1" -c 'from repo_megatron.runtime.cpu_compat import has_gpu; raise SystemExit(not has_gpu())' \

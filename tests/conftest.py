@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
-MEGATRON_TESTS = ("checkpoint", "convert", "models", "runtime", "train", "training",
+MEGATRON_TESTS = ("checkpoint", "convert", "models", "runtime", "run", "trainer", "weight_sync",
                   "plan/test_command.py")
 
 

@@ -131,44 +131,11 @@ def free_bytes(directory: str) -> int:
 
 
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank()
 
 
 def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _group():
-    """Where the ranks agree: the control plane (gloo, ``parallel.control_timeout_minutes``)
-    when it exists, since ranks wait there while others hash their share of a checkpoint;
-    else the default group."""
-    return control.group() if control.initialized() else None
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=_group())
-
-
-def _all_gather(obj: Any) -> list:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * _world()
-    torch.distributed.all_gather_object(out, obj, group=_group())
-    return out
-
-
-def _from_rank0(obj: Any) -> Any:
-    if not torch.distributed.is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, group=_group())
-    return box[0]
-
-
-def _agree(problem: Optional[str]) -> Optional[str]:
-    """The first rank's problem if any rank has one, on every rank."""
-    return next((p for p in _all_gather(problem) if p is not None), None)
+    return torch.distributed.get_world_size()
 
 
 def _layout() -> dict:
@@ -222,7 +189,9 @@ def manifest_problem(manifest: Any) -> Optional[str]:
 
 
 class CheckpointManager:
-    """Save and restore training state under ``directory`` (collective calls: every rank).
+    """Save and restore training state under ``directory`` (collective calls: every rank). The
+    ranks agree, and wait while others hash their share of a checkpoint, on the control plane
+    (:mod:`repo_megatron.runtime.control`: gloo, ``parallel.control_timeout_minutes``).
 
     ``keep_last``: complete checkpoints kept; ``async_save``: write the torch_dist files in
     the background (megatron's async dist-checkpointing); ``verify_checksums``: check every
@@ -246,7 +215,7 @@ class CheckpointManager:
                 if name.startswith(".tmp-"):
                     log.warning("removing interrupted checkpoint %s", name)
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        _barrier()
+        control.barrier()
 
     def save(self, step: int, sharded_state: dict, trainer_state: dict,
              meta: Optional[dict] = None) -> str:
@@ -303,7 +272,8 @@ class CheckpointManager:
                 fn()
             except FAILURES as e:
                 message = self._failure_message(step, e)
-        message = _from_rank0(message) if only_rank0 else _agree(message)
+        message = (control.broadcast_object(message) if only_rank0
+                   else control.first_problem(message))
         if message is not None:
             self._abandon(tmp)
             raise CheckpointError(message)
@@ -314,13 +284,14 @@ class CheckpointManager:
         manifest, rename into place, re-check and prune (collective)."""
         start = time.perf_counter()
         failpoint("checkpoint_before_commit", step)  # every shard written, not yet committed
-        _barrier()
-        sizes = _from_rank0({name: os.path.getsize(os.path.join(tmp, name))
-                             for name in list_files(tmp)} if _rank() == 0 else None)
+        control.barrier()
+        sizes = control.broadcast_object({name: os.path.getsize(os.path.join(tmp, name))
+                                          for name in list_files(tmp)} if _rank() == 0 else None)
         mine = hash_shares(sizes, _world(), own_files=True)[_rank()]
         entries: list = []
         self._guard(step, tmp, lambda: entries.append(build_entries(tmp, mine)))
-        manifest = {k: v for part in _all_gather(entries[0]) for k, v in part.items()}
+        manifest = {k: v for part in control.all_gather_object(entries[0])
+                    for k, v in part.items()}
         self._guard(step, tmp, lambda: self._publish(step, tmp, final, meta, manifest),
                     only_rank0=True)
         self._pending = None
@@ -364,7 +335,7 @@ class CheckpointManager:
         message = self._failure_message(step, error)
         collective = isinstance(error, CheckpointException)
         if collective:
-            messages = _all_gather(message)
+            messages = control.all_gather_object(message)
             message = next((m for m in messages if m.startswith("no space")), messages[0])
         self._abandon(tmp, collective)
         return CheckpointError(message)
@@ -376,7 +347,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         self._pending = None
         if collective:
-            _barrier()
+            control.barrier()
 
     def poll(self) -> None:
         """Commit a background save whose files are all written (collective; no-op when
@@ -425,7 +396,7 @@ class CheckpointManager:
         if problem is None:
             manifest = meta.get("manifest") if isinstance(meta, dict) else None
             problem = manifest_problem(manifest)
-        problem = _agree(problem)
+        problem = control.first_problem(problem)
         if problem is None:
             mine = hash_shares({n: e["size"] for n, e in manifest.items()}, _world(),
                                own_files=False)[_rank()]
@@ -434,7 +405,7 @@ class CheckpointManager:
             if _rank() == 0:
                 found += [f"{n} is not in the manifest"
                           for n in unlisted_files(path, manifest, exempt=[META])]
-            problem = _agree("; ".join(found[:3]) if found else None)
+            problem = control.first_problem("; ".join(found[:3]) if found else None)
         return problem
 
     def load(self, path: str, sharded_state: dict) -> tuple[dict, dict]:
@@ -476,7 +447,7 @@ class CheckpointManager:
                     loaded, trainer_state = self.load(path, sharded_state())
                 except FAILURES as e:  # a refused pickle, an unreadable shard...
                     problem = f"cannot be loaded: {load_failure(e)}"
-                problem = _agree(problem)
+                problem = control.first_problem(problem)
             if problem is None:
                 if problems and _rank() == 0:
                     log.warning("resuming from %s, the newest intact checkpoint", path)
@@ -497,4 +468,4 @@ class CheckpointManager:
                 n += 1
                 target = f"{path}.corrupt-{n}"
             os.rename(path, target)
-        _barrier()
+        control.barrier()

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..runtime import control
 from .plain import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def save_model(model: list, directory: str) -> None:
 
     if torch.distributed.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)  # dist_checkpointing needs it to exist
-    torch.distributed.barrier()
+    control.barrier()
     dist_checkpointing.save(sharded_model_state(model), directory)
 
 
@@ -63,9 +64,7 @@ def load_sharded_state(sharded_state: dict, directory: str) -> dict:
             sharded_state, directory, strict=StrictHandling.RETURN_ALL)
     # "Unexpected" keys are per rank (a PP stage asks for its own modules): every rank gets
     # all of them, so that all raise or none does, and the log line names every one.
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, sorted(model_only))
-    model_only = set().union(*everyone)
+    model_only = set().union(*control.all_gather_object(sorted(model_only)))
     maybe_report_missing_and_unexpected_keys(
         {k for k in ckpt_only if not k.endswith(EXTRA_STATE)},
         {k for k in model_only if not k.endswith(EXTRA_STATE)}, raise_error=True)

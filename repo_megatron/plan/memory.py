@@ -21,7 +21,7 @@ from ..models.architecture import Architecture
 GIB = 2**30
 FP32 = 4
 # fp32 [chunk, vocab/TP] buffers the chunked vocab-parallel log-probs hold at once
-# (repo_megatron/training/logprobs.py: DEFAULT_CHUNK_BYTES = 16 MiB, about three live).
+# (repo_megatron/trainer/logprobs.py: DEFAULT_CHUNK_BYTES = 16 MiB, about three live).
 LOGPROB_CHUNK_BUFFERS = 3 * 16 * 2**20
 KV_CACHE_BYTES = 2  # SGLang's default KV cache dtype follows the bf16 model
 
@@ -77,15 +77,25 @@ class StageMemory:
                    if f.name not in ("stage", "params", "in_flight"))
 
 
+def norm_params(arch: Architecture) -> int:
+    """One norm over the hidden size: RMSNorm's weight, or LayerNorm's weight and bias."""
+    return arch.hidden_size * (2 if arch.normalization == "LayerNorm" else 1)
+
+
 def layer_params(arch: Architecture, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank: QKV (+ bias), output projection and
-    the SwiGLU MLP are split over TP; the two RMSNorms (and q/k norms) are replicated."""
-    h, d = arch.hidden_size, arch.head_dim
+    the MLP (fc1 = [gate; up] with a gated linear unit, as SwiGLU) are split over TP, with the
+    column-parallel biases (QKV, fc1); the two norms (and q/k norms) and the row-parallel biases
+    (output projection, fc2) are replicated."""
+    h, d, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    bias = arch.add_bias_linear
     qkv_width = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
-    sharded = (h * qkv_width + (qkv_width if arch.qkv_bias else 0)   # linear_qkv
-               + arch.num_attention_heads * d * h                    # linear_proj
-               + 3 * h * arch.ffn_hidden_size)                       # fc1 = [gate; up], fc2
-    replicated = 2 * h + (2 * d if arch.qk_layernorm else 0)
+    fc1_width = (2 if arch.gated_linear_unit else 1) * ffn
+    sharded = (h * qkv_width + (qkv_width if arch.qkv_bias or bias else 0)   # linear_qkv
+               + arch.num_attention_heads * d * h                            # linear_proj
+               + (h + bias) * fc1_width + ffn * h)                           # fc1, fc2
+    replicated = (2 * norm_params(arch) + (2 * d if arch.qk_layernorm else 0)
+                  + (2 * h if bias else 0))                  # linear_proj and fc2 biases
     return sharded // tp + replicated
 
 
@@ -99,7 +109,7 @@ def stage_params(arch: Architecture, padded_vocab: int, tp: int, pp: int, first:
     if first:
         params += embedding
     if last:
-        params += arch.hidden_size
+        params += norm_params(arch)
         if not arch.tie_word_embeddings or not first:
             params += embedding
     return params

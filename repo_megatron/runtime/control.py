@@ -9,7 +9,10 @@ separate gloo group with its own long timeout (``parallel.control_timeout_minute
 (the data plane) stay on Megatron's groups.
 
 :func:`initialize` is called by :func:`repo_megatron.runtime.distributed.initialize` on every
-rank; :func:`broadcast_object` and :func:`barrier` are what the trainer uses.
+rank. The helpers below are the one set every package uses for small objects and waits
+(the session, the conversion cache, checkpoints): :func:`broadcast_object`,
+:func:`all_gather_object`, :func:`barrier`, and :func:`first_problem`, with which every rank
+agrees on whether any rank failed (so that all raise, or none does).
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src, group=group())
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    out = [None] * torch.distributed.get_world_size(group())
+    torch.distributed.all_gather_object(out, obj, group=group())
+    return out
+
+
+def first_problem(problem: Optional[str]) -> Optional[str]:
+    """The problem of the first rank that has one (None on a rank that has none), on every
+    rank: what makes every rank raise the same error, or none of them."""
+    return next((p for p in all_gather_object(problem) if p is not None), None)
 
 
 def barrier() -> None:

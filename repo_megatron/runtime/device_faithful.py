@@ -9,7 +9,7 @@ In this mode each tensor is *device* or *host*, by its storage:
   names the first GPU) or moved there (``.to(device)``, and megatron-core's own GPU placement
   requests, which cpu_compat redirects), and everything computed from a device tensor
   (autograd's backward too);
-- host: everything else (the batch as :mod:`repo_megatron.train.batch` builds it, metrics,
+- host: everything else (the batch as :mod:`repo_megatron.run.batch` builds it, metrics,
   control-plane messages), and every ``.cpu()`` / ``.to("cpu")`` copy of a device tensor.
 
 Values stay real (the run computes exactly what it computes without the mode); a device tensor

@@ -2,7 +2,7 @@
 
 :func:`run_config` is the config of one run (the embedded engine, Megatron's local spec, fp32);
 :func:`run_many` trains several configs, ``parallel`` at a time, each with
-``repo_megatron.train.loop.train`` in a fresh process (``run_distributed``, gloo), and returns
+``repo_megatron.run.loop.train`` in a fresh process (``run_distributed``, gloo), and returns
 their ``metrics.jsonl`` rows and wall times.
 """
 
@@ -46,7 +46,7 @@ def train_rows(cfg: dict) -> list[dict]:
     """Train ``cfg`` (in this process) and return its metric rows."""
     from ..config import config_from_dict
     from ..metrics.writer import read_rows
-    from ..train.loop import train
+    from ..run.loop import train
 
     train(config_from_dict(copy.deepcopy(cfg)))
     return read_rows(cfg["run_dir"])

@@ -45,7 +45,7 @@ def engine_strategy(engine) -> type[SyncStrategy]:
 
 
 class WeightStreamer:
-    """The per-rank side of weight sync; the :class:`~repo_megatron.train.session.Session` of
+    """The per-rank side of weight sync; the :class:`~repo_megatron.run.session.Session` of
     every rank holds one and calls :meth:`sync` on every rank (a collective)."""
 
     def __init__(self, model_chunks: list, arch: Architecture, cfg: SGLangConfig):

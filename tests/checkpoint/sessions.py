@@ -1,4 +1,4 @@
-"""A trainer-only :class:`~repo_megatron.train.session.Session` on a tiny random Llama (what the
+"""A trainer-only :class:`~repo_megatron.run.session.Session` on a tiny random Llama (what the
 dry run builds): the real model, optimizer and checkpoint paths, with no data or engine."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 def session(root: str, parallel: dict | None = None, **checkpoint):
     """A Session of the model in ``root/model``, run directory ``root/run``."""
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train.session import Session
+    from repo_megatron.run.rollout_side import NoRollout
+    from repo_megatron.run.session import Session
 
     cfg = config_from_dict({
         "run_dir": os.path.join(root, "run"), "seed": 5,
@@ -23,13 +24,13 @@ def session(root: str, parallel: dict | None = None, **checkpoint):
         "checkpoint": {"hf_export_at_end": False, **checkpoint},
         "logging": {"tensorboard": False, "progress_bar": False},
     })
-    return Session(cfg, rollout=False)
+    return Session(cfg, rollout=NoRollout)
 
 
 def train_step(s, step: int) -> dict:
     """One real optimizer step on synthetic groups (weights and Adam states move), then every
     weight moved by a step-dependent amount, so each step's checkpoint differs visibly."""
-    from repo_megatron.train.dry_run import synthetic_groups
+    from repo_megatron.run.dry_run import synthetic_groups
 
     metrics = s.update(s.prepare(synthetic_groups(2, 2, 6, seed=step)))
     with torch.no_grad():

@@ -29,7 +29,8 @@ def _save_three_then_resume(root: str):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
+    from repo_megatron.trainer.micro_batch import MicroBatch
 
     from repo_megatron.checkpoint import manager as manager_module
 
@@ -43,7 +44,8 @@ def _save_three_then_resume(root: str):
     manager_module.build_entries = lambda d, names: hashed["save"].extend(names) or build(d, names)
     manager_module.check_entries = lambda d, entries, checksums: (
         hashed["verify"].extend(entries) or check(d, entries, checksums))
-    batch = [{"tokens": torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))}]
+    batch = [MicroBatch(tokens=torch.randint(0, 1000, (2, 12),
+                                             generator=torch.Generator().manual_seed(3)))]
     for step in (1, 2, 3):
         with torch.no_grad():
             for p in model[0].parameters():

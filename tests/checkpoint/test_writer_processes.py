@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.helpers import write_tiny_llama
-from tests.train.conftest import tiny_chat_model  # noqa: F401 (fixture)
+from tests.run.conftest import tiny_chat_model  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +64,7 @@ def test_a_training_run_killed_mid_save_leaves_no_process(tiny_chat_model, tmp_p
     writers), killed while its first checkpoint is being written: nothing outlives it."""
     import yaml
 
-    from tests.train.conftest import tiny_run_config
+    from tests.run.conftest import tiny_run_config
 
     cfg = tiny_run_config(tiny_chat_model, str(tmp_path / "run"),
                           checkpoint={"save_interval": 1, "async_save": True})

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.helpers import write_tiny_llama
-from tests.train.conftest import ROOT, tiny_chat_model, tiny_run_config  # noqa: F401 (fixture)
+from tests.run.conftest import ROOT, tiny_chat_model, tiny_run_config  # noqa: F401 (fixture)
 
 MODEL_LINE = "model: {{hf_path: {model}, random_init: true, transformer_impl: local}}\n"
 
@@ -143,7 +143,7 @@ def test_a_bad_dataset_through_the_cli(tiny_chat_model, tmp_path):
 def _session_with_bad_data(cfg: dict) -> str:
     from repo_megatron.config import config_from_dict
     from repo_megatron.errors import DataError
-    from repo_megatron.train import session as session_module
+    from repo_megatron.run import session as session_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")

@@ -11,7 +11,7 @@ import yaml
 from repo_megatron.config import load_config
 from repo_megatron.metrics.writer import read_rows
 from tests.helpers import write_tiny_llama
-from tests.train.conftest import ROOT
+from tests.run.conftest import ROOT
 
 CONFIGS = os.path.join(ROOT, "examples", "configs")
 

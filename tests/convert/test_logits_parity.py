@@ -27,7 +27,7 @@ SAVED_BY_MEGATRON = ("llama", "qwen2")  # untied; tied with QKV bias
 def _true_vocab_logprob_step(vocab_size: int, data_iterator, model):
     """Forward step: next-token log-probs over the first ``vocab_size`` logits."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from repo_megatron.training.forward import model_inputs
+    from repo_megatron.trainer.forward import model_inputs
 
     tokens, pos, mask = model_inputs(next(data_iterator))
 
@@ -52,12 +52,13 @@ def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool,
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs, run_schedule
+    from repo_megatron.trainer.forward import forward_logprobs, run_schedule
+    from repo_megatron.trainer.micro_batch import MicroBatch
     from repo_megatron.weight_sync import megatron_to_hf_named_tensors
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     initialize(parallel, seed=99)  # random init differs from the checkpoint: loading must fix it
-    micro_batches = [{"tokens": t} for t in TOKENS.split(2)]
+    micro_batches = [MicroBatch(tokens=t) for t in TOKENS.split(2)]
     out = {}
     for family in families:
         ckpt = os.path.join(root, family, "megatron")

@@ -186,10 +186,10 @@ def test_exported_json_files_are_checked(megatron, tmp_path):
 
 
 def test_trainer_export_replaces_the_previous_export_whole(tmp_path):
-    """RolloutSide.export (train/session.py) writes through the same atomic directory."""
+    """EngineRollout.export (run/rollout_side.py) writes through the same atomic directory."""
     from types import SimpleNamespace
 
-    from repo_megatron.train.session import RolloutSide
+    from repo_megatron.run.rollout_side import EngineRollout
 
     out = tmp_path / "hf" / "step_000001"
     out.mkdir(parents=True)
@@ -200,7 +200,7 @@ def test_trainer_export_replaces_the_previous_export_whole(tmp_path):
         formatter=SimpleNamespace(tokenizer=SimpleNamespace(
             save_pretrained=lambda d: saved.append(("tokenizer", d)))))
     weights = {"model.norm.weight": torch.ones(4)}
-    RolloutSide.export(side, weights, str(out))
+    EngineRollout.export(side, weights, str(out))
     assert sorted(os.listdir(out)) == ["model.safetensors"]
     assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"],
                        torch.ones(4))
@@ -243,7 +243,7 @@ def test_runs_started_together_convert_the_cached_model_once(tmp_path, monkeypat
 
     import repo_megatron.convert as convert
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train import session
+    from repo_megatron.convert import cache
 
     calls = []
 
@@ -254,8 +254,8 @@ def test_runs_started_together_convert_the_cached_model_once(tmp_path, monkeypat
             open(os.path.join(tmp, "metadata.json"), "w").write("{}")
 
     monkeypatch.setattr(convert, "convert_hf_to_megatron", slow_convert)
-    monkeypatch.setattr(session, "_rank", lambda: 0)
-    monkeypatch.setattr(session.control, "barrier", lambda: None)
+    monkeypatch.setattr(cache, "_rank", lambda: 0)
+    monkeypatch.setattr(cache.control, "barrier", lambda: None)
     cfg = config_from_dict({"model": {"hf_path": str(tmp_path / "hf"),
                                       "cache_dir": str(tmp_path / "cache")}}, check_model=False)
 
@@ -266,7 +266,7 @@ def test_runs_started_together_convert_the_cached_model_once(tmp_path, monkeypat
 
     def run():
         try:
-            paths.append(session.converted_checkpoint(cfg, Arch()))
+            paths.append(cache.converted_checkpoint(cfg, Arch()))
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 

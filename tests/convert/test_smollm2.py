@@ -24,7 +24,8 @@ def _smollm2_logprobs(ckpt: str):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import run_schedule
+    from repo_megatron.trainer.forward import run_schedule
+    from repo_megatron.trainer.micro_batch import MicroBatch
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -33,7 +34,7 @@ def _smollm2_logprobs(ckpt: str):
     load_model(model, ckpt)
     model[0].eval()
     with torch.no_grad():
-        res = run_schedule(model, [{"tokens": TOKENS}],
+        res = run_schedule(model, [MicroBatch(tokens=TOKENS)],
                            partial(_true_vocab_logprob_step, arch.vocab_size), True)
     return res[0]["logprobs"].numpy()
 

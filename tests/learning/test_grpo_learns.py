@@ -1,6 +1,6 @@
 """GRPO makes a policy better on the real stack, and the test can tell when it does not.
 
-The whole training loop (``repo_megatron.train.loop.train``) runs a tiny character-level Llama
+The whole training loop (``repo_megatron.run.loop.train``) runs a tiny character-level Llama
 warmed up to answer ``a+b`` right ~30% of the time (it slips a trailing zero otherwise):
 Megatron-Core on gloo computes old log-probs and the loss and steps Adam, the weights are
 synced to the embedded engine every step, the RePO stage samples and scores (math-verify) the

@@ -77,7 +77,8 @@ def test_te_fp8_model_forward_keeps_logprobs_fp32(tmp_path):
     if not (cpu_compat.has_gpu() and builder.te_available()):
         pytest.skip("needs a GPU (sm90+) and Transformer Engine")
     from repo_megatron.runtime.distributed import LaunchEnv, initialize, teardown
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
+    from repo_megatron.trainer.micro_batch import MicroBatch
 
     # FP8 GEMMs need dimensions that are multiples of 16: hidden 64, FFN 128, head_dim 16.
     write_tiny_llama(str(tmp_path))
@@ -90,7 +91,7 @@ def test_te_fp8_model_forward_keeps_logprobs_fp32(tmp_path):
         assert model[0].config.fp8 == "e4m3" and model[0].config.first_last_layers_bf16
         seq = fp8_padded_length(21, "tensorwise")
         tokens = torch.randint(0, arch.vocab_size, (2, seq))
-        (logp,) = forward_logprobs(model, [{"tokens": tokens}])
+        (logp,) = forward_logprobs(model, [MicroBatch(tokens=tokens)])
         assert logp.dtype == torch.float32 and logp.shape == (2, seq)
         assert torch.isfinite(logp).all() and (logp <= 0).all()
     finally:

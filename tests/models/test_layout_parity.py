@@ -39,14 +39,15 @@ def _logprobs_in_layout(root: str, tp: int, pp: int, vpp, load_from, save_to):
     from repo_megatron.models.architecture import read_architecture
     from repo_megatron.models.builder import build_model
     from repo_megatron.runtime.distributed import initialize
-    from repo_megatron.training.forward import forward_logprobs
+    from repo_megatron.trainer.forward import forward_logprobs
+    from repo_megatron.trainer.micro_batch import MicroBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               virtual_pipeline_model_parallel_size=vpp)
     # Loading layouts initialise with another seed: only the checkpoint can make them agree.
     initialize(parallel, seed=7 if load_from is None else 99)
     tokens = torch.randint(0, 1000, (8, 24), generator=torch.Generator().manual_seed(0))
-    micro_batches = [{"tokens": t} for t in tokens.split(2)]
+    micro_batches = [MicroBatch(tokens=t) for t in tokens.split(2)]
     result = {}
     for tied in (False, True):
         name = "tied" if tied else "untied"

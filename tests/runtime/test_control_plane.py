@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 from tests.distributed import run_distributed
-from tests.train.conftest import tiny_chat_model, tiny_run_config  # noqa: F401 (a fixture)
+from tests.run.conftest import tiny_chat_model, tiny_run_config  # noqa: F401 (a fixture)
 
 DEFAULT_TIMEOUT_S = 4
 RANK0_DELAY_S = 10
@@ -80,16 +80,16 @@ def _short_timeouts_except_control(method):
 
 def _train_with_slow_rank0_rollout(cfg_dict: dict):
     from repo_megatron.config import config_from_dict
-    from repo_megatron.train import session
-    from repo_megatron.train.loop import train
+    from repo_megatron.run import rollout_side, session
+    from repo_megatron.run.loop import train
 
-    rollout = session.RolloutSide.rollout
+    rollout = rollout_side.EngineRollout.rollout
 
     def slow_rollout(self, step):
         time.sleep(RANK0_DELAY_S)
         return rollout(self, step)
 
-    session.RolloutSide.rollout = slow_rollout
+    rollout_side.EngineRollout.rollout = slow_rollout
     for phase in ("rollout", "evaluate", "sync_weights"):
         setattr(session.Session, phase, _short_timeouts_except_control(
             getattr(session.Session, phase)))

@@ -19,7 +19,7 @@ from repo_megatron.config import config_from_dict
 from repo_megatron.metrics.writer import read_rows
 from tests.distributed import run_distributed
 from tests.helpers import write_tiny_chat_model
-from tests.train.conftest import tiny_run_config
+from tests.run.conftest import tiny_run_config
 
 STRATEGY_FILE = '''
 """``bucket_dirs``: each sender writes every bucket as its own safetensors directory and the
@@ -66,7 +66,7 @@ def _register(module_dir: str) -> None:
 
 
 def _train(module_dir: str, cfg_dict: dict) -> int:
-    from repo_megatron.train.loop import train
+    from repo_megatron.run.loop import train
 
     _register(module_dir)
     return train(config_from_dict(cfg_dict))

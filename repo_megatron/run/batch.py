@@ -1,0 +1,142 @@
+"""From rollout groups to the trainer's micro-batches (plain torch, no Megatron).
+
+Every rank builds the same global batch from the same groups, then takes its data-parallel
+slice and cuts it into the trainer's micro-batches
+(:class:`~repo_megatron.trainer.micro_batch.MicroBatch`). A sequence is ``prompt_ids +
+response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace too); position ``t`` scores
+``tokens[t + 1]``, so response token ``j`` of a prompt of length ``P`` is scored at position
+``P - 1 + j``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..algorithm import compute_advantages
+from ..algorithm.provenance import provenance_codes
+from ..rollout.types import Group, Sample
+from ..trainer.micro_batch import MicroBatch
+
+
+def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> list[list[float]]:
+    """Advantages of every sample of every group (``estimator`` from the registry).
+
+    Replayed samples are normalised apart from the fresh ones (Replay-Enhanced PO); a LUFFY
+    expert trace or a RePO rephrase is part of its group like any rollout."""
+    rewards = torch.tensor([s.reward for g in groups for s in g.samples], dtype=torch.float64)
+    ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples])
+    replay = torch.tensor([s.is_replay for g in groups for s in g.samples])
+    adv = compute_advantages(rewards, ids, estimator=estimator, eps=eps,
+                             is_offpolicy=replay if bool(replay.any()) else None).tolist()
+    out, k = [], 0
+    for g in groups:
+        out.append(adv[k:k + len(g.samples)])
+        k += len(g.samples)
+    return out
+
+
+def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[float]],
+                       pad_id: int) -> MicroBatch:
+    """The step's ``N`` sequences as one batch, right-padded to the longest: ``tokens``,
+    ``loss_mask``, ``behaviour_logprobs`` ``[N, S]``, per-sequence ``advantages``,
+    ``provenance`` codes, ``lengths`` and ``sampled_onpolicy`` ``[N]``, and the flags of the
+    loss terms the step needs: ``is_offpolicy`` when it holds a LUFFY expert trace,
+    ``is_replay`` when it holds a replayed sample (None otherwise).
+
+    ``behaviour_logprobs`` holds the sampling policy's log-probs where they are valid:
+    on-policy rollouts and replayed samples. Rephrased traces were sampled under another prompt
+    and LUFFY's expert trace was not sampled at all: zeros, outside ``sampled_onpolicy`` and
+    ``is_replay``, so nothing can use them as old log-probs."""
+    samples: list[Sample] = [s for g in groups for s in g.samples]
+    flat_adv = [a for adv in advantages for a in adv]
+    if len(flat_adv) != len(samples):
+        raise ValueError(f"{len(flat_adv)} advantages for {len(samples)} samples")
+    length = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    n = len(samples)
+    tokens = torch.full((n, length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, length)
+    behaviour = torch.zeros(n, length)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        tokens[i, :p + r] = torch.tensor(list(s.prompt_ids) + list(s.response_ids))
+        loss_mask[i, p - 1:p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        if s.logprobs_valid:
+            behaviour[i, p - 1:p - 1 + r] = torch.tensor(s.behaviour_logprobs)
+    is_offpolicy = torch.tensor([s.is_offpolicy and not s.is_replay for s in samples])
+    is_replay = torch.tensor([s.is_replay for s in samples])
+    is_rephrased = torch.tensor([s.is_rephrased for s in samples])
+    has_behaviour = torch.tensor([s.logprobs_valid for s in samples])
+    return MicroBatch(
+        tokens=tokens, loss_mask=loss_mask, behaviour_logprobs=behaviour,
+        advantages=torch.tensor(flat_adv, dtype=torch.float32),
+        is_offpolicy=is_offpolicy if bool(is_offpolicy.any()) else None,
+        is_replay=is_replay if bool(is_replay.any()) else None,
+        provenance=provenance_codes(is_rephrased=is_rephrased, is_offpolicy=is_offpolicy,
+                                    is_replay=is_replay),
+        lengths=torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in samples]),
+        sampled_onpolicy=has_behaviour & ~is_replay & ~is_rephrased)
+
+
+def data_parallel_slice(batch: MicroBatch, rank: int, size: int, micro_batch_size: int,
+                        multiple_of: int = 1) -> MicroBatch:
+    """This DP rank's contiguous share of ``batch``, padded with masked rows so that every
+    rank holds the same number of micro-batches, a multiple of ``multiple_of`` (the
+    interleaved schedule's pipeline size)."""
+    n = batch.num_sequences
+    per_rank = math.ceil(n / size)
+    micro = math.ceil(per_rank / micro_batch_size)
+    micro = math.ceil(micro / multiple_of) * multiple_of
+    per_rank = micro * micro_batch_size
+    start = min(rank * per_rank, n)
+    mine = batch.select(slice(start, min(start + per_rank, n)))
+    return mine.pad_rows(per_rank - mine.num_sequences)
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
+def micro_batches(batch: MicroBatch, micro_batch_size: int,
+                  length_multiple: int = 1) -> list[MicroBatch]:
+    """Cut ``batch`` into micro-batches of ``micro_batch_size`` sequences, each trimmed to its
+    longest sequence and right-padded to a multiple of ``length_multiple`` (what sequence
+    parallelism and FP8 require: :func:`repo_megatron.models.builder.sequence_length_multiple`;
+    see :meth:`~repo_megatron.trainer.micro_batch.MicroBatch.fit_length`)."""
+    out = []
+    for start in range(0, batch.num_sequences, micro_batch_size):
+        mb = batch.select(slice(start, start + micro_batch_size))
+        # padding rows have length 0; a sequence needs >= 2 positions to score a token
+        out.append(mb.fit_length(padded_length(max(2, int(mb.lengths.max())), length_multiple)))
+    return out
+
+
+def mismatch_metrics(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                     loss_mask: torch.Tensor, onpolicy: torch.Tensor) -> torch.Tensor:
+    """Train/rollout log-prob mismatch over on-policy samples with valid behaviour log-probs
+    (never rephrased, expert or replayed ones): ``[sum, max, tokens]`` of ``|old -
+    behaviour|``, float64 on ``old_logprobs``' device (the host-built inputs are moved there),
+    for the caller to add up over micro-batches and reduce across ranks without a host sync."""
+    dev = old_logprobs.device
+    mask = loss_mask.to(dev).bool() & onpolicy.to(dev)[:, None]
+    diff = torch.where(mask, (old_logprobs - behaviour_logprobs.to(dev)).abs(), 0.0).double()
+    return torch.stack([diff.sum(), diff.max(), mask.sum().double()])
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                                 loss_mask: torch.Tensor, onpolicy: torch.Tensor,
+                                 cap: Optional[float]) -> torch.Tensor:
+    """Per-token ``min(pi_old / pi_behaviour, cap)`` on on-policy tokens (1 elsewhere), on
+    ``old_logprobs``' device: the truncated importance sampling correction of the rollout
+    engine's sampling mismatch. PPO's clipped objective is linear in a positive per-token
+    weight, so it is applied by scaling the advantages."""
+    weights = torch.ones_like(old_logprobs)
+    if cap is None:
+        return weights
+    dev = old_logprobs.device
+    mask = loss_mask.to(dev).bool() & onpolicy.to(dev)[:, None]
+    ratio = torch.exp(old_logprobs - behaviour_logprobs.to(dev)).clamp(max=cap)
+    return torch.where(mask, ratio, weights)

@@ -1,0 +1,117 @@
+"""The trainer's micro-batch: the one definition of what the loss consumes, and of what a
+forward pass hands back (plain torch, no Megatron).
+
+A :class:`MicroBatch` holds ``b`` sequences right-padded to ``s`` positions; position ``t``
+scores ``tokens[:, t + 1]``, so a response token ``j`` of a prompt of length ``P`` is scored at
+position ``P - 1 + j``. Every micro-batch has its own ``s`` (:attr:`MicroBatch.seq_length`):
+the batch builder (:mod:`repo_megatron.run.batch`) trims each to its longest sequence and pads
+it to the multiple that sequence parallelism and FP8 need; the forward passes and the loss read
+the shape of each micro-batch, never a step-wide length.
+
+Optional fields are None when absent, and what a micro-batch carries decides what the loss
+computes (:func:`repo_megatron.algorithm.compute_policy_loss`): ``ref_logprobs`` adds the KL
+term, ``is_offpolicy`` LUFFY's shaped term, ``is_replay`` (with ``behaviour_logprobs``) the
+replay term, ``provenance`` the per-provenance metrics. Without ``old_logprobs`` the training
+forward's own log-probs, detached, serve as the old ones (exact for the one optimizer step of a
+batch) and come back in :class:`ForwardOutput`.
+
+The micro-batches are built on the host; the forward step moves each to the rank's device
+(:meth:`MicroBatch.to`) as it runs it. The schedules and the trainer ask a micro-batch for its
+shape (:attr:`~MicroBatch.shape`, :attr:`~MicroBatch.seq_length`,
+:attr:`~MicroBatch.num_sequences`) and the builder for its real ``lengths``, never a step-wide
+layout: cutting micro-batches by a token budget, or a packed layout (several sequences in a
+row, with their boundaries and ``position_ids`` restarting at each), changes this class and
+the builder, not them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MicroBatch:
+    """``b`` sequences of ``s`` positions: the loss's inputs, and the rows the run side uses to
+    compare the trainer with the rollout engine (shapes in the comments)."""
+    tokens: Tensor                                 # [b, s] long: prompt + response + padding
+    loss_mask: Optional[Tensor] = None             # [b, s] float: 1 where tokens[:, t+1] is a
+    #                                                trained response token (the loss needs it;
+    #                                                a forward-only pass scores every position
+    #                                                without it)
+    advantages: Optional[Tensor] = None            # [b] per sequence or [b, s] per token (loss)
+    old_logprobs: Optional[Tensor] = None          # [b, s] log pi_old; None: this forward's own
+    ref_logprobs: Optional[Tensor] = None          # [b, s] log pi_ref: the KL term
+    is_offpolicy: Optional[Tensor] = None          # [b] or [b, s] bool: LUFFY expert tokens
+    is_replay: Optional[Tensor] = None             # [b] or [b, s] bool: replayed tokens
+    behaviour_logprobs: Optional[Tensor] = None    # [b, s] log pi_behaviour of the policy that
+    #                                                sampled the tokens, where one did (0 else)
+    provenance: Optional[Tensor] = None            # [b] long: index in PROVENANCES
+    position_ids: Optional[Tensor] = None          # [b, s] long; None: 0..s-1 in every row
+    lengths: Optional[Tensor] = None               # [b] long: real tokens per sequence (0 on
+    #                                                padding rows)
+    sampled_onpolicy: Optional[Tensor] = None      # [b] bool: sampled from pi(. | q) with the
+    #                                                engine's log-probs in behaviour_logprobs
+    #                                                (the rows train/rollout mismatch and TIS
+    #                                                compare; not the loss's)
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[b, s]``: the shape of every per-token tensor (log-probs included)."""
+        return self.tokens.shape
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> "MicroBatch":
+        """A copy with ``fn`` applied to every tensor it carries."""
+        return dataclasses.replace(self, **{
+            f.name: fn(value) for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None})
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """Every tensor moved to ``device``."""
+        return self._map(lambda v: v.to(device))
+
+    def select(self, index: Union[Tensor, slice]) -> "MicroBatch":
+        """Rows ``index`` of every tensor."""
+        return self._map(lambda v: v[index])
+
+    def pad_rows(self, rows: int) -> "MicroBatch":
+        """``rows`` all-zero rows appended: no tokens, ``loss_mask`` 0, so they count nowhere
+        in the loss."""
+        if rows <= 0:
+            return self
+        return self._map(lambda v: torch.cat([v, v.new_zeros((rows, *v.shape[1:]))]))
+
+    def fit_length(self, length: int) -> "MicroBatch":
+        """Every per-token tensor cut, or right-padded with zeros, to ``length`` positions. The
+        padding is token 0 with ``loss_mask`` 0: it counts nowhere in the loss, and causal
+        attention leaves the real positions unchanged."""
+        return self._map(lambda v: _fit_length(v, length) if v.dim() == 2 else v)
+
+
+def _fit_length(values: Tensor, length: int) -> Tensor:
+    """``values`` [b, s] cut or right-padded with zeros to [b, length]."""
+    if values.shape[1] >= length:
+        return values[:, :length]
+    return torch.cat([values, values.new_zeros(values.shape[0], length - values.shape[1])], 1)
+
+
+@dataclass
+class ForwardOutput:
+    """What a forward pass of one micro-batch hands back from the last pipeline stage
+    (detached): the loss's additive metrics (its unscaled ``loss`` among them; empty for a
+    forward-only pass) and the log-probs ``[b, s]`` when the pass computes them as old (or
+    reference) log-probs."""
+    metrics: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    logprobs: Optional[Tensor] = None
