@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,10 +80,8 @@ def measure(cfg_dict: dict, cycles: int) -> dict:
     return_freed_memory()       # freed blocks leave the process: RSS tracks the live tensors
     cpu_compat.enable(device_faithful=True)
     cfg = config_from_dict(cfg_dict)
-    session = Session(cfg, rollout=False)
+    session = Session(cfg, rollout=partial(SyntheticRollout, cfg))
     try:
-        if session.is_rank0:
-            session.rollout_side = SyntheticRollout(cfg)
         t0 = time.perf_counter()
         groups, _ = session.rollout(1)
         session.update(session.prepare(groups))

@@ -8,7 +8,7 @@ ALLOWED = {
     ROOT / "runtime" / "cpu_compat.py",
     # names torch.cuda classes as data only: its copy of SGLang's SafeUnpickler allow-list
     # (a test pins it equal to SGLang's); it calls nothing of CUDA
-    ROOT / "serve" / "tensor_payload.py",
+    ROOT / "engines" / "sglang_server" / "tensor_payload.py",
 }
 CUDA = re.compile(r"\.cuda\(|torch\.cuda\b|device\s*=\s*['\"]cuda|['\"]cuda(:\d+)?['\"]|"
                   r"current_device\(\)")

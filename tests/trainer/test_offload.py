@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+from functools import partial
 
 import pytest
 
@@ -103,10 +104,8 @@ def _two_steps(cfg, strategy) -> dict:
     from repo_megatron.trainer.offload_host import HostOffload
 
     cpu_compat.enable(device_faithful=True)     # no-op on a GPU
-    session = Session(cfg, rollout=False)
+    session = Session(cfg, rollout=partial(SyntheticRollout, cfg))
     try:
-        if session.is_rank0:
-            session.rollout_side = SyntheticRollout(cfg)
         out = {"step1": _step(session, 1)}
         offloader = (strategy or HostOffload)(session.trainer.model, session.trainer.optimizer,
                                               session.reference)
