@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from ..config.rollout import SGLangConfig
 from ..engines.sglang.client import SGLangClient
+from ..runtime import control
 from .buckets import Bucket, drain
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class WeightSyncStrategy(SyncStrategy):
                 plan = update.plan
             except Exception as e:          # every rank must leave the collective with it
                 error = f"{type(e).__name__}: {e}"
-        plan, error = streamer.broadcast((plan, error))
+        plan, error = control.broadcast_object((plan, error))
         if error:
             raise RuntimeError(f"weight sync failed: {error}")
         try:
@@ -152,9 +153,9 @@ class WeightSyncStrategy(SyncStrategy):
             for stage in range(streamer.stages):              # one stage at a time
                 if pushes and streamer.stage == stage:
                     result, error = cls.push_stage(streamer, plan, engine)
-                streamer.barrier()
+                control.barrier()
         streamer.raise_failures(error)
-        results = streamer.all_gather(result if streamer.is_sender else None)
+        results = control.all_gather_object(result if streamer.is_sender else None)
         return [r for r in results if r is not None]
 
     @classmethod

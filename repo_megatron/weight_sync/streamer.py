@@ -62,7 +62,7 @@ class WeightStreamer:
         # than a collective of the default group may wait).
         self.group = control.group()
         # pipeline stage -> global rank of its sender
-        self.sender_ranks = dict(filter(None, self.all_gather(
+        self.sender_ranks = dict(filter(None, control.all_gather_object(
             (self.stage, self.rank) if self.is_sender else None)))
         self.sender = None            # this rank's StageSender (SGLang), made at first use
         self.groups: dict[tuple, list] = {}       # gloo groups by their members
@@ -77,27 +77,13 @@ class WeightStreamer:
             self.export = HFExport(self.chunks, self.arch)
         return iter_buckets(self.export.named_tensors(), self.bucket_bytes)
 
-    # ---- control plane ------------------------------------------------------------------------
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def all_gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order."""
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def raise_failures(self, error: Optional[str]) -> None:
-        """Raise the first rank's ``error`` on every rank, if any rank has one."""
-        failures = [e for e in self.all_gather(error) if e]
-        if failures:
-            raise RuntimeError(f"weight sync failed: {failures[0]}")
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
+    # ---- control plane (runtime/control.py) --------------------------------------------------
+    @staticmethod
+    def raise_failures(error: Optional[str]) -> None:
+        """Raise the first rank's ``error`` on every rank, if any rank has one (collective)."""
+        problem = control.first_problem(error)
+        if problem is not None:
+            raise RuntimeError(f"weight sync failed: {problem}")
 
     def gloo_groups(self, members: list[list[int]]) -> list:
         """One gloo group per list of global ranks in ``members``, made the first time this
@@ -113,10 +99,10 @@ class WeightStreamer:
         rank 0 of a run without rollouts) as weight ``version`` (default: the engine's next),
         with the strategy the engine takes. Collective over every rank."""
         # a class travels as its module and name: every rank imports the same strategy
-        strategy = self.broadcast(None if engine is None else engine_strategy(engine))
+        strategy = control.broadcast_object(None if engine is None else engine_strategy(engine))
         if strategy is not None:
             strategy.stream(self, engine, version)
-        self.barrier()
+        control.barrier()
 
     def close(self) -> None:
         """Destroy what this rank's sender holds (its update process group)."""
