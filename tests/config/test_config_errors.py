@@ -21,7 +21,7 @@ BAD_CONFIGS = [
     ("unknown_key", "model: {{hf_path: {model}}}\nrollout: {{group_sizes: 8}}\n", [],
      "ConfigError: {path}: rollout.group_sizes is not a known key (known here: engine, "
      "prompts_per_step, group_size, temperature, top_p, top_k, max_new_tokens, stop, "
-     "stop_token_ids, batch_size, sglang)"),
+     "stop_token_ids, batch_size, max_staleness, sglang)"),
     ("wrong_type", "model: {{hf_path: {model}}}\noptimizer: {{lr: fast}}\n", [],
      "ConfigError: {path}: optimizer.lr=fast must be float"),
     ("bad_choice", "model: {{hf_path: {model}}}\nalgorithm: {{loss_agg_mode: mean}}\n", [],
