@@ -219,7 +219,7 @@ class Session:
         k = self.cfg.rollout.max_staleness
         start = time.perf_counter()
         result = self.rollout_side.rollout(step)
-        if result is not None and k > 0:   # rank 0: how long the trainer waited for it
+        if result is not None:   # rank 0: how long the trainer waited for it (k = 0: all of it)
             result[1]["time/rollout_wait_s"] = time.perf_counter() - start
         groups, metrics = control.broadcast_object(result)  # the others wait on gloo, not NCCL
         check_staleness(groups, self.policy_version, k, step)
