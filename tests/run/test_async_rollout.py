@@ -1,9 +1,12 @@
 """Asynchronous rollouts (rollout.max_staleness = k): the producer's schedule, then the whole
 loop: k = 0 is the synchronous run, no trained sample is more than k versions stale, and a run
-killed while a rollout ahead is in flight resumes to the weights of the run never killed."""
+killed while a rollout ahead is in flight resumes to the weights of the run never killed; k = 1
+through two `repo-megatron serve` workers behind sglang-router."""
 
+import importlib.util
 import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -17,9 +20,10 @@ from repo_megatron.rollout.types import Group, Prompt
 from repo_megatron.run.async_rollout import AsyncRollout
 from repo_megatron.run.rollout_side import RolloutSide
 from tests.distributed import run_distributed
-from tests.helpers import global_tensors
+from tests.helpers import global_tensors, write_tiny_chat_model
 from tests.run.conftest import tiny_run_config
 from tests.run.test_resume import _comparable, _run
+from tests.sglang.servers import free_ports
 
 
 # ---- the producer's schedule, on a fake rollout side ------------------------------------------
@@ -218,3 +222,33 @@ def test_async_run_killed_during_an_in_flight_rollout_resumes_to_the_same_weight
     assert weights.keys() == straight.keys() and weights
     for name, tensor in weights.items():
         assert torch.equal(tensor, straight[name]), name
+
+
+def test_async_rollouts_through_two_serve_workers_behind_sglang_router(tmp_path):
+    """k = 1 with the SGLang engine: two `repo-megatron serve` workers behind sglang-router,
+    launched by the run, disk weight sync. Every sample carries the version the workers
+    served; the first step's are the synced weights exactly, the later ones one step old."""
+    for module in ("starlette", "sglang_router"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module}")
+    model_dir = write_tiny_chat_model(str(tmp_path / "model"), with_weights=True)
+    base = free_ports(3)
+    cfg = _config(model_dir, str(tmp_path / "run"), 1)
+    cfg["train_steps"] = 3
+    cfg["rollout"].update(engine="sglang", sglang={
+        "weight_sync": "disk", "disk_dir": str(tmp_path / "sync"),
+        "launch": {"num_servers": 2, "base_port": base, "router": True,
+                   "router_port": base + 2,
+                   "command": [sys.executable, "-m", "repo_megatron.cli", "serve"],
+                   "args": ["--model", model_dir, "--threads", "1",
+                            "--weights-root", str(tmp_path)],
+                   "router_command": [sys.executable, "-m", "sglang_router.launch_router"],
+                   "router_args": ["--policy", "round_robin", "--log-level", "warn",
+                                   "--health-failure-threshold", "10",
+                                   "--health-check-timeout-secs", "30"],
+                   "startup_timeout_s": 240}})
+    assert run_distributed(_train, 1, cfg, timeout=600) == [0]
+    rows = read_rows(cfg["run_dir"])[1:]
+    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["train/logprob_mismatch_mean"] < 1e-4       # served = trained weights
+    assert all(r["train/logprob_mismatch_mean"] > 1e-4 for r in rows[1:])  # one step old
