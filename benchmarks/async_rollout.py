@@ -52,6 +52,7 @@ def run_config_for(k: int, model_dir: str, prompts: str, out: str, args, port: i
     return run_config(model_dir, prompts, run_dir, steps=args.steps, seed=args.seed, lr=args.lr,
                       prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                       max_new_tokens=args.max_new_tokens,
+                      algorithm={"ppo_epochs": args.ppo_epochs},
                       rollout={"engine": "sglang", "max_staleness": k, "sglang": sglang})
 
 
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--ppo-epochs", type=int, default=3,
+                        help="Optimizer passes per batch: sizes training to about the rollout's "
+                             "time at k = 0 (3 measured), the workload where overlap matters")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--warmup-steps", type=int, default=300)
@@ -134,7 +138,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "async_rollout", "steps": args.steps, "timed_steps": args.steps - args.skip,
         "hidden": args.hidden, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
-        "max_new_tokens": args.max_new_tokens, "trainer_threads": 1, "serve_threads": 1,
+        "max_new_tokens": args.max_new_tokens, "ppo_epochs": args.ppo_epochs,
+        "trainer_threads": 1, "serve_threads": 1,
         "repeats": args.repeats,
         "step_s_k0": round(sync["step_s"], 3), "step_s_k1": round(overlapped["step_s"], 3),
         "ratio_k1_over_k0": round(overlapped["step_s"] / sync["step_s"], 3),
