@@ -267,6 +267,7 @@ def measured_summary(path: str, stages: list[StageMemory], measured: list) -> di
         per_stage[plan.stage] = {
             "measured_peak_gib": _gib(meas.peak), "planned_peak_gib": _gib(plan.trainer),
             "ratio": round(meas.peak / plan.trainer, 3), "peak_phase": meas.peak_phase,
+            "phase_peaks_gib": {phase: _gib(v) for phase, v in meas.phase_peaks.items()},
             "items": {key: {"planned_gib": _gib(planned), "measured_gib": _gib(value)}
                       for key, _, planned, value in _compared(plan, meas)}}
     measured_peak = max(m.peak for m in measured)

@@ -69,6 +69,7 @@ class MeasuredStage:
     peak: int                    # the largest total of live bytes
     peak_phase: str
     peak_by_tag: dict            # what was live at the peak
+    phase_peaks: dict            # the largest total in each phase of the second step and sync
     seconds: float
 
 
@@ -248,7 +249,8 @@ class RankUnderMeasurement:
             reference=most[REFERENCE], activations=most[FORWARD], logits=most[LOGITS],
             backward=most[BACKWARD], optimizer_step=most[STEP], weight_sync=most[SYNC],
             peak=peak.bytes, peak_phase=peak.phase,
-            peak_by_tag={k: v for k, v in peak.by_tag.items() if v}, seconds=seconds)
+            peak_by_tag={k: v for k, v in peak.by_tag.items() if v},
+            phase_peaks=dict(tracker.phase_peaks), seconds=seconds)
 
 
 def _sglang_flattener():
