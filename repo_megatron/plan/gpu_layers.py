@@ -5,11 +5,11 @@ linear layers, Megatron's fused SwiGLU (``bias_activation_fusion``) and fused (f
 attention. None of that runs here, and Megatron's local spec keeps more for the backward pass:
 torch's RMSNorm, decomposed on the CPU and meta devices, keeps two fp32 copies of its input
 (16 bytes per token and hidden unit per layer more than TE), the unfused SwiGLU its SiLU
-output, the unfused attention an ``s x s`` score buffer. The measured model is therefore
-Megatron's local spec (its ``ColumnParallelLinear`` / ``RowParallelLinear`` with sequence
-parallelism, attention, MLP, rotary embeddings, pipeline and DDP code) with the memory
-behaviour of the GPU kernels put back (only the norms for a config that asks for the local
-spec, ``model.transformer_impl: local``):
+output and ``up + glu_linear_offset``, the unfused attention its fp32 softmax. The measured
+model is therefore Megatron's local spec (its ``ColumnParallelLinear`` / ``RowParallelLinear``
+with sequence parallelism, attention, MLP, rotary embeddings, pipeline and DDP code) with the
+memory of the GPU kernels put back (only the norms for a config that asks for the local spec,
+``model.transformer_impl: local``):
 
 - :class:`FusedRMSNorm` keeps its input and the fp32 ``1/rms`` of each token, as TE's RMSNorm
   and torch's fused CUDA kernel do, and marks its weight ``sequence_parallel`` as ``TENorm``
@@ -18,20 +18,19 @@ spec, ``model.transformer_impl: local``):
 - :class:`FlashDotProductAttention` runs torch's flash-attention kernel and keeps ``q``, ``k``,
   ``v``, the output and the fp32 log-sum-exp per head and token, K and V with their own
   (grouped-query) heads, as TE's fused attention does;
-
-their arithmetic between the outputs, which a fused kernel keeps in registers, runs as
-:func:`~.tracker.kernel_scratch` (not counted);
 - SwiGLU is Megatron's own fused ``SwiGLUFunction`` (the builder turns
   ``bias_activation_fusion`` on for TE), run eagerly (torch.compile's ``force_eager`` stance).
 
-Both modules compute the real thing (the tests compare them with torch's references); the
-sliding window of Mistral/Qwen layers is not applied (a flash kernel keeps the same tensors
-with or without it).
+The two stand-ins' arithmetic between their outputs, which a fused kernel keeps in registers,
+runs as :func:`~.tracker.kernel_scratch` (not counted). They compute the real thing (the tests
+compare them with torch's references); the sliding window of Mistral/Qwen layers is not
+applied (a flash kernel keeps the same tensors with or without it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType

@@ -61,7 +61,7 @@ class MeasuredStage:
     gradients: int               # Megatron DDP's fp32 gradient buffers (padding included)
     optimizer: int               # fp32 main parameters and Adam m, v of this DP shard
     reference: int               # the frozen reference model (kl_coef > 0)
-    activations: int             # kept by the forward passes in flight
+    activations: int             # made by the forward passes: kept in flight, and temporaries
     logits: int                  # the output layer, logits, loss and log-probs
     backward: int                # made by autograd: gradients in flight, recomputation
     optimizer_step: int          # temporaries of the optimizer step
