@@ -212,9 +212,10 @@ class RankUnderMeasurement:
     def tag_state(self) -> None:
         """Tag the weights, the gradient buffers and the optimizer's tensors by object."""
         params = [p for chunk in self.chunks for p in chunk.parameters()]
+        # the optimizer first: in fp32 its parameters are the model's, which stay weights
+        self.tracker.retag(_optimizer_tensors(self.trainer.optimizer), OPTIMIZER)
         self.tracker.retag(params, WEIGHTS)
         self.tracker.retag([p.main_grad for p in params], GRADIENTS)
-        self.tracker.retag(_optimizer_tensors(self.trainer.optimizer), OPTIMIZER)
 
     def weight_sync(self) -> None:
         """The stage's weight sync as the trainer streams it (``engine_sync.WeightStreamer``):

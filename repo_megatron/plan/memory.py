@@ -77,10 +77,12 @@ class StageMemory:
     weights: float
     gradients: float
     optimizer: float
-    activations: float
-    logits: float               # the logits and the log-probs' forward buffers
-    logprob_buffers: float      # those buffers: gone before the backward's own
-    backward: float             # temporaries of the backward pass beside the activations
+    activations: float          # kept in flight, with the forward's temporaries
+    forward_temporary: float    # those temporaries: gone before any backward
+    logits: float               # the logits and the loss's forward transients
+    logits_transient: float     # those transients: gone before the backward
+    loss_backward: float        # the loss's backward temporaries, beside the logits
+    backward: float             # the largest temporaries of the backward pass
     reference: float
     weight_sync: float          # after the step, when the activations are gone
     sglang_weights: float
@@ -89,11 +91,13 @@ class StageMemory:
 
     @property
     def step(self) -> float:
-        """The step's largest moment beside the trainer's state: the activations in flight
-        with the loss's forward (logits and log-prob buffers) or with a backward temporary
-        (the logits without those buffers)."""
-        return self.activations + max(self.logits,
-                                      self.logits - self.logprob_buffers + self.backward)
+        """The step's largest moment beside the trainer's state: the activations kept in
+        flight with a forward layer's temporaries, with the loss's forward (the logits and
+        their transients), with the loss's backward (beside the logits), or with another
+        backward temporary (the current micro-batch's logits are gone by then)."""
+        kept = self.activations - self.forward_temporary
+        return kept + max(self.forward_temporary, self.logits,
+                          self.logits - self.logits_transient + self.loss_backward, self.backward)
 
     @property
     def trainer(self) -> float:
@@ -157,8 +161,9 @@ def layer_activation_bytes(arch: Architecture, seq: int, micro_batch: int, tp: i
     - RoPE's cos and sin of Q and K, ``4 s d`` values (not split, not per sample);
     - no recomputation: Transformer Engine's flash attention adds its fp32 log-sum-exp
       ``4 b a s / t`` bytes; the local spec's unfused attention its fp32 softmax and the
-      probabilities in the parameter dtype, ``(4 + params_bytes) b a s^2 / t`` (Korthikanti's
-      ``5 a s / h`` term, without dropout); selective recomputation keeps neither;
+      probabilities cast to the parameter dtype, ``(4 + 2) b a s^2 / t`` in bf16 and
+      ``4 b a s^2 / t`` in fp32 (Korthikanti's ``5 a s / h`` term, without dropout);
+      selective recomputation keeps neither;
     - full recomputation: only the layer's input, ``s b h`` values (``/ t`` with sequence
       parallelism).
     """
@@ -173,8 +178,14 @@ def layer_activation_bytes(arch: Architecture, seq: int, micro_batch: int, tp: i
     per_layer = s * b * params_bytes * (replicated / sp + sharded / t) + 4 * s * d * params_bytes
     if recompute is None:
         per_layer += (FP32 * b * a * s / t if fused_kernels
-                      else attention_scores_bytes(arch, seq, micro_batch, tp, FP32 + params_bytes))
+                      else attention_scores_bytes(arch, seq, micro_batch, tp,
+                                                  FP32 + _narrower(params_bytes)))
     return per_layer
+
+
+def _narrower(params_bytes: int) -> int:
+    """The bytes of a cast of fp32 softmax values back to the parameter dtype (none in fp32)."""
+    return params_bytes if params_bytes < FP32 else 0
 
 
 def attention_scores_bytes(arch: Architecture, seq: int, micro_batch: int, tp: int,
@@ -206,16 +217,18 @@ def forward_temporary_bytes(arch: Architecture, seq: int, micro_batch: int, tp: 
     ``[s, b, h]`` before its reduce-scatter (its all-reduce, in place, without sequence
     parallelism) and the sequence-gathered input ``[s, b, h]`` of a column-parallel layer;
     under full recomputation also the FC1 and SwiGLU outputs ``3 s b f / t``, which the
-    layer does not keep; unfused attention adds its scores, their fp32 copy, the fp32
-    softmax and the probabilities, and Megatron's persistent score buffer
-    (``2 + 4 + 4 + 2 + 2`` bytes per score in bf16)."""
+    layer does not keep; unfused attention adds its scores, Megatron's persistent score
+    buffer, the fp32 copy of bf16 scores and, when recomputed (not kept), the fp32 softmax and
+    the probabilities (``2 + 2 + 4 + 4 + 2`` bytes per score in bf16, ``4 + 4 + 4`` in fp32)."""
     hidden = seq * micro_batch * arch.hidden_size * params_bytes * (2 if sequence_parallel else 1)
     if recompute == "full":
         hidden += 3 * seq * micro_batch * arch.ffn_hidden_size / tp * params_bytes
     if fused_kernels:
         return hidden
-    return hidden + attention_scores_bytes(arch, seq, micro_batch, tp,
-                                           3 * params_bytes + 2 * FP32)
+    # scores and buffer, the fp32 copy of bf16 scores, the softmax and probabilities unless kept
+    per_score = 2 * params_bytes + (FP32 if params_bytes < FP32 else 0) + (
+        0 if recompute is None else FP32 + _narrower(params_bytes))
+    return hidden + attention_scores_bytes(arch, seq, micro_batch, tp, per_score)
 
 
 def in_flight_micro_batches(rank: int, pp: int, vpp: Optional[int], num_micro_batches: int) -> float:
@@ -247,11 +260,20 @@ def logprob_forward_bytes(seq: int, micro_batch: int, padded_vocab: int, tp: int
     return logprob_chunk_bytes(seq, micro_batch, padded_vocab, tp, 2 + params_bytes / FP32)
 
 
+def logits_transient_bytes(seq: int, micro_batch: int, padded_vocab: int, tp: int,
+                           params_bytes: int) -> float:
+    """What the loss's forward holds beside the logits for a while: the log-probs' forward
+    buffers, or, when ``b > 1``, the output layer's ``[s, b, V/t]`` while GPTModel copies it
+    to ``[b, s, V/t]`` (for ``b = 1`` the transpose is a view)."""
+    transpose = seq * micro_batch * padded_vocab / tp * params_bytes if micro_batch > 1 else 0
+    return max(transpose, logprob_forward_bytes(seq, micro_batch, padded_vocab, tp, params_bytes))
+
+
 def logits_bytes(seq: int, micro_batch: int, padded_vocab: int, tp: int, params_bytes: int) -> float:
     """The last stage's logits ``[s, b, V/t]`` kept for the backward pass (in the parameter
-    dtype) and the log-probs' forward buffers."""
+    dtype) with the loss's forward transients (:func:`logits_transient_bytes`)."""
     return (seq * micro_batch * padded_vocab / tp * params_bytes
-            + logprob_forward_bytes(seq, micro_batch, padded_vocab, tp, params_bytes))
+            + logits_transient_bytes(seq, micro_batch, padded_vocab, tp, params_bytes))
 
 
 def backward_bytes(arch: Architecture, padded_vocab: int, seq: int, micro_batch: int, tp: int,
@@ -272,8 +294,10 @@ def backward_bytes(arch: Architecture, padded_vocab: int, seq: int, micro_batch:
     - first stage: the embedding's weight gradient ``V h / t``, the gathered gradient of its
       output ``s b h`` and the residual stream's ``s b h / sp``;
     - last stage: the logits' gradient ``s b V / t`` with, first, the log-probs' backward
-      chunks (fp32), then the output layer's weight gradient ``V h / t``, its gathered input
-      gradient ``s b h`` and the residual stream's ``s b h / sp``.
+      chunks (:func:`loss_backward_bytes`), then the output layer's weight gradient
+      ``V h / t``, its gathered input gradient ``s b h`` and the residual stream's
+      ``s b h / sp`` (and, when ``b > 1``, the logits' gradient made contiguous for it,
+      ``s b V / t`` more).
     """
     h, f, t = arch.hidden_size, arch.ffn_hidden_size, tp
     sbh = seq * micro_batch * h * params_bytes
@@ -287,21 +311,31 @@ def backward_bytes(arch: Architecture, padded_vocab: int, seq: int, micro_batch:
     if first:
         moments.append(vocab_weight + sbh + residual)
     if last:
-        moments.append(seq * micro_batch * padded_vocab / t * params_bytes + max(
-            logprob_chunk_bytes(seq, micro_batch, padded_vocab, tp, LOGPROB_BACKWARD_CHUNKS),
-            vocab_weight + sbh + residual))
+        logits = seq * micro_batch * padded_vocab / t * params_bytes
+        moments += [loss_backward_bytes(seq, micro_batch, padded_vocab, tp, params_bytes),
+                    logits + vocab_weight + sbh + residual + (logits if micro_batch > 1 else 0)]
     return max(moments)
+
+
+def loss_backward_bytes(seq: int, micro_batch: int, padded_vocab: int, tp: int,
+                        params_bytes: int) -> float:
+    """The loss's backward on the last stage, beside the logits it reads: the logits'
+    gradient ``s b V / t`` and the log-probs' backward chunks (fp32)."""
+    return (seq * micro_batch * padded_vocab / tp * params_bytes
+            + logprob_chunk_bytes(seq, micro_batch, padded_vocab, tp, LOGPROB_BACKWARD_CHUNKS))
 
 
 def weight_sync_bytes(arch: Architecture, padded_vocab: int, params_bytes: int,
                       bucket_bytes: int, flattens: bool, embedding: bool,
-                      output_layer: bool, stage_bytes: float) -> float:
+                      output_layer: bool, stage_bytes: float, tp: int) -> float:
     """The weight sync's largest moment on one GPU of a stage, in bytes (it runs after the
     step, beside the trainer's state but not its activations). A layer's Hugging Face
     tensors in the parameter dtype: attention ``A = ((a + 2g) d + a d) h``, FC1 (gate and
     up) ``F1 = 2 f h``, FC2 ``F2 = f h``; the TP-gathered embedding or output layer
     ``E = V h``. A bucket that holds the stage's gathered weights (``stage_bytes``) holds
-    them all at the end, with the last FC1 still gathered.
+    them all at the end, with the last FC1 still gathered. At TP 1 nothing is gathered: the
+    Hugging Face tensors are views of the parameters but for QKV, split into three copies, so
+    a bucket holds the QKV copies of the layers it takes (plus its flattened copy).
 
     - in a layer: FC1 gathered and its merged copy (``2 F1``, the gate and up tensors are
       views of the copy), FC2 already gathered (one parameter ahead, ``F2``), and the open
@@ -321,6 +355,10 @@ def weight_sync_bytes(arch: Architecture, padded_vocab: int, params_bytes: int,
     attention = qkv + a * d * h * params_bytes
     fc1, fc2 = 2 * f * h * params_bytes, f * h * params_bytes
     big = padded_vocab * h * params_bytes
+    if tp == 1:
+        layers = min(arch.num_layers, bucket_bytes // (attention + fc1 + fc2) + 1)
+        held = min(bucket_bytes, stage_bytes)
+        return layers * qkv + (max(held, big) if flattens else 0)
     if bucket_bytes >= stage_bytes:  # one bucket: the whole stage, and the last FC1 gathered
         return stage_bytes * (2 if flattens else 1) + fc1
     # the open bucket's storage, and its content when flattened, as FC1 is split into HF names
@@ -375,11 +413,12 @@ def stage_memory(arch: Architecture, padded_vocab: int, layout: Layout, work: Wo
     per_layer = layer_activation_bytes(*args, work.recompute, work.params_bytes,
                                        work.fused_kernels)
     chunks_in_flight = in_flight * (layout.virtual or 1)
+    forward_temporary = forward_temporary_bytes(*args, work.recompute, work.params_bytes,
+                                                work.fused_kernels)
     activations = (in_flight * (arch.num_layers // pp) * per_layer
                    + chunks_in_flight * stack_activation_bytes(*args, work.recompute,
                                                                work.params_bytes)
-                   + forward_temporary_bytes(*args, work.recompute, work.params_bytes,
-                                             work.fused_kernels))
+                   + forward_temporary)
     backward = backward_bytes(arch, padded_vocab, work.seq_length, work.micro_batch_size, t,
                               layout.sequence_parallel, work.params_bytes, first, last,
                               work.fused_kernels, work.recompute)
@@ -399,17 +438,21 @@ def stage_memory(arch: Architecture, padded_vocab: int, layout: Layout, work: Wo
         optimizer=optimizer_state_bytes(params, work.params_bytes, layout.data,
                                         layout.distributed_optimizer),
         activations=activations,
+        forward_temporary=forward_temporary,
         logits=logits_bytes(work.seq_length, work.micro_batch_size, padded_vocab, t,
                             work.params_bytes) if last else 0.0,
-        logprob_buffers=logprob_forward_bytes(work.seq_length, work.micro_batch_size,
-                                              padded_vocab, t, work.params_bytes) if last else 0.0,
+        logits_transient=logits_transient_bytes(work.seq_length, work.micro_batch_size,
+                                                padded_vocab, t, work.params_bytes)
+        if last else 0.0,
+        loss_backward=loss_backward_bytes(work.seq_length, work.micro_batch_size, padded_vocab,
+                                          t, work.params_bytes) if last else 0.0,
         backward=backward,
         reference=params * work.params_bytes if work.reference_model else 0.0,
         weight_sync=weight_sync_bytes(arch, padded_vocab, work.params_bytes,
                                       work.sync_bucket_bytes, work.sync_flattens,
                                       embedding=first,
                                       output_layer=last and not arch.tie_word_embeddings,
-                                      stage_bytes=synced * t * work.params_bytes),
+                                      stage_bytes=synced * t * work.params_bytes, tp=t),
         sglang_weights=sglang[0],
         sglang_kv_cache=sglang[1],
         reserve=reserve_bytes,

@@ -36,7 +36,9 @@ def in_repository_root(monkeypatch):
 
 
 def small(*overrides: str, config: str = "llama3_70b_repo.yaml", world: int = 32):
-    cfg = load_config(str(CONFIGS / config), [*SMALL, *overrides])
+    """A shipped config (scaled down, unless it is small already) in a world of ``world``."""
+    scaled = [] if config == "quickstart.yaml" else SMALL
+    cfg = load_config(str(CONFIGS / config), [*scaled, *overrides])
     layout = layout_of(cfg, world)
     return cfg, layout, workload_of(cfg, layout)
 
@@ -94,9 +96,13 @@ def test_weights_gradients_and_optimizer_are_megatrons_own_buffers(stage):
     ("llama3_70b_repo.yaml", ["model.recompute_granularity=full"]),
     ("llama3_70b_repo.yaml", ["model.architecture_overrides.tie_word_embeddings=true",
                               "algorithm.micro_batch_size=2", "algorithm.kl_coef=0.1"]),
-], ids=["llama", "qwen", "no-sp", "no-recompute", "full-recompute", "tied-mbs2-kl"])
+    # SmolLM2 in fp32 on one GPU: local spec, no recomputation, tied embeddings, 4 per batch
+    ("quickstart.yaml", []),
+], ids=["llama", "qwen", "no-sp", "no-recompute", "full-recompute", "tied-mbs2-kl",
+        "quickstart-fp32-local"])
 def test_the_plan_matches_the_measurement(config, overrides):
-    cfg, layout, work = small(*overrides, config=config, world=64 if "qwen" in config else 32)
+    world = {"qwen25_72b_repo.yaml": 64, "quickstart.yaml": 1}.get(config, 32)
+    cfg, layout, work = small(*overrides, config=config, world=world)
     from repo_megatron.models.architecture import padded_vocab_size
     arch = cfg.architecture()
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,

@@ -52,19 +52,20 @@ def test_7b_tp2_dp4_by_hand():
     forward = 2 * 2048 * 2 * 4096 * 2
     assert m.in_flight == 1
     assert m.activations == 32 * per_layer + stack + forward == 9_853_468_672
-    # logits [s, b, V/t] in bf16 and 2.5 16 MiB chunks of log-prob buffers
-    assert m.logits == 2048 * 2 * 32000 / 2 * 2 + 2.5 * 16 * MiB
-    # backward: the logits' gradient, then the output layer's weight gradient V h / t with
-    # its gathered input's gradient s b h and the residual stream's s b h / t
-    assert m.backward == 2048 * 2 * 16000 * 2 + (16000 * 4096 + 2048 * 2 * 4096 * 1.5) * 2
+    # logits [s, b, V/t] in bf16, and while GPTModel transposes them to [b, s, V/t] (a copy
+    # for b = 2) the output layer's [s, b, V/t] (more than 2.5 16 MiB log-prob chunks)
+    logits = 2048 * 2 * 32000 / 2 * 2                               # 262 MB
+    assert m.logits == 2 * logits
+    # backward: the logits' gradient (and its contiguous copy, b = 2), the output layer's
+    # weight gradient V h / t, its gathered input's gradient s b h, the residual's s b h / t
+    assert m.backward == 2 * logits + (16000 * 4096 + 2048 * 2 * 4096 * 1.5) * 2
     # weight sync (512 MiB buckets >= attention + FC1 of a layer, so a whole bucket is open):
     # the bucket, FC1 gathered and merged (2 x 2 f h) and FC2 gathered (f h), in bf16
     assert m.weight_sync == 512 * MiB + (2 * 2 * 11008 + 11008) * 4096 * 2
-    # the peak of the step: the activations with the logits and the backward's temporaries
-    # (the log-probs' forward buffers are gone by then)
-    step = m.activations + m.logits - 2.5 * 16 * MiB + m.backward
-    assert m.step == step > m.weight_sync
-    assert m.trainer == m.weights + m.gradients + m.optimizer + step
+    # the peak of the step: the activations kept in flight with that backward moment (the
+    # forward's temporaries and this micro-batch's logits are gone by then)
+    assert m.step == m.activations - forward + m.backward > m.weight_sync
+    assert m.trainer == m.weights + m.gradients + m.optimizer + m.step
     assert m.total == m.trainer + 5 * GIB
 
 
@@ -146,7 +147,8 @@ def test_full_recompute_keeps_layer_inputs_and_recomputes_one_layer_in_the_backw
 def test_weight_sync_moments_follow_the_bucket_size():
     def sync(bucket_mb, flattens=False, first=True, last=False):
         return weight_sync_bytes(LLAMA3_70B, 129024, 2, bucket_mb * MiB, flattens,
-                                 embedding=first, output_layer=last, stage_bytes=40 * GIB) / MiB
+                                 embedding=first, output_layer=last, stage_bytes=40 * GIB,
+                                 tp=8) / MiB
     # A = 288, F1 = 896, F2 = 448, E = 2016 MiB (see the 70B test)
     assert sync(128) == 128 + 2 * 896 + 448                 # attention flushed to the bucket
     assert sync(2048) == 2048 + 2 * 896 + 448               # a bucket beyond a layer
@@ -156,7 +158,11 @@ def test_weight_sync_moments_follow_the_bucket_size():
     assert sync(1024, flattens=True, first=False) == 2 * 2016
     # a bucket that holds the whole stage holds it at the end, with the last FC1 gathered
     assert weight_sync_bytes(LLAMA3_70B, 129024, 2, 64 * GIB, False, True, True,
-                             stage_bytes=40 * GIB) == 40 * GIB + 896 * MiB
+                             stage_bytes=40 * GIB, tp=8) == 40 * GIB + 896 * MiB
+    # at TP 1 the tensors are views of the parameters but QKV's split: the QKV copies of the
+    # layers a bucket takes (a layer is A + F1 + F2 = 1632 MiB)
+    assert weight_sync_bytes(LLAMA3_70B, 128256, 2, 4096 * MiB, False, True, True,
+                             stage_bytes=128 * GIB, tp=1) == (4096 // 1632 + 1) * 160 * MiB
 
 
 @pytest.mark.parametrize("pp,vpp", [(2, 2), (4, 2), (4, 5), (8, 5)])
