@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "node); with weight_sync=tensor the default is the one in "
                              "rollout.sglang.launch.args")
     parser.add_argument("--measure", action="store_true",
-                        help="Also run one training step of the first and the last pipeline "
-                             "rank at full size on the meta device and print the memory its "
-                             "tensors took beside the plan, then one JSON line "
-                             "(about half a minute on 2 cores)")
+                        help="Also run two training steps and the weight sync of the first "
+                             "and the last pipeline rank at full size on the meta device and "
+                             "print the memory their tensors took beside the plan, then one "
+                             "JSON line (about half a minute on 2 cores)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ Every storage carries a *tag*: the phase in which it was made (``forward``, ``lo
 :meth:`StorageTracker.retag` (the weights, gradient buffers and optimizer states are tagged by
 walking those objects). The tracker keeps the live bytes per tag, the peak of the total with
 the bytes per tag at that moment, the peak reached in each phase, and each tag's largest
-amount over the run.
+amount over the run. Inside :func:`kernel_scratch` nothing is counted: the working memory of
+a stand-in for a fused GPU kernel (:mod:`.gpu_layers`).
 """
 
 from __future__ import annotations
