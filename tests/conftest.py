@@ -12,7 +12,7 @@ import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
 MEGATRON_TESTS = ("checkpoint", "convert", "models", "runtime", "run", "trainer", "weight_sync",
-                  "plan/test_command.py")
+                  "plan/test_command.py", "plan/test_measure.py", "plan/test_gpu_layers.py")
 
 
 def pytest_collection_modifyitems(config, items):

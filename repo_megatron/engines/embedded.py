@@ -15,6 +15,10 @@ Decoding appends each token's keys and values in place: the cache layers keep ro
 Each request samples with its own ``torch.Generator`` seeded from ``SamplingParams.seed``, so
 its response does not depend on the other requests in the batch, nor on when it joined (up to
 float rounding of the padded batch).
+
+A server steps the stream itself (:meth:`HFStream.step`: one forward), so between two steps it
+can hand over requests that have just arrived, :meth:`HFStream.cancel` aborted ones, or
+:meth:`HFStream.retract` the whole batch for a pause, as SGLang's scheduler does.
 """
 
 from __future__ import annotations
@@ -192,11 +196,12 @@ class HFEngine(RolloutEngine):
 
 @dataclass
 class _Row:
-    """One running request: its sampling state and what it has generated so far."""
+    """One request, queued or running: its sampling state and what it has generated so far."""
     ticket: int
+    prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
-    position: int                 # position id of the next token fed to the model
+    position: int = 0             # position id of the next token fed to the model
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: Optional[tuple[str, object]] = None
@@ -219,7 +224,7 @@ class HFStream(GenerationStream):
 
     def __init__(self, engine: HFEngine):
         self.engine = engine
-        self.queue: deque[tuple[int, list[int], SamplingParams]] = deque()
+        self.queue: deque[_Row] = deque()    # waiting for a row: new, or retracted
         self.rows: list[_Row] = []
         self.cache = None
         self.mask: Optional[torch.Tensor] = None
@@ -234,20 +239,48 @@ class HFStream(GenerationStream):
         if not prompt:
             raise ValueError("generate: empty prompt")
         ticket = next(self.tickets)
-        self.queue.append((ticket, list(prompt), params))
+        self.queue.append(_Row(ticket, list(prompt), params, make_generator(params.seed)))
         return ticket
 
-    @torch.no_grad()
     def wait(self) -> list[tuple[int, GenerationResult]]:
         done: list[tuple[int, GenerationResult]] = []
         while not done and (self.queue or self.rows):
-            if self.queue and len(self.rows) < self.engine.batch_size and \
-                    (self.joinable or not self.rows):
-                self._admit()
-            else:
-                self._decode()
-            done = self._retire()
+            done = self.step()
         return done
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, GenerationResult]]:
+        """One forward pass: prefill the queued requests the batch has room for (they join
+        it with their first token), or else decode one token for every running row. Returns
+        the requests that this step finished (none when nothing is pending)."""
+        if self.queue and len(self.rows) < self.engine.batch_size and \
+                (self.joinable or not self.rows):
+            self._admit()
+        elif self.rows:
+            self._decode()
+        return self._retire()
+
+    def cancel(self, tickets: Iterable[int]) -> list[tuple[int, GenerationResult]]:
+        """End these requests now, queued or running, with ``finish_reason == "abort"`` and
+        what they have generated; their rows leave the batch without another forward."""
+        tickets = set(tickets)
+        queued = [r for r in self.queue if r.ticket in tickets]
+        self.queue = deque(r for r in self.queue if r.ticket not in tickets)
+        for row in queued + [r for r in self.rows if r.ticket in tickets]:
+            row.finish = row.finish or ("abort", None)
+        return [(r.ticket, self._result(r)) for r in queued] + self._retire()
+
+    def retract(self) -> None:
+        """Free the batch and its cache: the running rows go back to the head of the queue
+        with what they have generated. Admitted again, a row's prompt and tokens are
+        prefilled (under the weights of that time, as SGLang's ``retract`` pause does) and it
+        samples on from its own generator."""
+        self.queue.extendleft(reversed(self.rows))
+        self.rows, self.cache, self.mask = [], None, None
+
+    def generated(self) -> dict[int, int]:
+        """How many tokens each request in the stream has generated so far, by ticket."""
+        return {r.ticket: len(r.tokens) for r in [*self.queue, *self.rows]}
 
     def close(self) -> None:
         self.queue.clear()
@@ -266,12 +299,13 @@ class HFStream(GenerationStream):
 
     def _admit(self) -> None:
         """Prefill queued requests (as many as the batch has room for) and add them to the
-        running batch with their first token sampled."""
+        running batch with their next token sampled. A request's prefill is its prompt and
+        the tokens it generated before a :meth:`retract` (none for a new one)."""
         engine = self.engine
         room = engine.batch_size - len(self.rows)
-        admitted = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        rows = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
         unique: dict[tuple[int, ...], int] = {}
-        source = [unique.setdefault(tuple(p), len(unique)) for _, p, _ in admitted]
+        source = [unique.setdefault(tuple(r.prompt + r.tokens), len(unique)) for r in rows]
         width = max(len(p) for p in unique)
         input_ids = torch.full((len(unique), width), engine.pad_id, dtype=torch.long)
         mask = torch.zeros((len(unique), width), dtype=torch.long)
@@ -282,10 +316,10 @@ class HFStream(GenerationStream):
         out, cache = engine.forward(input_ids=input_ids, attention_mask=mask,
                                     position_ids=positions, logits_to_keep=1)
         index = torch.tensor(source)
-        if len(unique) < len(admitted):        # copies of a prompt share its prefill
+        if len(unique) < len(rows):            # copies of a prompt share its prefill
             cache.batch_select_indices(index)
-        rows = [_Row(ticket, params, make_generator(params.seed), position=len(prompt))
-                for ticket, prompt, params in admitted]
+        for row in rows:
+            row.position = len(row.prompt) + len(row.tokens)
         self._sample(out.logits[index, -1, :], rows)                       # [admitted, vocab]
         self._join(cache, mask[index], rows)
 
@@ -327,11 +361,15 @@ class HFStream(GenerationStream):
             self.cache.batch_select_indices(torch.tensor(keep))
             self.rows, self.mask = [self.rows[i] for i in keep], self.mask[keep]
             self._trim()
+        return [(r.ticket, self._result(r)) for r in finished]
+
+    def _result(self, row: _Row) -> GenerationResult:
         engine = self.engine
-        return [(r.ticket, GenerationResult(
-            token_ids=r.tokens, text=engine.tokenizer.decode(r.tokens, skip_special_tokens=True),
-            logprobs=r.logprobs, finish_reason=r.finish[0], weight_version=engine._version,
-            matched_stop=r.finish[1])) for r in finished]
+        return GenerationResult(
+            token_ids=row.tokens,
+            text=engine.tokenizer.decode(row.tokens, skip_special_tokens=True),
+            logprobs=row.logprobs, finish_reason=row.finish[0], weight_version=engine._version,
+            matched_stop=row.finish[1])
 
     def _trim(self) -> None:
         """Drop the leading cache columns that are padding in every remaining row (left by

@@ -175,21 +175,32 @@ def build_model(arch: Architecture, model_cfg: ModelConfig, parallel: ParallelCo
                 max_sequence_length: Optional[int] = None) -> list:
     """GPTModel chunks of this rank (one per virtual pipeline stage), on this rank's device."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     impl = select_transformer_impl(model_cfg)
     config = transformer_config(arch, model_cfg, parallel, impl)
     spec = layer_spec(arch, impl, model_cfg)
-    tp = parallel.tensor_model_parallel_size
-    vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
     if parallel_state.get_tensor_model_parallel_rank() == 0 and \
             parallel_state.get_pipeline_model_parallel_rank() == 0 and \
             parallel_state.get_data_parallel_rank() == 0:
+        vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by,
+                                  parallel.tensor_model_parallel_size)
         log.info("Building %s (%d layers, hidden %d, %d heads / %d KV heads, vocab %d padded to "
                  "%d) with the %s layer spec%s", arch.hf_architecture, arch.num_layers,
                  arch.hidden_size, arch.num_attention_heads, arch.num_query_groups,
                  arch.vocab_size, vocab, impl,
                  f", fp8={model_cfg.fp8} ({model_cfg.fp8_recipe})" if model_cfg.fp8 else "")
+    return model_chunks(arch, model_cfg, parallel, config, spec, max_sequence_length)
+
+
+def model_chunks(arch: Architecture, model_cfg: ModelConfig, parallel: ParallelConfig, config,
+                 spec, max_sequence_length: Optional[int] = None) -> list:
+    """This rank's GPTModel chunks for a given ``TransformerConfig`` and layer spec (what
+    :func:`build_model` selects; the memory measurement passes its own)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by,
+                              parallel.tensor_model_parallel_size)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

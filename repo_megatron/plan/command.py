@@ -1,13 +1,17 @@
-"""``repo-megatron plan CONFIG [key=value ...] [--gpu-memory-gb 80]``: the per-GPU memory of a
-config's layout, as a table, and a non-zero exit with the numbers when it does not fit.
+"""``repo-megatron plan CONFIG [key=value ...] [--gpu-memory-gb 80] [--measure]``: the per-GPU
+memory of a config's layout, as a table, and a non-zero exit with the numbers when it does not
+fit; with ``--measure`` also the memory measured on the real shapes, beside the plan, ending
+with one JSON line.
 
-The arithmetic is in :mod:`repo_megatron.plan.memory` (formulas in ``docs/scale_out.md``);
-this module reads the config into a layout and a workload, checks divisibility and prints.
+The arithmetic is in :mod:`repo_megatron.plan.memory` (formulas in ``docs/scale_out.md``), the
+measurement in :mod:`repo_megatron.plan.measure`; this module reads the config into a layout
+and a workload, checks divisibility and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Optional
 
@@ -37,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--mem-fraction-static (one server per node with TP = GPUs per "
                              "node); with weight_sync=tensor the default is the one in "
                              "rollout.sglang.launch.args")
+    parser.add_argument("--measure", action="store_true",
+                        help="Also run two training steps and the weight sync of the first "
+                             "and the last pipeline rank at full size on the meta device and "
+                             "print the memory their tensors took beside the plan, then one "
+                             "JSON line (about half a minute on 2 cores)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     stages = plan_stages(arch, vocab, layout, work, gpu_bytes, args.reserve_gb * GIB, colocation)
     print(format_plan(args.config, cfg, arch, vocab, layout, work, stages, gpu_bytes,
                       args.gpus_per_node, colocation))
+    if args.measure:
+        from .measure import measure_plan
+
+        measured = measure_plan(cfg, layout, work)
+        print(format_measured(cfg, stages, measured))
+        print(json.dumps(measured_summary(args.config, stages, measured)))
     check_fits(stages, gpu_bytes, layout, work.recompute, args.config)
     return 0
 
@@ -103,11 +118,16 @@ def workload_of(cfg: Config, layout: Layout) -> Workload:
     mbs = cfg.algorithm.micro_batch_size
     global_batch = (cfg.algorithm.global_batch_size
                     or cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+    sglang = cfg.rollout.sglang
     return Workload(seq_length=seq, micro_batch_size=mbs,
                     num_micro_batches=math.ceil(global_batch / (mbs * layout.data)),
                     recompute=cfg.model.recompute_granularity,
                     params_bytes=PARAMS_BYTES[cfg.model.params_dtype],
-                    reference_model=cfg.algorithm.kl_coef > 0)
+                    reference_model=cfg.algorithm.kl_coef > 0,
+                    # auto is Transformer Engine on a GPU, the machine the plan is for
+                    fused_kernels=cfg.model.transformer_impl != "local",
+                    sync_bucket_bytes=sglang.weight_bucket_mb << 20,
+                    sync_flattens=sglang.weight_sync == "tensor")
 
 
 def passed_checks(arch: Architecture, layout: Layout) -> str:
@@ -155,9 +175,14 @@ def format_plan(path: str, cfg: Config, arch: Architecture, vocab: int, layout: 
         ("micro-batches in flight", [s.in_flight for s in stages], "{:.2f}"),
         ("activations", [s.activations for s in stages], None),
         ("logits + log-probs", [s.logits for s in stages], None),
+        ("backward temporaries", [s.backward for s in stages], None),
     ]
     if work.reference_model:
         rows.append(("reference model (KL)", [s.reference for s in stages], None))
+    rows += [(f"weight sync ({cfg.rollout.sglang.weight_sync}, after the step)",
+              [s.weight_sync for s in stages], None),
+             ("trainer peak (state + the larger of step and sync)",
+              [s.trainer for s in stages], None)]
     if colocation:
         tokens = kv_cache_tokens(arch, stages[0].sglang_kv_cache, colocation.engine_tp)
         rows += [(f"SGLang weights (TP {colocation.engine_tp})",
@@ -165,16 +190,97 @@ def format_plan(path: str, cfg: Config, arch: Architecture, vocab: int, layout: 
                  (f"SGLang KV cache ({tokens} tokens)", [s.sglang_kv_cache for s in stages], None)]
     rows += [("reserve (CUDA context, NCCL, allocator)", [s.reserve for s in stages], None),
              (f"total of {gpu_bytes / GIB:g} GiB", [s.total for s in stages], None)]
-    width = max(len(r[0]) for r in rows) + 2
-    lines.append("per GPU, GiB".ljust(width) + "".join(s.stage.rjust(14) for s in stages))
-    for label, values, form in rows:
-        cells = [(form or "{:.2f}").format(v if form else v / GIB) for v in values]
-        lines.append(label.ljust(width) + "".join(c.rjust(14) for c in cells))
+    lines += format_rows("per GPU, GiB", [s.stage for s in stages],
+                         [(label, [(form or "{:.2f}").format(v if form else v / GIB)
+                                   for v in values]) for label, values, form in rows])
     peak = max(stages, key=lambda s: s.total)
     if peak.total <= gpu_bytes:
         lines.append(f"fits: peak {peak.total / GIB:.1f} GiB on the {peak.stage}, "
                      f"{(gpu_bytes - peak.total) / GIB:.1f} GiB to spare")
     return "\n".join(lines)
+
+
+def format_rows(title: str, columns: list[str], rows: list[tuple[str, list[str]]],
+                width: int = 14) -> list[str]:
+    """A table of ``rows`` (label, cells) under ``columns``."""
+    label_width = max(len(label) for label, _ in rows) + 2
+    lines = [title.ljust(label_width) + "".join(c.rjust(width) for c in columns)]
+    lines += [label.ljust(label_width) + "".join(c.rjust(width) for c in cells)
+              for label, cells in rows]
+    return lines
+
+
+# (JSON key, row, planned StageMemory attribute or None: the plan has none, MeasuredStage's)
+COMPARED = [
+    ("weights", "weights", "weights", "weights"),
+    ("gradients", "gradients (fp32 buffers)", "gradients", "gradients"),
+    ("optimizer", "optimizer (main params, Adam m, v)", "optimizer", "optimizer"),
+    ("reference", "reference model (KL)", "reference", "reference"),
+    ("activations", "activations", "activations", "activations"),
+    ("logits", "logits + log-probs", "logits", "logits"),
+    ("backward", "backward temporaries", "backward", "backward"),
+    ("optimizer_step", "optimizer step temporaries", None, "optimizer_step"),
+    ("weight_sync", "weight sync", "weight_sync", "weight_sync"),
+    ("trainer_peak", "trainer peak", "trainer", "peak"),
+]
+
+
+def _compared(plan: StageMemory, meas) -> list[tuple[str, str, float, float]]:
+    """(key, row, planned bytes, measured bytes) of one stage, with the activations of one
+    micro-batch in flight (in units of the stage's layers) after the activations."""
+    rows = [(key, label, getattr(plan, p) if p else 0.0, getattr(meas, m))
+            for key, label, p, m in COMPARED]
+    rows.insert(5, ("activations_per_micro_batch", "  per micro-batch in flight",
+                    plan.activations / plan.in_flight, meas.activations / plan.in_flight))
+    return rows
+
+
+def format_measured(cfg: Config, stages: list[StageMemory], measured: list) -> str:
+    """The plan and the measurement side by side, item by item, per stage."""
+    columns, cells = [], {}
+    for plan, meas in zip(stages, measured):
+        columns += [f"{plan.stage}: plan", "measured", "ratio"]
+        for _, label, planned, value in _compared(plan, meas):
+            cells.setdefault(label, []).extend([
+                f"{planned / GIB:.2f}", f"{value / GIB:.2f}",
+                f"{value / planned:.3f}" if planned else "-"])
+    notes = [
+        f"Measured: one rank per stage (TP 0, DP 0) at full size on the meta device, two "
+        f"training steps of {measured[0].micro_batches} full-length micro-batches (the "
+        f"second reported) and the weight sync, in {sum(m.seconds for m in measured):.0f} s. "
+        "Not measurable there, left to the reserve: the CUDA context, NCCL buffers, allocator "
+        "rounding and fragmentation, TE workspaces"
+        + (", FP8 weights and scales (measured in bf16)" if cfg.model.fp8 else "") + ".",
+        "Optimizer step temporaries: torch's AdamW here (Megatron's fallback without TE or "
+        "apex); TE's FusedAdam on GPUs makes none, so the plan has none.",
+    ]
+    return "\n".join(["", *format_rows("measured, GiB", columns, list(cells.items()), 20),
+                      "", *notes])
+
+
+def measured_summary(path: str, stages: list[StageMemory], measured: list) -> dict:
+    """The JSON summary: the fullest stage's measured and planned trainer peaks (the plan
+    without its reserve and SGLang share, which the measurement cannot see) and per stage,
+    per item."""
+    per_stage = {}
+    for plan, meas in zip(stages, measured):
+        per_stage[plan.stage] = {
+            "measured_peak_gib": _gib(meas.peak), "planned_peak_gib": _gib(plan.trainer),
+            "ratio": round(meas.peak / plan.trainer, 3), "peak_phase": meas.peak_phase,
+            "phase_peaks_gib": {phase: _gib(v) for phase, v in meas.phase_peaks.items()},
+            "items": {key: {"planned_gib": _gib(planned), "measured_gib": _gib(value)}
+                      for key, _, planned, value in _compared(plan, meas)}}
+    measured_peak = max(m.peak for m in measured)
+    planned_peak = max(s.trainer for s in stages)
+    return {"config": path, "measured_peak_gib": _gib(measured_peak),
+            "planned_peak_gib": _gib(planned_peak),
+            "ratio": round(measured_peak / planned_peak, 3),
+            "planned_total_gib": _gib(max(s.total for s in stages)),
+            "stages": per_stage}
+
+
+def _gib(value: float) -> float:
+    return round(value / GIB, 3)
 
 
 def check_fits(stages: list[StageMemory], gpu_bytes: float, layout: Layout,
@@ -183,10 +289,14 @@ def check_fits(stages: list[StageMemory], gpu_bytes: float, layout: Layout,
     peak = max(stages, key=lambda s: s.total)
     if peak.total <= gpu_bytes:
         return
-    parts = ", ".join(f"{name} {getattr(peak, name) / GIB:.1f}"
-                      for name in ("weights", "gradients", "optimizer", "activations", "logits",
-                                   "reference", "sglang_weights", "sglang_kv_cache")
-                      if getattr(peak, name))
+    # the items of the peak: the state, then the step or the weight sync, whichever is larger
+    items = [(name, getattr(peak, name)) for name in ("weights", "gradients", "optimizer",
+                                                      "reference", "sglang_weights",
+                                                      "sglang_kv_cache")]
+    items.insert(4, ("step (activations, logits, temporaries)", peak.step)
+                 if peak.step >= peak.weight_sync else ("weight sync", peak.weight_sync))
+    parts = ", ".join(f"{name.replace('_', ' ')} {value / GIB:.1f}" for name, value in items
+                      if value)
     levers = ["raise parallel.tensor_model_parallel_size or "
               "parallel.pipeline_model_parallel_size"]
     levers.append("add nodes (a larger DP shards the optimizer states)"

@@ -28,6 +28,10 @@ tensors, or handing it to the wrong collective, raises.
 
 Nothing here runs when a GPU is present, and no other module of repo_megatron names CUDA:
 device placement elsewhere goes through :func:`device` / :func:`has_gpu`.
+
+:func:`cuda_redirected_to` does the same for a block of code and any device, GPU or not: with
+the ``meta`` device it builds and trains a full-size rank whose tensors have shapes but no
+memory (the memory measurement of ``repo-megatron plan --measure``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _MODE: "CudaToCpuMode | None" = None
 _GPU = torch.device("cuda", 0)   # where device tensors say they are in device-faithful mode
+_TARGET: "torch.device | None" = None  # set by cuda_redirected_to
 
 
 def has_gpu() -> bool:
@@ -52,7 +57,10 @@ def has_gpu() -> bool:
 
 def device() -> torch.device:
     """The device this rank computes on: its GPU, or the CPU (``cuda:0`` in device-faithful
-    mode, which places such tensors on the CPU and tracks them as device tensors)."""
+    mode, which places such tensors on the CPU and tracks them as device tensors; the device
+    of :func:`cuda_redirected_to` inside it)."""
+    if _TARGET is not None:
+        return _TARGET
     if has_gpu():
         return torch.device("cuda", torch.cuda.current_device())
     return _GPU if device_faithful() else torch.device("cpu")
@@ -151,25 +159,30 @@ def _is_cuda(dev: Any) -> bool:
 
 
 _CPU = torch.device("cpu")
-_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
-                    "torch.HalfTensor": "torch.cuda.HalfTensor",
-                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+_CUDA_TYPE_NAMES = {f"torch.{prefix}{kind}": f"torch.cuda.{kind}"
+                    for prefix in ("", "meta.")
+                    for kind in ("FloatTensor", "HalfTensor", "BFloat16Tensor")}
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Redirect CUDA placement requests made by megatron-core to the CPU."""
+    """Redirect CUDA placement requests made by megatron-core to ``target`` (the CPU, or the
+    device of :func:`cuda_redirected_to`)."""
+
+    def __init__(self, target: torch.device = _CPU):
+        super().__init__()
+        self.target = target
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(self.target)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs = {**kwargs, "device": _CPU}
+            kwargs = {**kwargs, "device": self.target}
         elif func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], _CPU, *args[2:])
+            args = (args[0], self.target, *args[2:])
         return func(*args, **kwargs)
 
 
@@ -286,11 +299,7 @@ def enable(device_faithful: bool = False) -> bool:
         checks.install()
     # In device-faithful mode megatron-core's device=torch.cuda.current_device() is the
     # ordinal a GPU run passes; the function mode places it on the CPU as a device tensor.
-    torch.cuda.current_device = (lambda: 0) if device_faithful else (lambda: _CPU)
-    torch.cuda.synchronize = lambda device=None: None
-    torch.cuda.current_stream = lambda device=None: _CompletedStream()
-    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = \
-        lambda device="cuda": torch.empty(0, dtype=torch.uint8)
+    _patch_cuda(0 if device_faithful else _CPU)
     _MODE = DeviceFaithfulMode() if device_faithful else CudaToCpuMode()
     _MODE.__enter__()
     log.info("No GPU: Megatron-Core runs on CPU (gloo) through repo_megatron.runtime.cpu_compat%s",
@@ -301,6 +310,45 @@ def enable(device_faithful: bool = False) -> bool:
 def device_faithful() -> bool:
     """Whether this process runs in device-faithful mode."""
     return isinstance(_MODE, DeviceFaithfulMode)
+
+
+_PATCHED = ("current_device", "synchronize", "current_stream", "get_rng_state")
+
+
+def _patch_cuda(target: "torch.device | int") -> dict:
+    """Point ``torch.cuda``'s device queries at ``target`` (a device, or the ordinal
+    device-faithful mode answers); returns what was there."""
+    saved = {name: getattr(torch.cuda, name) for name in _PATCHED}
+    saved["random.get_rng_state"] = torch.cuda.random.get_rng_state
+    torch.cuda.current_device = lambda: target
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _CompletedStream()
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = \
+        lambda device="cuda": torch.empty(0, dtype=torch.uint8, device=_CPU)
+    return saved
+
+
+@contextmanager
+def cuda_redirected_to(target: torch.device) -> Iterator[None]:
+    """Inside the block, every CUDA placement request (``current_device()``, ``device="cuda"``,
+    ``.cuda()``, :func:`device`) lands on ``target``, whether a GPU is present or not;
+    ``torch.cuda``'s queries are restored afterwards. Tensors made without a device stay on the
+    CPU, as they would beside a GPU. With ``torch.device("meta")`` megatron-core builds and
+    trains a full-size rank whose tensors have shapes and no memory
+    (:mod:`repo_megatron.plan.measure`). Not re-entrant."""
+    global _TARGET
+    if _TARGET is not None:
+        raise RuntimeError(f"CUDA is already redirected to {_TARGET}")
+    saved = _patch_cuda(target)
+    _TARGET = target
+    try:
+        with CudaToCpuMode(target):
+            yield
+    finally:
+        _TARGET = None
+        torch.cuda.random.get_rng_state = saved.pop("random.get_rng_state")
+        for name, value in saved.items():
+            setattr(torch.cuda, name, value)
 
 
 @contextmanager

@@ -41,9 +41,9 @@ def test_70b_at_tp1_pp1_is_rejected_with_the_numbers(capsys):
     (line,) = captured.err.strip().splitlines()
     assert line.startswith(
         f"ConfigError: {CONFIGS / 'llama3_70b_repo.yaml'}: parallel layout TP=1 x PP=1 x DP=8 "
-        "does not fit: the single stage needs 584.8 GiB per GPU (weights 131.4, gradients "
-        "262.8, optimizer 98.6, activations 85.0, logits 2.0 GiB, plus 5.0 reserve) but a GPU "
-        "has 80 GiB; raise parallel.tensor_model_parallel_size or "
+        "does not fit: the single stage needs 590.6 GiB per GPU (weights 131.4, gradients "
+        "262.8, optimizer 98.6, step (activations, logits, temporaries) 92.8 GiB, plus 5.0 "
+        "reserve) but a GPU has 80 GiB; raise parallel.tensor_model_parallel_size or "
         "parallel.pipeline_model_parallel_size")
 
 

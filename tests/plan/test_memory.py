@@ -6,7 +6,8 @@ import pytest
 
 from repo_megatron.models.architecture import parse_hf_config, read_architecture
 from repo_megatron.plan.memory import (GIB, Colocation, Layout, Workload, in_flight_micro_batches,
-                                       kv_cache_tokens, layer_activation_bytes, stage_memory)
+                                       kv_cache_tokens, layer_activation_bytes, stage_memory,
+                                       weight_sync_bytes)
 
 MiB = 2**20
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -38,20 +39,42 @@ def test_7b_tp2_dp4_by_hand():
     assert m.weights == params * 2            # bf16
     assert m.gradients == params * 4          # fp32 main grads
     assert m.optimizer == params * 12 / 4     # fp32 master + m + v, sharded over DP 4
-    # Korthikanti selective + SP: 34 s b h / t per layer, 1 micro-batch in flight without PP.
+    # Activations, bf16, s b = 4096 tokens: the two norms' inputs and outputs (4h, split by
+    # SP), and split by TP the QKV output (a + 2g) d, Q and K roped (a + g) d, the attention
+    # output a d, FC1 and SwiGLU outputs 3f; RoPE's cos / sin of Q and K, 4 s d.
+    sharded = 96 * 128 + 64 * 128 + 32 * 128 + 3 * 11008          # 57,600
+    per_layer = 4096 * 2 * (4 * 4096 / 2 + sharded / 2) + 4 * 2048 * 128 * 2
+    assert per_layer == 305_135_616
+    # per micro-batch in flight (1 without PP): the stack's boundary [s, b, h] / t, the causal
+    # mask s^2 (bool), the rotary table [s, d] (fp32); and the forward's temporaries, the
+    # gathered input and the row-parallel output [s, b, h] (bf16)
+    stack = 2048 * 2 * 4096 * 2 / 2 + 2048 ** 2 + 4 * 2048 * 128
+    forward = 2 * 2048 * 2 * 4096 * 2
     assert m.in_flight == 1
-    assert m.activations == 32 * 34 * 2048 * 2 * 4096 / 2 == 9_126_805_504
-    # logits [s, b, V/t] + their gradient in bf16, plus three 16 MiB fp32 log-prob chunks
-    assert m.logits == 2 * 2048 * 2 * 32000 / 2 * 2 + 3 * 16 * MiB
-    assert m.total == pytest.approx(6_738_681_856 + 13_477_363_712 + 10_108_022_784
-                                    + 9_126_805_504 + 312_475_648 + 5 * GIB)
+    assert m.activations == 32 * per_layer + stack + forward == 9_853_468_672
+    # logits [s, b, V/t] in bf16, and while GPTModel transposes them to [b, s, V/t] (a copy
+    # for b = 2) the output layer's [s, b, V/t] (more than 2.5 16 MiB log-prob chunks)
+    logits = 2048 * 2 * 32000 / 2 * 2                               # 262 MB
+    assert m.logits == 2 * logits
+    # backward: the logits' gradient (and its contiguous copy, b = 2), the output layer's
+    # weight gradient V h / t, its gathered input's gradient s b h, the residual's s b h / t
+    assert m.backward == 2 * logits + (16000 * 4096 + 2048 * 2 * 4096 * 1.5) * 2
+    # weight sync (512 MiB buckets >= attention + FC1 of a layer, so a whole bucket is open):
+    # the bucket, FC1 gathered and merged (2 x 2 f h) and FC2 gathered (f h), in bf16
+    assert m.weight_sync == 512 * MiB + (2 * 2 * 11008 + 11008) * 4096 * 2
+    # the peak of the step: the activations kept in flight with that backward moment (the
+    # forward's temporaries and this micro-batch's logits are gone by then)
+    assert m.step == m.activations - forward + m.backward > m.weight_sync
+    assert m.trainer == m.weights + m.gradients + m.optimizer + m.step
+    assert m.total == m.trainer + 5 * GIB
 
 
 def test_70b_tp8_pp4_vpp2_dp2_by_hand():
     layout = Layout(tensor=8, pipeline=4, virtual=2, data=2, sequence_parallel=True,
                     distributed_optimizer=True)
     work = Workload(seq_length=4096, micro_batch_size=1, num_micro_batches=256,
-                    recompute="selective", params_bytes=2, reference_model=False)
+                    recompute="selective", params_bytes=2, reference_model=False,
+                    sync_bucket_bytes=1024 * MiB)
     first, last = (stage_memory(LLAMA3_70B, 129024, layout, work, rank=r, gpu_bytes=80 * GIB,
                                 reserve_bytes=0) for r in (0, 3))
 
@@ -66,35 +89,80 @@ def test_70b_tp8_pp4_vpp2_dp2_by_hand():
     # Interleaved 1F1B, rank 0: 2 (PP-1) + (v-1) PP + 1 = 11 chunks of 10 layers in flight,
     # i.e. 5.5 stage-micro-batches = Korthikanti's PP (1 + (PP-1)/(PP v)) = 4 x 1.375.
     assert first.in_flight == 5.5 == 4 * (1 + 3 / (4 * 2))
-    per_layer = 34 * 4096 * 1 * 8192 / 8      # 142,606,336 bytes (selective, SP)
-    assert first.activations == 5.5 * 20 * per_layer == 15_686_696_960
+    # 36.75 s b h / t per layer (Korthikanti's GPT count is 34), 1 of it RoPE's cos and sin
+    per_layer = 4096 * 2 * (4 * 8192 / 8 + (80 * 128 + 72 * 128 + 64 * 128 + 3 * 28672) / 8) \
+        + 4 * 4096 * 128 * 2
+    assert per_layer == 36.75 * 4096 * 8192 / 8 == 154_140_672
+    chunk = 10 * per_layer + 4096 * 8192 * 2 / 8 + 4096 ** 2 + 4 * 4096 * 128
+    forward = 2 * 4096 * 8192 * 2
+    assert first.activations == 11 * chunk + forward == 17_389_584_384   # 16.2 GiB
     # Last rank: (v-1) PP + 1 = 5 chunks = 2.5 stage-micro-batches; it alone holds logits.
     assert last.in_flight == 2.5
-    assert last.activations == 2.5 * 20 * per_layer
+    assert last.activations == 5 * chunk + forward
     assert first.logits == 0
-    assert last.logits == 2 * 4096 * 129024 / 8 * 2 + 3 * 16 * MiB == 314_572_800
+    assert last.logits == 4096 * 129024 / 8 * 2 + 2.5 * 16 * MiB == 174_063_616
+    # weight sync, 1 GiB buckets, in MiB: attention 288, FC1 896 (gathered and merged), FC2
+    # 448 (gathered ahead); the last stage's output layer (2016) with FC1 and FC2 of the bucket
+    # before it: 2528 and 3360 MiB, what --measure measures
+    assert first.weight_sync == (288 + 2 * 896 + 448) * MiB == 2528 * MiB
+    assert last.weight_sync == (2016 + 896 + 448) * MiB == 3360 * MiB
 
 
-def test_activation_formulas_of_korthikanti_table_2():
-    s, b, h, a, t = 4096, 1, 8192, 64, 8
-    sbh = s * b * h
+def test_layer_activations_by_recomputation_and_kernels():
+    s, b, h, t, d = 4096, 1, 8192, 8, 128
+    a = 64
     arch = LLAMA3_70B
-    assert layer_activation_bytes(arch, s, b, 1, False, None) == sbh * (34 + 5 * a * s / h)
-    assert layer_activation_bytes(arch, s, b, t, False, None) == \
-        sbh * (10 + 24 / t + 5 * a * s / (h * t))
-    assert layer_activation_bytes(arch, s, b, t, True, None) == sbh / t * (34 + 5 * a * s / h)
-    assert layer_activation_bytes(arch, s, b, t, True, "selective") == sbh / t * 34
-    assert layer_activation_bytes(arch, s, b, t, False, "full") == 2 * sbh
-    assert layer_activation_bytes(arch, s, b, t, True, "full") == 2 * sbh / t
+    sharded = (80 + 72 + 64) * 128 + 3 * 28672
+    rope = 4 * s * d * 2
+    selective = s * b * 2 * (4 * h / t + sharded / t) + rope
+    assert layer_activation_bytes(arch, s, b, t, True, "selective") == selective
+    # without sequence parallelism the norms' inputs and outputs are whole on every TP rank
+    assert layer_activation_bytes(arch, s, b, t, False, "selective") == \
+        s * b * 2 * (4 * h + sharded / t) + rope
+    # no recomputation: flash attention keeps its fp32 log-sum-exp per head and token; the
+    # local spec's attention its fp32 softmax and bf16 probabilities per score
+    assert layer_activation_bytes(arch, s, b, t, True, None) == selective + 4 * b * a / t * s
+    unfused = s * b * 2 * (4 * h / t + (sharded + 2 * 28672) / t) + rope
+    assert layer_activation_bytes(arch, s, b, t, True, None, fused_kernels=False) == \
+        unfused + 6 * b * a / t * s * s
+    assert layer_activation_bytes(arch, s, b, t, False, "full") == 2 * s * b * h
+    assert layer_activation_bytes(arch, s, b, t, True, "full") == 2 * s * b * h / t
 
 
-def test_full_recompute_keeps_layer_inputs_plus_one_layer_being_recomputed():
+def test_full_recompute_keeps_layer_inputs_and_recomputes_one_layer_in_the_backward():
     layout = Layout(8, 4, None, 1, True, True)
     work = Workload(4096, 1, 64, "full", 2, False)
     m = stage_memory(LLAMA3_70B, 129024, layout, work, rank=0, gpu_bytes=80 * GIB,
                      reserve_bytes=0)
     sbh = 4096 * 8192
-    assert m.activations == 4 * 20 * 2 * sbh / 8 + sbh / 8 * (34 + 5 * 64 * 4096 / 8192)
+    chunk = 20 * 2 * sbh / 8 + 2 * sbh / 8 + 4096 ** 2 + 4 * 4096 * 128
+    # the forward's temporaries: gathered input, row-parallel output, and the FC1 and
+    # SwiGLU outputs the checkpointed layer does not keep
+    forward = 2 * 2 * sbh + 3 * 4096 * 28672 / 8 * 2
+    assert m.activations == 4 * chunk + forward
+    recomputed = layer_activation_bytes(LLAMA3_70B, 4096, 1, 8, True, None)
+    assert m.backward == max(recomputed, 129024 * 8192 / 8 * 2 + 2 * sbh + 2 * sbh / 8)
+
+
+def test_weight_sync_moments_follow_the_bucket_size():
+    def sync(bucket_mb, flattens=False, first=True, last=False):
+        return weight_sync_bytes(LLAMA3_70B, 129024, 2, bucket_mb * MiB, flattens,
+                                 embedding=first, output_layer=last, stage_bytes=40 * GIB,
+                                 tp=8) / MiB
+    # A = 288, F1 = 896, F2 = 448, E = 2016 MiB (see the 70B test)
+    assert sync(128) == 128 + 2 * 896 + 448                 # attention flushed to the bucket
+    assert sync(2048) == 2048 + 2 * 896 + 448               # a bucket beyond a layer
+    assert sync(128, first=False, last=True) == 2016 + 448  # FC1 left with its own bucket
+    # colocated: each bucket flattened once more; every stage receives the largest bucket
+    assert sync(1024, flattens=True) == 2 * 2016 + 160      # the embedding, QKV gathered
+    assert sync(1024, flattens=True, first=False) == 2 * 2016
+    # a bucket that holds the whole stage holds it at the end, with the last FC1 gathered
+    assert weight_sync_bytes(LLAMA3_70B, 129024, 2, 64 * GIB, False, True, True,
+                             stage_bytes=40 * GIB, tp=8) == 40 * GIB + 896 * MiB
+    # at TP 1 the tensors are views of the parameters but QKV's split: the QKV copies of the
+    # layers a bucket takes (a layer is A + F1 + F2 = 1632 MiB)
+    assert weight_sync_bytes(LLAMA3_70B, 128256, 2, 4096 * MiB, False, True, True,
+                             stage_bytes=128 * GIB, tp=1) == (4096 // 1632 + 1) * 160 * MiB
 
 
 @pytest.mark.parametrize("pp,vpp", [(2, 2), (4, 2), (4, 5), (8, 5)])

@@ -125,6 +125,32 @@ def test_a_request_joining_a_running_batch_gives_the_same_response(tiny_engine, 
     assert len(results[b].token_ids) > 3
 
 
+def test_a_retracted_batch_is_prefilled_again_and_goes_on_as_if_uninterrupted(tiny_engine,
+                                                                               prompts):
+    """HFStream.retract (a server's ``retract`` pause) frees the rows and their cache; the
+    next step prefills each prompt with the tokens it had, and sampling goes on from each
+    request's own generator."""
+    params = [SamplingParams(temperature=0.8, top_k=20, max_new_tokens=10, seed=s)
+              for s in (41, 42)]
+    sizes, handle = forward_batch_sizes(tiny_engine.model)
+    try:
+        with tiny_engine.stream() as stream:
+            tickets = [stream.submit(p, q) for p, q in zip(prompts[:2], params)]
+            for _ in range(4):                         # a prefill and 3 decodes: 4 tokens each
+                assert stream.step() == []
+            assert stream.generated() == {t: 4 for t in tickets}
+            stream.retract()
+            assert not stream.rows and stream.cache is None
+            results: dict = {}
+            while len(results) < 2:
+                results.update(stream.wait())
+    finally:
+        handle.remove()
+    assert sizes[4] == (2, max(len(p) for p in prompts[:2]) + 4)
+    assert [results[t].token_ids for t in tickets] == [
+        alone(tiny_engine, p, q) for p, q in zip(prompts[:2], params)]
+
+
 def test_copies_of_a_prompt_share_one_prefill_and_keep_their_own_samples(tiny_engine, prompts):
     params = [PARAMS.with_seed(s) for s in (21, 22, 23, 24)]
     sizes, handle = forward_batch_sizes(tiny_engine.model)

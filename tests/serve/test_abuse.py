@@ -129,14 +129,15 @@ def test_a_client_that_goes_away_stops_its_generation(long_server):
 def test_a_request_that_breaks_the_engine_fails_alone(served, monkeypatch):
     url, server = served
     engine = server.worker.engine
-    original = engine.generate
+    original = engine.forward
 
-    def breaks_on_token_7(prompts, params, cancelled=None):
-        if any(7 in p for p in prompts):
+    def breaks_on_prompt_7(cache=None, **inputs):
+        ids = inputs["input_ids"]                  # [rows, width]: a prefill when width > 1
+        if ids.shape[1] > 1 and bool((ids == 7).any()):
             raise RuntimeError("engine fault on token 7")
-        return original(prompts, params, cancelled)
+        return original(cache, **inputs)
 
-    monkeypatch.setattr(engine, "generate", breaks_on_token_7)
+    monkeypatch.setattr(engine, "forward", breaks_on_prompt_7)
     bad = {"input_ids": [7, 7], "sampling_params": {"max_new_tokens": 2}}
     answers = asyncio.run(post_all(url, [GOOD, bad, GOOD, GOOD]))
     assert [a.status_code for a in answers] == [200, 500, 200, 200]

@@ -2,8 +2,9 @@
 
     python -m tests.sglang.sglang_oracle CASES.json OUT_DIR   -> one JSON line per case
 
-A case is ``{"endpoint", "body"}`` (a request) or ``{"payload": entry}`` (one entry of
-``serialized_named_tensors``). Requests are parsed the way SGLang's HTTP server parses them:
+A case is ``{"endpoint", "body"}`` (a request), ``{"payload": entry}`` (one entry of
+``serialized_named_tensors``) or ``{"weight_versions": {"events", "current", "tokens"}}`` (the
+weight versions SGLang reports for a response across version changes). Requests are parsed the way SGLang's HTTP server parses them:
 the request class is the one SGLang's ``http_server.py`` annotates the route's ``obj`` with
 (read from its source), validated with pydantic as FastAPI's ``Body()`` does, and every field
 we send must be a field of that class (SGLang would drop an unknown one silently). ``/generate``
@@ -143,6 +144,21 @@ def check_payload(entry: str, out: str) -> dict:
     return {"ok": True, "names": list(tensors), "file": out}
 
 
+def check_weight_versions(case: dict) -> dict:
+    """``meta_info``'s weight versions of a response, as SGLang's scheduler and tokenizer
+    manager compute them from the version changes it saw (``events``)."""
+    from sglang.srt.utils.weight_versions import (WeightVersionEvent,
+                                                  add_weight_versions_to_meta_info,
+                                                  compute_weight_version_spans)
+
+    events = [WeightVersionEvent(old_version=v, num_output_tokens=n) for v, n in case["events"]]
+    spans = compute_weight_version_spans(events, current_version=case["current"],
+                                         num_output_tokens=case["tokens"])
+    meta: dict = {}
+    add_weight_versions_to_meta_info(meta, spans, num_output_tokens=case["tokens"])
+    return {"ok": True, "meta_info": meta}
+
+
 def main() -> None:
     cases_path, out_dir = sys.argv[1], sys.argv[2]
     placeholder = _torchvision_placeholder()
@@ -160,6 +176,8 @@ def main() -> None:
     for i, case in enumerate(cases):
         if "payload" in case:
             result = check_payload(case["payload"], os.path.join(out_dir, f"{i}.safetensors"))
+        elif "weight_versions" in case:
+            result = check_weight_versions(case["weight_versions"])
         else:
             result = check_request(io_struct, routes, case["endpoint"], case["body"])
         print(json.dumps(result), flush=True)

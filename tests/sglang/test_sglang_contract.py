@@ -41,6 +41,18 @@ class Foreign:
     """A class SGLang's SafeUnpickler must refuse (the negative control)."""
 
 
+# (version changes a request saw: (old version, tokens by then)), version at its end, tokens
+SPAN_CASES = [
+    {"events": [], "current": "default", "tokens": 7},
+    {"events": [], "current": "3", "tokens": 0},                       # aborted before a token
+    {"events": [["default", 4]], "current": "1", "tokens": 9},         # one update mid-request
+    {"events": [["default", 4], ["1", 4], ["2", 6]], "current": "3", "tokens": 9},
+    {"events": [["default", 4]], "current": "default", "tokens": 9},   # changed back
+    {"events": [["1", 5]], "current": "2", "tokens": 5},               # finished at the change
+    {"events": [["1", 8]], "current": "2", "tokens": 5},               # stop trimmed tokens
+]
+
+
 def recorded_flows(tmp_path) -> list[tuple[str, object]]:
     """Every control and weight request of full updates (tensor with memory release, disk),
     an abort, against a recording worker with engine TP 2."""
@@ -94,16 +106,17 @@ def judged(tmp_path_factory):
              + [{"payload": entry} for entry in tensor_entries]
              + [{"payload": foreign}])                                       # control
     with open(tmp / "cases.json", "w") as f:
-        json.dump(cases, f)
+        json.dump(cases + [{"weight_versions": c} for c in SPAN_CASES], f)
     run = subprocess.run([sys.executable, "-m", "tests.sglang.sglang_oracle",
                           str(tmp / "cases.json"), str(tmp)], cwd=ROOT, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     header, verdicts = lines[0], lines[1:]
-    assert len(verdicts) == len(cases)
-    return {"cases": cases, "verdicts": verdicts, "header": header, "flushes": flushes,
-            "requests": requests, "entries": tensor_entries}
+    assert len(verdicts) == len(cases) + len(SPAN_CASES)
+    return {"cases": cases, "verdicts": verdicts[:len(cases)], "header": header,
+            "flushes": flushes, "requests": requests, "entries": tensor_entries,
+            "spans": verdicts[len(cases):]}
 
 
 def test_the_judge_is_the_sglang_wheel(judged):
@@ -150,3 +163,14 @@ def test_every_tensor_payload_loads_and_rebuilds_with_sglangs_own_classes(judged
 def test_sglangs_unpickler_refuses_a_foreign_class(judged):
     verdict = judged["verdicts"][-1]
     assert not verdict["ok"] and "Blocked unsafe global" in verdict["error"]
+
+
+def test_weight_versions_of_a_response_across_updates_are_sglangs(judged):
+    from repo_megatron.engines.sglang_server.app import weight_version_spans
+
+    for case, verdict in zip(SPAN_CASES, judged["spans"]):
+        want = verdict["meta_info"]
+        got = weight_version_spans([tuple(e) for e in case["events"]], case["current"],
+                                   case["tokens"])
+        assert got == want["weight_versions"], case
+        assert got[-1]["version"] == want["weight_version"], case
