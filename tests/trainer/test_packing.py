@@ -110,9 +110,10 @@ def test_packing_forward_gives_the_unpacked_logprobs_through_megatron(tmp_path):
         for i, ref in out["fixed"].items():
             assert ref.numel() > 0
             # the local spec's rotary embedding numbers the packed row 0..T-1: the same
-            # attention up to the rounding of larger angles (trainer/packing.py)
+            # attention up to the rounding of larger angles (trainer/packing.py; measured
+            # 4.8e-7 at most)
             diff = (out["packed"][i] - ref).abs().max().item()
-            assert diff < 1e-5, f"rank {rank} sequence {i}: {diff:.2e}"
+            assert diff < 1e-6, f"rank {rank} sequence {i}: {diff:.2e}"
 
 
 @pytest.mark.gpu
