@@ -190,8 +190,10 @@ def planner_estimate(cfg, gpu_bytes: float) -> dict:
                               layout.tensor)
     (stage,) = plan_stages(arch, vocab, layout, workload_of(cfg, layout), gpu_bytes,
                            reserve_bytes=0)
-    parts = ("weights", "gradients", "optimizer", "activations", "logits", "reference")
-    return {"source": "repo_megatron.plan.memory", "total_bytes": int(stage.total),
+    # the trainer's peak: its state with the larger of the step's largest moment (activations
+    # in flight, logits, temporaries) and the weight sync's buckets
+    parts = ("weights", "gradients", "optimizer", "reference", "step", "weight_sync")
+    return {"source": "repo_megatron.plan.memory", "total_bytes": int(stage.trainer),
             **{f"{p}_bytes": int(getattr(stage, p)) for p in parts}}
 
 

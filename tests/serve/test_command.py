@@ -65,22 +65,6 @@ def test_an_open_address_without_a_key_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def long_context_model_dir(model_dir, tmp_path_factory):
-    """The tiny Llama with a 16k context, so one request can decode for far longer than the
-    test waits (500 tokens of the 512-context model finish in under a second on a fast CPU).
-    Greedy from [1, 2] repeats one token that is not EOS, so the request cannot end early."""
-    import json
-    import shutil
-
-    directory = tmp_path_factory.mktemp("tiny_llama_16k")
-    shutil.copytree(model_dir, directory, dirs_exist_ok=True)
-    config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = 16384
-    (directory / "config.json").write_text(json.dumps(config))
-    return str(directory)
-
-
 def test_sigterm_ends_the_server_within_seconds_mid_generation(long_context_model_dir, tmp_path):
     model_dir = long_context_model_dir
     port = free_ports(1)
