@@ -35,6 +35,7 @@ from ..trainer.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from ..rollout.metrics import mean
 from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
+from .colocation import build_colocation
 from .guard import TrainingStopped
 from .rollout_side import EngineRollout, NoRollout, RolloutSide
 
@@ -112,6 +113,9 @@ class Session:
                                     wandb_project=cfg.logging.wandb_project)
         self.rollout_side = rollout() if self.is_rank0 else NoRollout()
         control.barrier()  # rank 0 may have launched SGLang servers: minutes
+        # colocated runs: the trainer leaves the GPU while SGLang generates (colocation.py)
+        self.colocation = build_colocation(cfg, self.trainer, self.reference,
+                                           self.rollout_side.engine)
         self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class Session:
 
     def save(self, step: int) -> str:
         """Checkpoint the current state; a weight that is not finite stops the run instead."""
+        self.colocation.training_phase()
         if not self.trainer.parameters_finite():
             raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
                                   "it, the last good checkpoint is kept")
@@ -183,6 +188,7 @@ class Session:
     def restore(self) -> int:
         """Load the newest intact checkpoint (older ones are tried when the newest fails
         verification); returns its step (0 if there is none)."""
+        self.colocation.training_phase()
         found = self.checkpoints.load_newest_intact(lambda: self._sharded_state(loading=True))
         if found is None:
             if self.is_rank0:
@@ -207,6 +213,7 @@ class Session:
 
     def rollout(self, step: int):
         """Groups (and rollout metrics) of this step, identical on every rank."""
+        self.colocation.rollout_phase()
         # the others wait on gloo, not NCCL
         return control.broadcast_object(self.rollout_side.rollout(step))
 
@@ -215,6 +222,7 @@ class Session:
         (and reference) log-probs recomputed by Megatron under the original prompts. The loss
         terms of the step follow from what the batch carries (:func:`.batch.build_global_batch`:
         LUFFY's with an expert trace, replay's with a replayed sample)."""
+        self.colocation.training_phase()
         cfg, ps = self.cfg, self.ps
         alg = cfg.algorithm
         adv = B.group_advantages(groups, alg.advantage_estimator, alg.advantage_eps)
@@ -303,11 +311,13 @@ class Session:
     def sync_weights(self) -> None:
         """Megatron's weights -> the rollout engine as weight version ``policy_version``,
         streamed by every pipeline stage (:mod:`repo_megatron.weight_sync.streamer`)."""
+        self.colocation.training_phase()
         self.weight_streamer.sync(self.rollout_side.engine, version=self.policy_version)
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
         ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
+        self.colocation.training_phase()
         weights = gather_hf_weights(self.weight_streamer)
         self.rollout_side.export(weights, os.path.join(self.run_dir, "hf", f"step_{step:06d}"))
         control.barrier()
@@ -319,6 +329,7 @@ class Session:
         return control.broadcast_object(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
+        self.colocation.rollout_phase()
         return control.broadcast_object(self.rollout_side.evaluate())
 
     def close(self) -> None:

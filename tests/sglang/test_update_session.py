@@ -103,11 +103,36 @@ def test_released_memory_is_resumed_weights_first_then_the_rest():
         engine.release_memory()                  # once
         engine.update_weights(WEIGHTS)
     memory = [(e, b) for e, b in worker.calls if "memory" in e]
-    assert memory == [("/release_memory_occupation", {}),
+    assert memory == [("/release_memory_occupation",
+                       {"tags": ["kv_cache", "weights", "cuda_graph"]}),
                       ("/resume_memory_occupation", {"tags": ["weights"]}),
                       ("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})]
     assert worker.endpoints().index("/resume_memory_occupation") < \
         worker.endpoints().index("/update_weights_from_tensor")
+
+
+def test_release_memory_with_an_offloaded_trainer_resumes_kv_cache_at_the_next_generation():
+    """The trainer still holds its GPU memory during the update: the KV cache comes back only
+    when generation starts (after the trainer's offload), and only what is released is named
+    (SGLang fails on resuming a region it holds)."""
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        engine.generation_memory_after_update = False
+        engine.release_memory()
+        engine.update_weights(WEIGHTS)
+        after_update = [(e, b) for e, b in worker.calls if "memory" in e]
+        engine.generate([[1, 2]], [SamplingParams(max_new_tokens=2)])
+        engine.generate([[1, 2]], [SamplingParams(max_new_tokens=2)])   # nothing to resume
+        engine.release_memory()
+    memory = [(e, b) for e, b in worker.calls if "memory" in e]
+    assert after_update == memory[:2] == [
+        ("/release_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]}),
+        ("/resume_memory_occupation", {"tags": ["weights"]})]
+    assert memory[2:] == [
+        ("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),
+        ("/release_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]})]
+    assert worker.endpoints().index("/resume_memory_occupation", 2) < \
+        worker.endpoints().index("/generate")
 
 
 def test_disaggregated_runs_do_not_release_memory(tmp_path):
