@@ -10,6 +10,9 @@ from ..weight_sync.registry import STRATEGIES
 from .base import knob, section
 
 
+MEMORY_SAVER_FLAG = "--enable-memory-saver"
+
+
 @dataclass
 class SGLangLaunchConfig:
     """Servers that repo-megatron starts itself (``repo_megatron.engines.sglang.launcher``)."""
@@ -20,7 +23,9 @@ class SGLangLaunchConfig:
     command: list[str] = knob(default_factory=lambda: ["python", "-m", "sglang.launch_server"],
                               help="Server command; --host/--port are appended")
     args: list[str] = knob(default_factory=list, help="Extra server arguments (e.g. "
-                                                      "--model-path, --tp-size)")
+                                                      "--model-path, --tp-size); "
+                                                      "--enable-memory-saver is added where "
+                                                      "sglang.release_memory is on")
     host: str = knob("127.0.0.1", "Address the servers bind (127.0.0.1 = this node only)")
     base_port: int = knob(30000, "Port of server i is base_port + i", ge=1, le=65535)
     srun_args: list[str] = knob(default_factory=list, help="Extra srun arguments per server "
@@ -98,6 +103,16 @@ class SGLangConfig:
     def releases_memory(self) -> bool:
         """Whether the engines' memory is released during training (``release_memory``)."""
         return self.weight_sync == "tensor" if self.release_memory is None else self.release_memory
+
+    @property
+    def server_args(self) -> list[str]:
+        """``launch.args`` as the servers get them (the launcher and the SLURM scripts): with
+        ``--enable-memory-saver`` where their memory is released (``releases_memory``), since
+        without it SGLang's release frees nothing."""
+        args = list(self.launch.args)
+        if self.releases_memory and MEMORY_SAVER_FLAG not in args:
+            args.append(MEMORY_SAVER_FLAG)
+        return args
 
     @property
     def trainer_offload(self) -> str:

@@ -223,6 +223,24 @@ def test_launcher_passes_deterministic_inference_and_router_health_checks():
         ServerLauncher(SGLangLaunchConfig(num_servers=1)).server_command(0)[0]
 
 
+def test_servers_whose_memory_is_released_start_with_memory_saver():
+    """Without --enable-memory-saver SGLang's release frees nothing: the launch adds it where
+    the run releases memory (colocated), once, and nowhere else."""
+    import os
+
+    from repo_megatron.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shipped = load_config(os.path.join(root, "examples", "configs",
+                                       "llama3_70b_repo_colocated.yaml"), [])
+    assert shipped.rollout.sglang.server_args.count("--enable-memory-saver") == 1
+    colocated = SGLangConfig(weight_sync="tensor",
+                             launch=SGLangLaunchConfig(args=["--mem-fraction-static", "0.5"]))
+    assert colocated.server_args == ["--mem-fraction-static", "0.5", "--enable-memory-saver"]
+    assert SGLangConfig(weight_sync="disk").server_args == []
+    assert SGLangConfig(weight_sync="tensor", release_memory=False).server_args == []
+
+
 def test_nccl_group_and_broadcast_run_on_the_rank_gpu_not_the_worker_thread_gpu(monkeypatch):
     """torch's current GPU is per thread: the sender's event loop and the threads that run the
     NCCL calls start on GPU 0. The strategy captures the rank's device where it is built (the
