@@ -60,7 +60,9 @@ class SGLangConfig:
     router_url: Optional[str] = knob(None, "sglang-router URL; workers are listed from its "
                                            "GET /workers for the endpoints it does not proxy")
     request_timeout_s: float = knob(600.0, "Per-request timeout", gt=0)
-    max_concurrency_per_server: int = knob(64, "In-flight /generate requests per server", ge=1)
+    max_concurrency_per_server: int = knob(64, "In-flight /generate requests per server; "
+                                               "through a router, this x the engines it lists",
+                                           ge=1)
     max_retries: int = knob(3, "Retries of a request on connection errors and 503", ge=0)
     retry_backoff_s: float = knob(0.5, "First retry delay; doubles per retry (at most 8 s)",
                                   gt=0)

@@ -112,11 +112,18 @@ class SGLangEngine(RolloutEngine):
                 raise SGLangError(worker, "/server_info", "launch.deterministic_inference is "
                                   "set but the server runs without "
                                   "--enable-deterministic-inference: it would ignore seeds")
+        if self.cfg.router_url:     # the router balances: every engine's limit is open to it
+            self.client.set_limit(self.cfg.router_url, self.max_in_flight(len(workers)))
         served = {parse_weight_version(info.get("weight_version")) for info in infos} - {None}
         if len(served) > 1:
             log.warning("SGLang workers serve different weight versions %s", sorted(served))
         self._version = max(served, default=0)
         log.info("SGLang workers %s", {w: ".".join(map(str, v)) for w, v in self.versions.items()})
+
+    def max_in_flight(self, engines: int) -> int:
+        """Generation requests in flight at once: ``max_concurrency_per_server`` per engine,
+        over the ``engines`` the router lists (slime's per-engine concurrency x engines)."""
+        return self.cfg.max_concurrency_per_server * engines
 
     async def post_all(self, endpoint: str, body: Optional[dict] = None,
                        workers: Optional[Sequence[str]] = None) -> list:
