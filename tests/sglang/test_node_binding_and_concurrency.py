@@ -19,7 +19,7 @@ from repo_megatron.engines.sglang.client import SGLangClient
 from repo_megatron.engines.sglang.router import router_workers
 from repo_megatron.weight_sync.node_binding import bind_engines
 
-from .servers import GENERATED, free_ports, serve_in_thread
+from .servers import GENERATED, FakeWorker, free_ports, serve_in_thread
 
 NODES = [f"gpu{i:03d}" for i in range(1, 9)]
 
@@ -29,12 +29,14 @@ def node(name: str) -> frozenset:
     return frozenset({name, f"{name}.cluster.local", f"10.0.0.{int(name[3:])}"})
 
 
-class ShuffledRouter:
+class ShuffledRouter(FakeWorker):
     """sgl-router's ``GET /workers`` with the workers in a new order at each call; its
     ``/generate`` holds each request a moment and records the most in flight at once. Worker
-    URLs may point back at this app (``/e<i>/...`` answers health and server info)."""
+    URLs may point back at this app (``/e<i>/...`` answers health and server info, as a
+    fake worker does)."""
 
     def __init__(self, workers: list[str], seed: int = 0):
+        super().__init__(lambda attempt: "ok")
         self.workers, self.random = list(workers), random.Random(seed)
         self.in_flight = self.peak = 0
 
@@ -49,12 +51,6 @@ class ShuffledRouter:
         await asyncio.sleep(0.2)
         self.in_flight -= 1
         return JSONResponse(GENERATED)
-
-    async def health(self, request: Request) -> Response:
-        return Response(status_code=200)
-
-    async def info(self, request: Request) -> Response:
-        return JSONResponse({"version": "0.5.23", "tp_size": 1, "weight_version": "default"})
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/workers", self.list_workers),
