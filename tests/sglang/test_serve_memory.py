@@ -38,6 +38,16 @@ def test_release_memory_without_memory_saver_frees_nothing_but_keeps_sglangs_tag
         assert _post(url, "/resume_memory_occupation", {"tags": 1}).status_code == 400
 
 
+def test_release_memory_on_a_server_without_memory_saver_is_warned_about(model_dir, caplog):
+    with serve_model(model_dir) as (url, _), caplog.at_level("WARNING"):
+        SGLangEngine(SGLangConfig(urls=[url], weight_sync="tensor")).close()
+        SGLangEngine(SGLangConfig(urls=[url], weight_sync="disk")).close()
+    warned = [r.getMessage() for r in caplog.records if "--enable-memory-saver" in r.getMessage()]
+    assert warned == [f"{url} runs without --enable-memory-saver: its memory release "
+                      f"(rollout.sglang.release_memory) only flushes the cache, its weights and "
+                      f"KV cache stay on the GPU while the trainer trains"]
+
+
 def test_release_memory_with_memory_saver_takes_regions_out_of_service(model_dir):
     with serve_model(model_dir, options=SAVER) as (url, server):
         assert httpx.get(url + "/server_info").json()["enable_memory_saver"] is True

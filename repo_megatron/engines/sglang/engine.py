@@ -112,6 +112,11 @@ class SGLangEngine(RolloutEngine):
                 raise SGLangError(worker, "/server_info", "launch.deterministic_inference is "
                                   "set but the server runs without "
                                   "--enable-deterministic-inference: it would ignore seeds")
+            if self.cfg.releases_memory and info.get("enable_memory_saver") is False:
+                log.warning("%s runs without --enable-memory-saver: its memory release "
+                            "(rollout.sglang.release_memory) only flushes the cache, its "
+                            "weights and KV cache stay on the GPU while the trainer trains",
+                            worker)
         if self.cfg.router_url:     # the router balances: every engine's limit is open to it
             self.client.set_limit(self.cfg.router_url, self.max_in_flight(len(workers)))
         served = {parse_weight_version(info.get("weight_version")) for info in infos} - {None}
