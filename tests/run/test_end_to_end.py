@@ -118,3 +118,11 @@ def test_colocated_training_releases_memory_and_offloads_the_trainer(tmp_path):
     cfg = _serve_run_config(tmp_path, weight_sync="tensor", offload_trainer="host")
     assert run_distributed(_train, 1, cfg, timeout=600) == [0]
     _assert_two_steps_agree(str(tmp_path / "run"))
+    log = tmp_path / "run" / "servers" / "sglang-0.log"
+    moves = [line.split("memory ")[1].strip() for line in log.read_text().splitlines()
+             if "memory released" in line or "memory resumed" in line]
+    # the initial sync, then per step: released for training, weights back for the sync, the
+    # KV cache and CUDA graphs back at the next generation (after the trainer's offload)
+    cycle = ["released: kv_cache, weights, cuda_graph", "resumed: weights",
+             "resumed: kv_cache, cuda_graph"]
+    assert moves[:3] == cycle and moves.count(cycle[0]) >= 3, moves

@@ -469,6 +469,7 @@ class SGLangServer:
             return error_response("release_memory_occupation should be called only when "
                                   "server is idle.")
         self.released.update(tags)
+        log.info("memory released: %s", ", ".join(tags))
         return JSONResponse(None)
 
     @ADMIN
@@ -478,6 +479,7 @@ class SGLangServer:
         if held:           # SGLang's offload_tags.remove(tag) raises KeyError
             return error_response(repr(held[0]))
         self.released.difference_update(tags)
+        log.info("memory resumed: %s", ", ".join(tags))
         return JSONResponse(None)
 
     # -- app --------------------------------------------------------------------------------
