@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from statistics import fmean
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -295,12 +296,27 @@ def quickstart_chat() -> tuple[dict, tuple]:
     return chat, tuple(cfg["rollout"].get("stop", ()))
 
 
+def algorithm_settings(pairs) -> dict:
+    """``--algorithm KEY=VALUE`` pairs (YAML values) as a dict of ``algorithm:`` keys."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--algorithm {pair}: expected KEY=VALUE")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def arm_configs(arm: str, seed: int, model_section: dict, budget: dict, paths, template: str,
-                out: str, attempts: int, chat: dict, stop: tuple) -> dict:
-    """The run config of one arm and seed: everything but the algorithm is shared."""
+                out: str, attempts: int, chat: dict, stop: tuple,
+                shared: Optional[dict] = None) -> dict:
+    """The run config of one arm and seed: everything but the algorithm is shared, and so are
+    the ``shared`` algorithm keys (``--algorithm``: batching, say)."""
     from repo_megatron.testbed.runs import run_config
 
-    algorithm = json.loads(json.dumps(ARMS[arm]))
+    algorithm = {**json.loads(json.dumps(ARMS[arm])), **(shared or {})}
     algorithm["repo"] = {"rephrase_template": template, "num_rephrase_attempts": attempts,
                          **algorithm.get("repo", {})}
     cfg = run_config(model_section.get("hf_path"), paths[0], os.path.join(out, f"{arm}-s{seed}"),
@@ -342,6 +358,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse-warmup", action="store_true",
                         help="tiny: keep OUT/warm if it exists (skip the warm-up)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--algorithm", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="algorithm: keys every arm shares, e.g. "
+                             "max_tokens_per_microbatch=256 sequence_packing=true")
     parser.add_argument("--timeout", type=float, default=3600, help="per-run limit, seconds")
     args = parser.parse_args(argv)
     tiny = args.model == "tiny"
@@ -383,6 +402,7 @@ def main(argv=None) -> None:
         model_section = {"gguf_file": "smollm2"}
         chat, stop = quickstart_chat()
     summary["chat"], summary["stop"] = chat, list(stop)
+    summary["algorithm"] = algorithm_settings(args.algorithm)
     measure = dict(template=template, temperature=budget["temperature"],
                    max_new_tokens=budget["max_new_tokens"], samples=4, seed=args.task_seed,
                    chat=chat, stop=stop)
@@ -392,7 +412,8 @@ def main(argv=None) -> None:
 
     jobs = [(arm, seed) for seed in seeds for arm in arms]
     configs = [arm_configs(arm, seed, model_section, budget, paths, template, out,
-                           args.rephrase_attempts, chat, stop) for arm, seed in jobs]
+                           args.rephrase_attempts, chat, stop,
+                           algorithm_settings(args.algorithm)) for arm, seed in jobs]
     t0 = time.perf_counter()
     results = run_many(configs, parallel=args.parallel, timeout=args.timeout)
     runs: dict[str, list[list[dict]]] = {arm: [] for arm in arms}

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 Count = Union[Tensor, float, int]
 
@@ -70,6 +70,8 @@ def aggregate_loss(token_loss: Tensor, response_mask: Tensor, mode: str,
 
     - ``token-mean``:               ``sum_it m_it l_it / T``
     - ``seq-mean-token-mean``:      ``sum_i (sum_t m_it l_it / |o_i|) / S``  (original GRPO)
+    - ``seq-mean-token-sum``:       ``sum_i (sum_t m_it l_it) / S``  (verl's: longer responses
+      weigh more)
     - ``seq-mean-token-sum-norm``:  ``sum_i (sum_t m_it l_it / L) / S``, ``L =
       loss_norm_length`` (Dr.GRPO: a constant, e.g. the generation budget)
 
@@ -87,6 +89,8 @@ def aggregate_loss(token_loss: Tensor, response_mask: Tensor, mode: str,
     if mode == "seq-mean-token-mean":
         seq_len = response_mask.bool().sum(dim=-1).clamp(min=1).to(token_loss.dtype)
         seq_loss = seq_sum / seq_len
+    elif mode == "seq-mean-token-sum":
+        seq_loss = seq_sum
     else:
         if loss_norm_length is None or loss_norm_length < 1:
             raise ValueError("seq-mean-token-sum-norm needs loss_norm_length >= 1 "

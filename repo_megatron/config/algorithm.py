@@ -104,7 +104,7 @@ class AlgorithmConfig:
     entropy_coef: float = knob(0.0, "Entropy bonus coefficient", ge=0)
     loss_agg_mode: str = knob("token-mean", "Loss aggregation",
                               choices=["token-mean", "seq-mean-token-mean",
-                                       "seq-mean-token-sum-norm"])
+                                       "seq-mean-token-sum", "seq-mean-token-sum-norm"])
     loss_norm_length: Optional[int] = knob(
         None, "seq-mean-token-sum-norm divides by this (null = rollout.max_new_tokens)", ge=1)
     tis_cap: Optional[float] = knob(
@@ -114,13 +114,36 @@ class AlgorithmConfig:
     ppo_epochs: int = knob(1, "Optimizer passes over each rollout batch", ge=1)
     global_batch_size: Optional[int] = knob(
         None, "Sequences per optimizer step (null = the whole rollout batch)", ge=1)
-    micro_batch_size: int = knob(4, "Sequences per forward/backward micro-batch", ge=1)
+    micro_batch_size: int = knob(4, "Sequences per forward/backward micro-batch (without "
+                                    "max_tokens_per_microbatch)", ge=1)
+    max_tokens_per_microbatch: Optional[int] = knob(
+        None, "Token budget of a micro-batch: the step's sequences are balanced over the DP "
+              "ranks by tokens, sorted by length and binned so that no micro-batch computes "
+              "more positions (rows x padded length, or the packed row) than this; a longer "
+              "sequence runs alone. Old, reference log-probs and the loss use the same "
+              "micro-batches (null = micro_batch_size sequences each; docs/training.md)", ge=2)
+    microbatch_overhead_tokens: int = knob(
+        64, "With max_tokens_per_microbatch, unpacked: what one more micro-batch costs, in "
+            "padded positions (its kernel launches, pipeline exchanges, loss bookkeeping); the "
+            "planner cuts the length-sorted sequences where computed positions plus this per "
+            "micro-batch are least (0 = only padding counts: every distinct length may run "
+            "alone)", ge=0)
+    strict_token_budget: bool = knob(
+        False, "A sequence that does not fit max_tokens_per_microbatch alone stops the run "
+               "with an error instead of running in a micro-batch of its own")
+    sequence_packing: bool = knob(
+        False, "Run each micro-batch's sequences as one packed row: THD with cu_seqlens under "
+               "Transformer Engine, a block-diagonal causal mask on the local spec; positions "
+               "restart per sequence, log-probs are unpacked per sequence (docs/training.md)")
     repo: RePOConfig = section(RePOConfig, "The RePO gate, rephrasing and injection")
     luffy: LuffyConfig = section(LuffyConfig, "LUFFY-style off-policy guidance")
     replay: ReplayConfig = section(ReplayConfig, "Replay-Enhanced Policy Optimization")
     dynamic_sampling: DynamicSamplingConfig = section(DynamicSamplingConfig, "Dynamic sampling")
 
     def validate(self, path: str) -> None:
+        if self.strict_token_budget and self.max_tokens_per_microbatch is None:
+            raise ConfigError(f"{path}.strict_token_budget=true needs "
+                              f"{path}.max_tokens_per_microbatch")
         if self.injection == "repo" and "{solution}" not in self.repo.rephrase_template:
             raise ConfigError(f"{path}.repo.rephrase_template must contain {{solution}}")
         if self.injection == "repo" and "{question}" not in self.repo.rephrase_template:

@@ -104,6 +104,8 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, parallel: Par
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        # The forward step reads it: packed rows go to TE as THD, to the local spec as a mask.
+        transformer_impl=impl,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,

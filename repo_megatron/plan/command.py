@@ -115,11 +115,20 @@ def colocation_of(cfg: Config, mem_fraction: Optional[float], gpus_per_node: int
 
 
 def workload_of(cfg: Config, layout: Layout) -> Workload:
-    """Sequence length (longest prompt + response, FP8-padded), micro-batches per DP rank."""
+    """Sequence length (longest prompt + response, FP8-padded), micro-batches per DP rank.
+    With ``algorithm.max_tokens_per_microbatch`` the worst micro-batch the budget admits
+    (run/batching.py): as many longest sequences as fit (at least one), or, packed, one row
+    of the budget (at least the longest sequence); their count as if every sequence were the
+    longest."""
     seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    alg = cfg.algorithm
+    if alg.max_tokens_per_microbatch is not None and alg.sequence_packing:
+        seq = max(seq, alg.max_tokens_per_microbatch)
     if cfg.model.fp8 is not None:
         seq = fp8_padded_length(seq, cfg.model.fp8_recipe, layout.tensor, layout.sequence_parallel)
-    mbs = cfg.algorithm.micro_batch_size
+    mbs = alg.micro_batch_size
+    if alg.max_tokens_per_microbatch is not None:
+        mbs = 1 if alg.sequence_packing else max(1, alg.max_tokens_per_microbatch // seq)
     global_batch = (cfg.algorithm.global_batch_size
                     or cfg.rollout.prompts_per_step * cfg.rollout.group_size)
     sglang = cfg.rollout.sglang

@@ -1,7 +1,8 @@
 """From rollout groups to the trainer's micro-batches (plain torch, no Megatron).
 
-Every rank builds the same global batch from the same groups, then takes its data-parallel
-slice and cuts it into the trainer's micro-batches
+Every rank builds the same global batch from the same groups, plans which sequences each
+data-parallel rank runs in which micro-batch (:mod:`.batching`: a fixed count, or a token
+budget balanced over the ranks) and builds its own micro-batches
 (:class:`~repo_megatron.trainer.micro_batch.MicroBatch`). A sequence is ``prompt_ids +
 response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace too); position ``t`` scores
 ``tokens[t + 1]``, so response token ``j`` of a prompt of length ``P`` is scored at position
@@ -10,7 +11,7 @@ response_ids`` of its ORIGINAL prompt ``q`` (a rephrased trace too); position ``
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from ..algorithm import compute_advantages
 from ..algorithm.provenance import provenance_codes
 from ..rollout.types import Group, Sample
 from ..trainer.micro_batch import MicroBatch
+from .batching import PlannedMicroBatch, row_length
 
 
 def group_advantages(groups: Sequence[Group], estimator: str, eps: float) -> list[list[float]]:
@@ -80,37 +82,25 @@ def build_global_batch(groups: Sequence[Group], advantages: Sequence[Sequence[fl
         sampled_onpolicy=has_behaviour & ~is_replay & ~is_rephrased)
 
 
-def data_parallel_slice(batch: MicroBatch, rank: int, size: int, micro_batch_size: int,
-                        multiple_of: int = 1) -> MicroBatch:
-    """This DP rank's contiguous share of ``batch``, padded with masked rows so that every
-    rank holds the same number of micro-batches, a multiple of ``multiple_of`` (the
-    interleaved schedule's pipeline size)."""
-    n = batch.num_sequences
-    per_rank = math.ceil(n / size)
-    micro = math.ceil(per_rank / micro_batch_size)
-    micro = math.ceil(micro / multiple_of) * multiple_of
-    per_rank = micro * micro_batch_size
-    start = min(rank * per_rank, n)
-    mine = batch.select(slice(start, min(start + per_rank, n)))
-    return mine.pad_rows(per_rank - mine.num_sequences)
-
-
-def padded_length(length: int, multiple: int) -> int:
-    """``length`` rounded up to a multiple of ``multiple``."""
-    return -(-length // multiple) * multiple
-
-
-def micro_batches(batch: MicroBatch, micro_batch_size: int,
-                  length_multiple: int = 1) -> list[MicroBatch]:
-    """Cut ``batch`` into micro-batches of ``micro_batch_size`` sequences, each trimmed to its
-    longest sequence and right-padded to a multiple of ``length_multiple`` (what sequence
-    parallelism and FP8 require: :func:`repo_megatron.models.builder.sequence_length_multiple`;
-    see :meth:`~repo_megatron.trainer.micro_batch.MicroBatch.fit_length`)."""
+def micro_batches(batch: MicroBatch, planned: Sequence[PlannedMicroBatch]) -> list[MicroBatch]:
+    """This rank's micro-batches of ``batch`` as its plan says (:mod:`.batching`): each holds
+    its sequences, padding rows (masked, counting nowhere in the loss) up to its rows, and is
+    cut or right-padded to its length with masked zeros (see
+    :meth:`~repo_megatron.trainer.micro_batch.MicroBatch.fit_length`). A packed one keeps
+    its sequences as rows (the loss's layout) trimmed to the longest, and runs them as one row
+    of ``pack_length`` positions (:mod:`repo_megatron.trainer.packing`)."""
     out = []
-    for start in range(0, batch.num_sequences, micro_batch_size):
-        mb = batch.select(slice(start, start + micro_batch_size))
-        # padding rows have length 0; a sequence needs >= 2 positions to score a token
-        out.append(mb.fit_length(padded_length(max(2, int(mb.lengths.max())), length_multiple)))
+    for p in planned:
+        mb = batch.select(torch.tensor(p.sequences, dtype=torch.long))
+        # a packed micro-batch with no sequence keeps one padding row: no empty tensors
+        mb = mb.pad_rows((1 if p.packed else p.rows) - mb.num_sequences)
+        if p.packed:
+            own = mb.lengths.tolist()
+            mb = dataclasses.replace(mb.fit_length(row_length(own, 1, False)),
+                                     pack_length=p.length)
+        else:
+            mb = mb.fit_length(p.length)
+        out.append(mb)
     return out
 
 

@@ -29,10 +29,11 @@ from ..errors import UserError
 from ..metrics.writer import MetricsWriter, read_rows, truncate_after
 from ..models.builder import build_model, sequence_length_multiple
 from ..runtime import control, distributed
-from ..trainer.forward import forward_logprobs
+from ..trainer.forward import forward_logprobs, needs_equal_shapes
 from ..trainer.micro_batch import MicroBatch
 from ..trainer.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
+from .batching import plan_metrics, plan_micro_batches
 from ..rollout.metrics import mean
 from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
 from .colocation import build_colocation
@@ -218,8 +219,9 @@ class Session:
         return control.broadcast_object(self.rollout_side.rollout(step))
 
     def prepare(self, groups) -> PreparedBatch:
-        """Advantages, this rank's data-parallel slice cut into micro-batches, and their old
-        (and reference) log-probs recomputed by Megatron under the original prompts. The loss
+        """Advantages, this rank's micro-batches (:mod:`.batching`'s plan: a fixed count or a
+        token budget, balanced over the DP ranks), and their old (and reference) log-probs
+        recomputed by Megatron under the original prompts, on those same micro-batches. The loss
         terms of the step follow from what the batch carries (:func:`.batch.build_global_batch`:
         LUFFY's with an expert trace, replay's with a replayed sample)."""
         self.colocation.training_phase()
@@ -229,20 +231,22 @@ class Session:
         full = B.build_global_batch(groups, adv, pad_id=0)
         gbs = alg.global_batch_size or full.num_sequences
         interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
+        layout = dict(multiple=sequence_length_multiple(cfg.model, cfg.parallel),
+                      multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1,
+                      equal_shapes=needs_equal_shapes(self.trainer.model))
         num_minibatches = math.ceil(full.num_sequences / gbs)
         # One optimizer step on this batch and no TIS weights: the old policy is the policy of
         # the training forward itself, so its detached log-probs serve and the separate
         # forward is skipped (train_step takes them when old_logprobs is None).
         reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
         mismatch = None
-        minibatches = []
+        minibatches, plans, lengths = [], [], []
         for start in range(0, full.num_sequences, gbs):
-            shard = B.data_parallel_slice(
-                full.select(slice(start, start + gbs)), ps.get_data_parallel_rank(),
-                ps.get_data_parallel_world_size(), alg.micro_batch_size,
-                multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-            mbs = B.micro_batches(shard, alg.micro_batch_size,
-                                  length_multiple=sequence_length_multiple(cfg.model, cfg.parallel))
+            minibatch = full.select(slice(start, start + gbs))
+            lengths.append(minibatch.lengths.tolist())
+            plans.append(plan_micro_batches(lengths[-1], ps.get_data_parallel_world_size(),
+                                            alg, **layout))
+            mbs = B.micro_batches(minibatch, plans[-1][ps.get_data_parallel_rank()])
             olds = [None] * len(mbs) if reuse else self.trainer.compute_logprobs(mbs)
             refs = (forward_logprobs(self.reference, mbs, self.temperature, self.arch.vocab_size)
                     if self.reference is not None else [None] * len(mbs))
@@ -257,9 +261,10 @@ class Session:
                         alg.tis_cap)
                     mb.advantages = mb.advantages.to(weights.device)[:, None] * weights
             minibatches.append(mbs)
+        metrics = {f"batch/{k}": v for k, v in plan_metrics(plans, lengths).items()}
         if reuse:
-            return PreparedBatch(minibatches, deferred=mbs)
-        return PreparedBatch(minibatches, self._reduce_mismatch(mismatch))
+            return PreparedBatch(minibatches, metrics, deferred=mbs)
+        return PreparedBatch(minibatches, {**metrics, **self._reduce_mismatch(mismatch)})
 
     def _reduce_mismatch(self, m: Optional[torch.Tensor]) -> dict:
         """The step's mismatch metrics from this rank's ``[sum, max, tokens]`` (device), reduced

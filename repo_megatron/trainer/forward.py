@@ -2,8 +2,10 @@
 
 Micro-batches are :class:`~.micro_batch.MicroBatch` es: a forward pass reads ``tokens``
 [b, s] and, when present, ``position_ids`` and ``loss_mask`` (log-probs are then computed on
-those positions only); each forward step moves its micro-batch to the rank's device. Every
-schedule (no pipelining, 1F1B, interleaved) is driven by
+those positions only); each forward step moves its micro-batch to the rank's device. A packed
+micro-batch runs as one row (:mod:`.packing`: THD under Transformer Engine, a block-diagonal
+causal mask on the local spec) and its log-probs come back unpacked, ``[b, s]`` like any
+other's. Every schedule (no pipelining, 1F1B, interleaved) is driven by
 ``megatron.core.pipeline_parallel.get_forward_backward_func``; results come back on the last
 pipeline stage and are broadcast to the other stages when asked.
 """
@@ -16,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..runtime import cpu_compat
+from . import packing
 from .logprobs import vocab_parallel_logprobs
 from .micro_batch import ForwardOutput, MicroBatch
 
@@ -27,14 +30,34 @@ def causal_attention_mask(seq_len: int) -> torch.Tensor:
     return torch.triu(mask, diagonal=1).view(1, 1, seq_len, seq_len)
 
 
-def model_inputs(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens, position_ids, attention_mask) on this rank's device."""
-    tokens = batch.tokens.to(cpu_compat.device())
-    b, s = tokens.shape
-    pos = batch.position_ids
-    pos = (torch.arange(s, device=tokens.device).expand(b, s) if pos is None
-           else pos.to(tokens.device))
-    return tokens, pos, causal_attention_mask(s)
+def uses_thd(model) -> bool:
+    """Whether a model chunk's attention takes packed rows as THD (Transformer Engine) rather
+    than through a mask (the local spec)."""
+    return model.config.transformer_impl == "transformer_engine"
+
+
+def forward_inputs(host: MicroBatch, model) -> tuple[MicroBatch, dict,
+                                                     Optional[packing.PackedLayout]]:
+    """``host`` on this rank's device, ``GPTModel.forward``'s keyword inputs for it
+    (``input_ids``, ``position_ids``, ``attention_mask``, ``packed_seq_params``), and its
+    packed layout (None unpacked). A packed layout is computed from the host ``lengths``, so
+    nothing waits on the device."""
+    device = cpu_compat.device()
+    batch = host.to(device)
+    if host.pack_length is None:
+        b, s = batch.shape
+        pos = (torch.arange(s, device=device).expand(b, s) if batch.position_ids is None
+               else batch.position_ids)
+        return batch, dict(input_ids=batch.tokens, position_ids=pos,
+                           attention_mask=causal_attention_mask(s)), None
+    layout = packing.packed_layout(host.lengths, host.pack_length).to(device)
+    inputs = dict(input_ids=packing.pack(batch.tokens, layout),
+                  position_ids=packing.position_ids(layout))
+    if uses_thd(model):
+        inputs.update(attention_mask=None, packed_seq_params=packing.packed_seq_params(layout))
+    else:
+        inputs.update(attention_mask=packing.block_diagonal_causal_mask(layout))
+    return batch, inputs, layout
 
 
 def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
@@ -42,8 +65,26 @@ def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
 
 
-def needs_equal_lengths(model: list) -> bool:
-    """Whether the micro-batches of one schedule run must share a sequence length.
+def next_token_logprobs(logits: torch.Tensor, batch: MicroBatch,
+                        layout: Optional[packing.PackedLayout], temperature: float,
+                        mask: Optional[torch.Tensor], vocab_size: Optional[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy) ``[b, s]`` of each next token of ``batch`` (on the device of
+    ``logits``, the chunk's output [rows, positions, v/tp]), computed on ``mask`` (None: every
+    real position) and unpacked when the micro-batch ran packed."""
+    targets = next_token_targets(batch.tokens)
+    if layout is None:
+        return vocab_parallel_logprobs(logits, targets, temperature, mask, vocab_size=vocab_size)
+    real = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+    logp, entropy = vocab_parallel_logprobs(
+        logits, packing.pack(targets, layout), temperature, packing.pack(real, layout),
+        vocab_size=vocab_size)
+    return (packing.unpack(logp, layout, batch.shape),
+            packing.unpack(entropy, layout, batch.shape))
+
+
+def needs_equal_shapes(model: list) -> bool:
+    """Whether the micro-batches of one schedule run must share one shape (rows and length).
 
     With ``variable_seq_lengths`` megatron exchanges the activation and gradient shapes with
     four p2p ops posted in the same order on both ranks; under the interleaved schedule with
@@ -60,10 +101,10 @@ def run_schedule(model: list, micro_batches: list[MicroBatch], forward_step_func
     collected on the last pipeline stage (empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seq = max(mb.seq_length for mb in micro_batches)
-    mbs = max(mb.num_sequences for mb in micro_batches)
-    if needs_equal_lengths(model):
-        micro_batches = [mb.fit_length(seq) for mb in micro_batches]
+    mbs = max(mb.forward_shape[0] for mb in micro_batches)
+    seq = max(mb.forward_shape[1] for mb in micro_batches)
+    if needs_equal_shapes(model):
+        micro_batches = [mb.fit_forward_shape(mbs, seq) for mb in micro_batches]
     iters: object = iter(micro_batches)
     if len(model) > 1:  # interleaved: each model chunk reads the same micro-batches
         iters = [iter(micro_batches) for _ in model]
@@ -73,19 +114,24 @@ def run_schedule(model: list, micro_batches: list[MicroBatch], forward_step_func
         seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
 
 
-def _logprob_loss(batch: MicroBatch, temperature: float, vocab_size: Optional[int],
-                  logits: torch.Tensor):
+def _logprob_loss(batch: MicroBatch, layout: Optional[packing.PackedLayout],
+                  temperature: float, vocab_size: Optional[int], logits: torch.Tensor):
     mask = batch.loss_mask
-    logp, _ = vocab_parallel_logprobs(logits, next_token_targets(batch.tokens), temperature,
-                                      None if mask is None else mask.bool(),
-                                      vocab_size=vocab_size)
+    logp, _ = next_token_logprobs(logits, batch, layout, temperature,
+                                  None if mask is None else mask.bool(), vocab_size)
     return logits.new_zeros(()), ForwardOutput(logprobs=logp.detach())
 
 
 def _logprob_forward_step(temperature: float, vocab_size: Optional[int], data_iterator, model):
-    batch = next(data_iterator).to(cpu_compat.device())
-    tokens, pos, mask = model_inputs(batch)
-    return model(tokens, pos, mask), partial(_logprob_loss, batch, temperature, vocab_size)
+    batch, inputs, layout = forward_inputs(next(data_iterator), model)
+    return model(**inputs), partial(_logprob_loss, batch, layout, temperature, vocab_size)
+
+
+def own_rows(outputs: list, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+    """The log-probs of each micro-batch's own rows and positions, from the loss function
+    outputs of the last stage (a schedule that evens out shapes pads some)."""
+    return [o.logprobs[:mb.num_sequences, :mb.seq_length]
+            for o, mb in zip(outputs, micro_batches)]
 
 
 def broadcast_from_last_stage(values: Optional[list[torch.Tensor]],
@@ -122,6 +168,5 @@ def forward_logprobs(model: list, micro_batches: Iterable[MicroBatch],
     out = run_schedule(model, micro_batches,
                        partial(_logprob_forward_step, temperature, vocab_size), forward_only=True)
     last = parallel_state.is_pipeline_last_stage()
-    values = ([o.logprobs[:, :mb.seq_length] for o, mb in zip(out, micro_batches)]
-              if last else None)
+    values = own_rows(out, micro_batches) if last else None
     return broadcast_from_last_stage(values, [mb.shape for mb in micro_batches])

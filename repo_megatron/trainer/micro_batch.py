@@ -17,11 +17,12 @@ batch) and come back in :class:`ForwardOutput`.
 
 The micro-batches are built on the host; the forward step moves each to the rank's device
 (:meth:`MicroBatch.to`) as it runs it. The schedules and the trainer ask a micro-batch for its
-shape (:attr:`~MicroBatch.shape`, :attr:`~MicroBatch.seq_length`,
+shape (:attr:`~MicroBatch.shape`, :attr:`~MicroBatch.forward_shape`,
 :attr:`~MicroBatch.num_sequences`) and the builder for its real ``lengths``, never a step-wide
-layout: cutting micro-batches by a token budget, or a packed layout (several sequences in a
-row, with their boundaries and ``position_ids`` restarting at each), changes this class and
-the builder, not them.
+layout. A *packed* micro-batch (``pack_length`` set) keeps this layout for everything the loss
+reads, one sequence per row, and runs its sequences through the model as one row of
+``pack_length`` positions (:mod:`.packing`: boundaries, positions restarting at each
+sequence); the log-probs come back unpacked, in this layout.
 """
 
 from __future__ import annotations
@@ -58,11 +59,20 @@ class MicroBatch:
     #                                                engine's log-probs in behaviour_logprobs
     #                                                (the rows train/rollout mismatch and TIS
     #                                                compare; not the loss's)
+    pack_length: Optional[int] = None              # packed: the model sees one row of this
+    #                                                many positions (needs lengths); None: the
+    #                                                b rows of s
 
     @property
     def shape(self) -> torch.Size:
         """``[b, s]``: the shape of every per-token tensor (log-probs included)."""
         return self.tokens.shape
+
+    @property
+    def forward_shape(self) -> torch.Size:
+        """``[rows, positions]`` the model runs: ``[1, pack_length]`` packed, else
+        :attr:`shape`."""
+        return self.shape if self.pack_length is None else torch.Size([1, self.pack_length])
 
     @property
     def num_sequences(self) -> int:
@@ -76,7 +86,7 @@ class MicroBatch:
         """A copy with ``fn`` applied to every tensor it carries."""
         return dataclasses.replace(self, **{
             f.name: fn(value) for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not None})
+            if isinstance(value := getattr(self, f.name), Tensor)})
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Every tensor moved to ``device``."""
@@ -98,6 +108,13 @@ class MicroBatch:
         padding is token 0 with ``loss_mask`` 0: it counts nowhere in the loss, and causal
         attention leaves the real positions unchanged."""
         return self._map(lambda v: _fit_length(v, length) if v.dim() == 2 else v)
+
+    def fit_forward_shape(self, rows: int, length: int) -> "MicroBatch":
+        """This micro-batch run as ``[rows, length]``: padding rows and positions added
+        (unpacked), or a longer packed row (``rows`` is then 1)."""
+        if self.pack_length is not None:
+            return dataclasses.replace(self, pack_length=length)
+        return self.pad_rows(rows - self.num_sequences).fit_length(length)
 
 
 def _fit_length(values: Tensor, length: int) -> Tensor:

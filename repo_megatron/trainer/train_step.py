@@ -31,7 +31,7 @@ from ..algorithm import LossParams
 from ..config.model import ModelConfig
 from ..config.optimizer import OptimizerConfig
 from ..config.parallel import ParallelConfig
-from .forward import broadcast_from_last_stage, forward_logprobs, run_schedule
+from .forward import broadcast_from_last_stage, forward_logprobs, own_rows, run_schedule
 from .loss import LossContext, global_normalisers, policy_forward_step
 from .micro_batch import MicroBatch
 
@@ -173,8 +173,8 @@ class PolicyTrainer:
         if micro_batches[0].old_logprobs is None:
             last = parallel_state.is_pipeline_last_stage()
             logprobs = broadcast_from_last_stage(
-                [o.logprobs[:, :mb.seq_length] for o, mb in zip(outputs, micro_batches)]
-                if last else None, [mb.shape for mb in micro_batches])
+                own_rows(outputs, micro_batches) if last else None,
+                [mb.shape for mb in micro_batches])
         # identical on every rank, so is every branch below
         metrics = reduce_metrics([o.metrics for o in outputs])
         loss = metrics.pop("loss")

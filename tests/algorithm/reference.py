@@ -73,6 +73,8 @@ def aggregate(token_loss, mask, mode, norm_length=None):
             total = total + seq_sum / max(num_tokens, 1)
         elif mode == "seq-mean-token-mean":
             total = total + seq_sum / max(sum(row_mask), 1) / max(num_seqs, 1)
+        elif mode == "seq-mean-token-sum":
+            total = total + seq_sum / max(num_seqs, 1)
         else:
             total = total + seq_sum / norm_length / max(num_seqs, 1)
     return total

@@ -26,7 +26,7 @@ BAD_CONFIGS = [
      "ConfigError: {path}: optimizer.lr=fast must be float"),
     ("bad_choice", "model: {{hf_path: {model}}}\nalgorithm: {{loss_agg_mode: mean}}\n", [],
      "ConfigError: {path}: algorithm.loss_agg_mode=mean must be one of token-mean, "
-     "seq-mean-token-mean, seq-mean-token-sum-norm"),
+     "seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm"),
     ("invalid_yaml", "model: {{hf_path: {model}\nparallel: [\n", [],
      "ConfigError: {path}: not valid YAML at line 2, column 9: expected ',' or '}}', but got "
      "':'"),

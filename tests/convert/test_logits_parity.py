@@ -27,16 +27,17 @@ SAVED_BY_MEGATRON = ("llama", "qwen2")  # untied; tied with QKV bias
 def _true_vocab_logprob_step(vocab_size: int, data_iterator, model):
     """Forward step: next-token log-probs over the first ``vocab_size`` logits."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from repo_megatron.trainer.forward import model_inputs
+    from repo_megatron.trainer.forward import forward_inputs
 
-    tokens, pos, mask = model_inputs(next(data_iterator))
+    _, inputs, _ = forward_inputs(next(data_iterator), model)
+    tokens = inputs["input_ids"]
 
     def loss(logits):  # [b, s, padded_vocab / tp]
         logits = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size].float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
         return logits.new_zeros(()), {"logprobs": logp}
 
-    return model(tokens, pos, mask), loss
+    return model(**inputs), loss
 
 
 def _megatron_logprobs(root: str, tp: int, pp: int, families: list, sync: bool,

@@ -106,3 +106,14 @@ def test_colocated_plan_shows_the_memory_of_each_phase(capsys):
     assert "SGLang --mem-fraction-static can go up to 0.94 (now 0.35)" in out
     assert rows["total of 80 GiB"] == [max(p) for p in zip(
         rows["rollout phase"], rows["train phase"], rows["sync phase"])]
+
+
+def test_workload_of_a_token_budget_is_its_worst_micro_batch():
+    path = str(CONFIGS / "llama3_70b_repo.yaml")
+    over = ["rollout.max_new_tokens=3000", "algorithm.max_tokens_per_microbatch=9000"]
+    layout = layout_of(load_config(path, over), world_size=64)
+    work = workload_of(load_config(path, over), layout)
+    # 4024-token sequences: two fit 9000 positions; 512 of them over DP 2 in pairs
+    assert (work.seq_length, work.micro_batch_size, work.num_micro_batches) == (4024, 2, 128)
+    packed = workload_of(load_config(path, [*over, "algorithm.sequence_packing=true"]), layout)
+    assert (packed.seq_length, packed.micro_batch_size, packed.num_micro_batches) == (9000, 1, 256)

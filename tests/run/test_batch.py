@@ -5,6 +5,13 @@ import torch
 from repo_megatron.algorithm.provenance import PROVENANCES
 from repo_megatron.rollout.types import Group, Prompt, Sample
 from repo_megatron.run import batch as B
+from repo_megatron.run.batching import fixed_plan
+
+
+def fixed(batch, micro_batch_size, length_multiple=1):
+    """``batch`` in micro-batches of ``micro_batch_size`` sequences on one rank."""
+    plan = fixed_plan(batch.lengths.tolist(), 1, micro_batch_size, length_multiple)
+    return B.micro_batches(batch, plan[0])
 
 
 def _sample(prompt, response, reward, rephrased=False, logprobs=True, replay=False):
@@ -54,16 +61,19 @@ def test_dp_slices_have_equal_micro_batch_counts_and_masked_padding():
     groups = _groups()
     full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
     full = full.select(torch.tensor([0, 1, 2]))           # 3 sequences over 2 ranks
-    shards = [B.data_parallel_slice(full, r, 2, micro_batch_size=1, multiple_of=2) for r in (0, 1)]
-    assert [s.num_sequences for s in shards] == [2, 2]
-    assert shards[1].loss_mask[1].sum() == 0             # padding row counts nowhere
-    assert torch.equal(torch.cat([shards[0].tokens, shards[1].tokens[:1]]), full.tokens)
+    plan = fixed_plan(full.lengths.tolist(), 2, micro_batch_size=1, multiple_of=2)
+    shards = [B.micro_batches(full, plan[r]) for r in (0, 1)]
+    assert [len(s) for s in shards] == [2, 2]
+    assert shards[1][1].loss_mask.sum() == 0 and shards[1][1].lengths.tolist() == [0]
+    assert [mb.lengths.tolist() for mb in shards[0] + shards[1][:1]] == [[5], [7], [3]]
+    for mb, row in zip(shards[0] + shards[1][:1], range(3)):   # contiguous, in rollout order
+        assert torch.equal(mb.tokens[0], full.tokens[row, :mb.seq_length])
 
 
 def test_micro_batches_are_trimmed_to_their_longest_sequence():
     groups = _groups()
     full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
-    mbs = B.micro_batches(full, 2)
+    mbs = fixed(full, 2)
     assert [mb.tokens.shape for mb in mbs] == [torch.Size([2, 7]), torch.Size([2, 5])]
     # no LUFFY expert trace, no replayed sample: the loss gets neither of their terms
     assert mbs[0].is_offpolicy is None and mbs[0].is_replay is None
@@ -86,16 +96,16 @@ def test_mismatch_and_tis_ignore_rephrased_samples():
 def test_micro_batches_pad_to_the_length_multiple_with_masked_zeros():
     groups = _groups()
     full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
-    mbs = B.micro_batches(full, 2, length_multiple=16)
+    mbs = fixed(full, 2, length_multiple=16)
     assert [mb.tokens.shape for mb in mbs] == [torch.Size([2, 16]), torch.Size([2, 16])]
-    trimmed = B.micro_batches(full, 2)
+    trimmed = fixed(full, 2)
     for padded, mb in zip(mbs, trimmed):
         s = mb.seq_length
         for key in ("tokens", "loss_mask", "behaviour_logprobs"):
             assert torch.equal(getattr(padded, key)[:, :s], getattr(mb, key))
             assert not getattr(padded, key)[:, s:].any(), f"{key}: padding must be zeros"
     # a multiple the longest sequence already meets adds nothing
-    assert B.micro_batches(full, 4, length_multiple=7)[0].tokens.shape == (4, 7)
+    assert fixed(full, 4, length_multiple=7)[0].tokens.shape == (4, 7)
 
 
 def test_the_batch_carries_the_luffy_and_replay_flags_only_when_a_sample_needs_them():

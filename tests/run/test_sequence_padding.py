@@ -19,11 +19,13 @@ def _batch(length_multiple: int) -> list:
     """Synthetic RePO groups (ragged prompts and responses, a rephrased sample per group) as
     the trainer's micro-batches."""
     from repo_megatron.run import batch as B
+    from repo_megatron.run.batching import fixed_plan
     from repo_megatron.run.dry_run import synthetic_groups
 
     groups = synthetic_groups(prompts=2, group_size=4, max_new_tokens=9, seed=5)
     full = B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0)
-    return B.micro_batches(full, 2, length_multiple=length_multiple)
+    plan = fixed_plan(full.lengths.tolist(), 1, 2, multiple=length_multiple)
+    return B.micro_batches(full, plan[0])
 
 
 def _step(root: str, mode: str, length_multiple: int, parallel, model_cfg) -> dict:
