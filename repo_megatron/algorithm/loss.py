@@ -39,7 +39,9 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
                         is_offpolicy: Optional[Tensor] = None,
                         behaviour_logprobs: Optional[Tensor] = None,
                         is_replay: Optional[Tensor] = None,
-                        provenance: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        provenance: Optional[Tensor] = None,
+                        sampled_onpolicy: Optional[Tensor] = None
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss and metrics of one micro-batch.
 
     Inputs (``[batch, seq]`` unless noted; masked positions may hold any finite value):
@@ -58,6 +60,9 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
       provenance          ``[batch]`` codes of ``provenance.PROVENANCES`` (on-policy, rephrased,
                           expert, replay): adds the per-provenance sums of
                           :func:`~.provenance.provenance_sums` to the metrics
+      sampled_onpolicy    ``[batch]``: rows whose ``behaviour_logprobs`` are the sampling
+                          policy's (with the replayed ones: the per-provenance behaviour
+                          statistics, with ``provenance``)
 
     Output: ``(loss, metrics)``. ``loss`` is a scalar to back-propagate. Summed over the
     micro-batches and DP ranks of a global batch (all called with the same global
@@ -115,6 +120,10 @@ def compute_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         metrics.update({name: token_mean(value, mask, normalisers)
                         for name, value in token_metrics.items()})
     if provenance is not None:
+        behaviour_mask = None
+        if behaviour_logprobs is not None and sampled_onpolicy is not None:
+            behaviour_mask = token_mask(sampled_onpolicy, mask) | replay
         metrics.update(provenance_sums(provenance, mask, logprobs, old_logprobs, advantages,
-                                       token_metrics))
+                                       token_metrics, behaviour_logprobs, behaviour_mask,
+                                       params.log_ratio_clamp))
     return loss, metrics

@@ -18,14 +18,20 @@ micro-batches and data-parallel ranks like the loss's other metrics) and
 - ``clipfrac``: share of the kind's tokens whose loss term is clipped (PPO's bounds for on-policy
   and rephrased tokens, the replay ratio's for replayed ones; LUFFY's shaped term has no clip);
 - ``entropy``: mean entropy of pi_theta at the kind's tokens;
-- ``kl``: mean KL(pi_theta || pi_ref) estimate, when the loss has a reference policy.
+- ``kl``: mean KL(pi_theta || pi_ref) estimate, when the loss has a reference policy;
+- ``behaviour_ratio``: mean ``pi_old / pi_behaviour`` over the kind's tokens that have the
+  sampling policy's log-probs (on-policy rollouts and replayed samples; never a rephrase, sampled
+  under P(q, k), or an expert trace): the raw importance weight of decoupled PPO's behaviour
+  correction, 1 up to the engine's numerical mismatch when nothing is stale;
+- ``behaviour_kl``: mean ``log pi_behaviour - log pi_old`` over the same tokens, an estimate of
+  KL(pi_behaviour || pi_old): how far the sampling policy has fallen behind the trained one.
 
 Plain torch, no Megatron.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +46,7 @@ PROVENANCES = ("onpolicy", "rephrased", "expert", "replay")
 CLIP_INDICATORS = ("clipfrac_low", "clipfrac_high", "clipfrac_dual", "replay_clipfrac")
 
 _TOKEN_MEANS = ("nll", "ratio", "ppo_kl", "clipfrac", "entropy", "kl")
+_BEHAVIOUR_MEANS = ("behaviour_ratio", "behaviour_kl")
 
 
 def provenance_codes(is_rephrased: Tensor, is_offpolicy: Tensor, is_replay: Tensor) -> Tensor:
@@ -54,16 +61,22 @@ def provenance_codes(is_rephrased: Tensor, is_offpolicy: Tensor, is_replay: Tens
 
 def provenance_sums(provenance: Tensor, response_mask: Tensor, logprobs: Tensor,
                     old_logprobs: Tensor, advantages: Tensor,
-                    token_metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
+                    token_metrics: Mapping[str, Tensor],
+                    behaviour_logprobs: Optional[Tensor] = None,
+                    behaviour_mask: Optional[Tensor] = None,
+                    log_ratio_clamp: Optional[float] = None) -> dict[str, Tensor]:
     """Additive per-provenance sums of one micro-batch (detached 0-dim tensors).
 
     ``provenance`` ``[batch]`` (codes of :func:`provenance_codes`), ``response_mask``,
     ``logprobs`` (current policy, under q), ``old_logprobs`` ``[batch, seq]``, ``advantages``
     ``[batch]`` or ``[batch, seq]``; ``token_metrics``: the loss's per-token metrics (clip
-    indicators, ``entropy``, ``kl`` are used when present). Returns
+    indicators, ``entropy``, ``kl`` are used when present); ``behaviour_logprobs`` with
+    ``behaviour_mask`` ``[batch, seq]`` (the tokens where they are the sampling policy's) add
+    the behaviour statistics, their log-ratios clamped to ``log_ratio_clamp``. Returns
     ``{f"{kind}/{stat}_sum": value}`` for every kind of :data:`PROVENANCES` (zeros for kinds
     absent here, so every rank reports the same names) with ``stat`` in ``sequences``,
-    ``tokens``, ``advantage`` and those of :func:`finalize_provenance_metrics`.
+    ``tokens``, ``advantage``, ``behaviour_tokens`` (with behaviour log-probs) and those of
+    :func:`finalize_provenance_metrics`.
     """
     with torch.no_grad():
         mask = response_mask.bool()
@@ -79,6 +92,13 @@ def provenance_sums(provenance: Tensor, response_mask: Tensor, logprobs: Tensor,
         for name in ("entropy", "kl"):
             if name in token_metrics:
                 per_token_values[name] = token_metrics[name].detach()
+        behaviour_values = {}
+        if behaviour_logprobs is not None and behaviour_mask is not None:
+            behaviour_mask = behaviour_mask.bool() & mask
+            behaviour_log_ratio = masked_log_ratio(old_logprobs, behaviour_logprobs.detach(),
+                                                   behaviour_mask, log_ratio_clamp)
+            behaviour_values = {"behaviour_ratio": torch.exp(behaviour_log_ratio),
+                                "behaviour_kl": -behaviour_log_ratio}
         out = {}
         for code, kind in enumerate(PROVENANCES):
             rows = provenance.to(mask.device) == code                       # [batch]
@@ -90,6 +110,11 @@ def provenance_sums(provenance: Tensor, response_mask: Tensor, logprobs: Tensor,
                                                        torch.zeros_like(seq_advantage)).sum()
             for name, values in per_token_values.items():
                 out[f"{kind}/{name}_sum"] = masked_sum(values, kind_mask)
+            if behaviour_values:
+                kind_behaviour = kind_mask & behaviour_mask
+                out[f"{kind}/behaviour_tokens_sum"] = kind_behaviour.sum().to(logprobs.dtype)
+                for name, values in behaviour_values.items():
+                    out[f"{kind}/{name}_sum"] = masked_sum(values, kind_behaviour)
         return out
 
 
@@ -99,8 +124,9 @@ def finalize_provenance_metrics(sums: Mapping[str, float], passes: int = 1) -> d
     (``ppo_epochs``). Kinds with no sample are left out.
 
     Returns ``{f"{kind}/{stat}": value}``: ``sequences`` and ``tokens`` (per pass),
-    ``advantage`` (per sequence), and the per-token means ``nll``, ``ratio``, ``ppo_kl``,
-    ``clipfrac``, ``entropy``, ``kl`` (the last two when present).
+    ``advantage`` (per sequence), the per-token means ``nll``, ``ratio``, ``ppo_kl``,
+    ``clipfrac``, ``entropy``, ``kl`` (the last two when present), and ``behaviour_ratio``,
+    ``behaviour_kl`` over the kind's tokens with behaviour log-probs (when it has any).
     """
     out: dict[str, float] = {}
     for kind in PROVENANCES:
@@ -114,6 +140,10 @@ def finalize_provenance_metrics(sums: Mapping[str, float], passes: int = 1) -> d
             key = f"{kind}/{name}_sum"
             if key in sums:
                 out[f"{kind}/{name}"] = sums[key] / tokens
+        behaviour_tokens = sums.get(f"{kind}/behaviour_tokens_sum", 0.0)
+        if behaviour_tokens > 0:
+            for name in _BEHAVIOUR_MEANS:
+                out[f"{kind}/{name}"] = sums[f"{kind}/{name}_sum"] / behaviour_tokens
     return out
 
 

@@ -138,6 +138,12 @@ class RolloutConfig:
     stop_token_ids: list[int] = knob(default_factory=list, help="Extra stop token ids (the "
                                                                "tokenizer's EOS always stops)")
     batch_size: int = knob(64, "Embedded engine: sequences generated together", ge=1)
+    max_staleness: int = knob(
+        0, "k: the rollouts of the next k steps run while Megatron trains (rank 0 samples "
+           "them in the background); a sample is trained at most k weight versions after the "
+           "one that generated it. 0 = the synchronous loop. Not with colocated SGLang "
+           "servers; the embedded engine runs it on the trainer's own cores (docs/rollout.md)",
+        ge=0)
     sglang: SGLangConfig = section(SGLangConfig, "SGLang servers and weight sync")
 
     def validate(self, path: str) -> None:
@@ -146,6 +152,13 @@ class RolloutConfig:
             raise ConfigError(f"{path}.sglang.offload_trainer={sg.offload_trainer} needs the "
                               f"colocated layout ({path}.sglang.weight_sync=tensor): a "
                               f"disaggregated trainer has its GPUs to itself")
+        if self.max_staleness > 0 and sg.releases_memory:
+            key = ("sglang.weight_sync=tensor" if sg.weight_sync == "tensor"
+                   else "sglang.release_memory=true")
+            raise ConfigError(f"{path}.max_staleness={self.max_staleness} needs the servers "
+                              f"generating while the trainer trains, but {path}.{key} "
+                              f"colocates them (they take turns on the GPUs): set "
+                              f"{path}.max_staleness=0 or disaggregate")
         if self.engine == "sglang" and not (sg.urls or sg.router_url or sg.launch.num_servers):
             raise ConfigError(f"{path}.engine=sglang needs {path}.sglang.urls, "
                               f"{path}.sglang.router_url or {path}.sglang.launch.num_servers")

@@ -8,7 +8,7 @@ trained as a response to ``q``, so the log-probs the engine returned for it are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -73,6 +73,11 @@ class Sample:
                    finish_reason=result.finish_reason, behaviour_logprobs=list(result.logprobs),
                    weight_version=result.weight_version, reward_failed=reward.failed)
 
+    @classmethod
+    def from_plain(cls, data: dict) -> "Sample":
+        """The sample ``dataclasses.asdict`` made ``data`` of (checkpoints hold plain data)."""
+        return cls(**{**data, "prompt_ids": tuple(data["prompt_ids"])})
+
     @property
     def logprobs_valid(self) -> bool:
         """True when ``behaviour_logprobs`` may be used (ratio to pi_behaviour, mismatch metrics)."""
@@ -95,6 +100,21 @@ class Group:
     injected_index: Optional[int] = None
     replaced: Optional[Sample] = None
     rephrases: list[Sample] = field(default_factory=list)
+
+    def to_plain(self) -> dict:
+        """The group as plain data (dicts, lists, numbers, text), for a checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_plain(cls, data: dict) -> "Group":
+        """The group :meth:`to_plain` made ``data`` of."""
+        return cls(prompt=Prompt(**{**data["prompt"],
+                                    "prompt_ids": tuple(data["prompt"]["prompt_ids"])}),
+                   samples=[Sample.from_plain(s) for s in data["samples"]],
+                   failure_rate=data["failure_rate"], gate_fired=data["gate_fired"],
+                   injected_index=data["injected_index"],
+                   replaced=None if data["replaced"] is None else Sample.from_plain(data["replaced"]),
+                   rephrases=[Sample.from_plain(s) for s in data["rephrases"]])
 
     @property
     def rewards(self) -> list[float]:

@@ -1,5 +1,10 @@
 """The training loop: rollout -> reward -> gate -> rephrase -> inject -> advantages -> train ->
-sync -> checkpoint. Each phase is one call into the module that owns it (see session.py)."""
+sync -> checkpoint. Each phase is one call into the module that owns it (see session.py).
+
+With ``rollout.max_staleness: k > 0`` the rollouts of the next k steps run on rank 0 while
+Megatron trains (:mod:`.async_rollout`): the step takes a batch sampled while the step before
+trained, and the weight sync waits for the rollouts in flight. ``k = 0`` is the same sequence
+of calls with nothing ahead: the synchronous loop."""
 
 from __future__ import annotations
 
@@ -28,13 +33,14 @@ def train(cfg: Config, resume: bool = False) -> int:
             t0 = time.perf_counter()
             bar.set_postfix_str("rollout")
             groups, metrics = session.rollout(step)             # sample, reward, gate, rephrase, inject
+            session.rollout_ahead(step)                         # k > 0: steps up to step+k, meanwhile
             failpoint("after_rollout", step)
             if groups:
                 bar.set_postfix_str("train")
                 prepared = session.prepare(groups)              # advantages, old/ref log-probs under q
                 metrics.update(session.update(prepared))        # ppo_epochs x micro-batched steps
                 bar.set_postfix_str("sync")
-                session.sync_weights()                          # Megatron -> rollout engine
+                metrics.update(session.sync_weights())          # rollouts ahead done; Megatron -> engine
             last = step == cfg.train_steps
             every = cfg.data.eval_interval
             if last or (every and step % every == 0):

@@ -5,7 +5,9 @@ runs on: the choice is made once, when the session is built. Rank 0 holds an
 :class:`EngineRollout` (the tokenizer, the prompts, the rollout engine, the rewards and the RePO
 stage); every other rank holds a :class:`NoRollout`, whose calls do nothing, and waits for rank
 0's results on the control plane; the dry run gives rank 0 a
-:class:`~repo_megatron.run.dry_run.SyntheticRollout` instead.
+:class:`~repo_megatron.run.dry_run.SyntheticRollout` instead. The session wraps rank 0's side in
+an :class:`~.async_rollout.AsyncRollout`, which runs its rollouts ahead of the trainer when
+``rollout.max_staleness > 0``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class RolloutSide(ABC):
     @abstractmethod
     def export(self, weights: dict, out: str) -> None:
         """Write the Hugging Face export of ``weights`` (HF name -> tensor) to ``out``."""
+
+    def ahead(self, step: int) -> None:
+        """Start the rollouts of the steps after ``step`` in the background, as far as
+        ``rollout.max_staleness`` allows (:class:`~.async_rollout.AsyncRollout`); by default
+        none runs ahead."""
+
+    def wait(self) -> None:
+        """Return once no rollout runs in the background (by default none does)."""
 
     def close(self) -> None:
         """Stop whatever this side started."""

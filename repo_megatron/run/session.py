@@ -1,10 +1,12 @@
 """Everything one training run holds, built from the config, with one method per phase.
 
 The loop (:mod:`.loop`) calls these in order each step: :meth:`Session.rollout` (rank 0 runs the
-RePO stage on the rollout engine; the groups are broadcast), :meth:`Session.prepare` (advantages,
-the DP slice, micro-batches, old and reference log-probs recomputed by Megatron under the
-ORIGINAL prompts), :meth:`Session.update` (``ppo_epochs`` optimizer steps),
-:meth:`Session.sync_weights` (Megatron -> rollout engine), :meth:`Session.save`.
+RePO stage on the rollout engine, or takes the batch it ran ahead; the groups are broadcast),
+:meth:`Session.rollout_ahead` (rank 0 starts the next steps' rollouts in the background when
+``rollout.max_staleness > 0``), :meth:`Session.prepare` (advantages, the DP slice,
+micro-batches, old and reference log-probs recomputed by Megatron under the ORIGINAL prompts),
+:meth:`Session.update` (``ppo_epochs`` optimizer steps), :meth:`Session.sync_weights` (Megatron
+-> rollout engine, once the rollouts ahead are done), :meth:`Session.save`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -35,7 +38,9 @@ from ..trainer.train_step import PolicyTrainer, build_reference_model
 from . import batch as B
 from .batching import plan_metrics, plan_micro_batches
 from ..rollout.metrics import mean
+from ..rollout.staleness import check_staleness, staleness_metrics
 from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
+from .async_rollout import AsyncRollout
 from .colocation import build_colocation
 from .guard import TrainingStopped
 from .rollout_side import EngineRollout, NoRollout, RolloutSide
@@ -112,7 +117,8 @@ class Session:
         self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
-        self.rollout_side = rollout() if self.is_rank0 else NoRollout()
+        self.rollout_side = (AsyncRollout(rollout(), cfg.rollout.max_staleness, cfg.train_steps)
+                             if self.is_rank0 else NoRollout())
         control.barrier()  # rank 0 may have launched SGLang servers: minutes
         # colocated runs: the trainer leaves the GPU while SGLang generates (colocation.py)
         self.colocation = build_colocation(cfg, self.trainer, self.reference,
@@ -183,7 +189,7 @@ class Session:
             raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
                                   "it, the last good checkpoint is kept")
         trainer_state = {"step": step, "scheduler": self.trainer.scheduler.state_dict(),
-                         **self.rollout_side.state()}
+                         "policy_version": self.policy_version, **self.rollout_side.state()}
         return self.checkpoints.save(step, self._sharded_state(loading=False), trainer_state)
 
     def restore(self) -> int:
@@ -198,7 +204,7 @@ class Session:
                 truncate_after(self.run_dir, 0)  # the killed run's steps are redone
             return 0
         step, path, loaded, state = found
-        self.policy_version = step
+        self.policy_version = state.get("policy_version", step)
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
         with torch.no_grad():  # fp32 main params are views of the weights
@@ -213,10 +219,26 @@ class Session:
     # ---- one step ---------------------------------------------------------------------------
 
     def rollout(self, step: int):
-        """Groups (and rollout metrics) of this step, identical on every rank."""
+        """Groups (and rollout metrics) of this step, identical on every rank; none of their
+        samples is more than ``rollout.max_staleness`` weight versions behind the policy
+        about to train on them (with ``max_staleness > 0``, the ``rollout/staleness_*``
+        metrics say how far they are)."""
         self.colocation.rollout_phase()
-        # the others wait on gloo, not NCCL
-        return control.broadcast_object(self.rollout_side.rollout(step))
+        k = self.cfg.rollout.max_staleness
+        start = time.perf_counter()
+        result = self.rollout_side.rollout(step)
+        if result is not None:   # rank 0: how long the trainer waited for it (k = 0: all of it)
+            result[1]["time/rollout_wait_s"] = time.perf_counter() - start
+        groups, metrics = control.broadcast_object(result)  # the others wait on gloo, not NCCL
+        check_staleness(groups, self.policy_version, k, step)
+        if k > 0:
+            metrics.update(staleness_metrics(groups, self.policy_version, k))
+        return groups, metrics
+
+    def rollout_ahead(self, step: int) -> None:
+        """Rank 0 starts the rollouts of steps up to ``step + rollout.max_staleness`` in the
+        background (:class:`~.async_rollout.AsyncRollout`); nothing with ``max_staleness: 0``."""
+        self.rollout_side.ahead(step)
 
     def prepare(self, groups) -> PreparedBatch:
         """Advantages, this rank's micro-batches (:mod:`.batching`'s plan: a fixed count or a
@@ -228,17 +250,19 @@ class Session:
         cfg, ps = self.cfg, self.ps
         alg = cfg.algorithm
         adv = B.group_advantages(groups, alg.advantage_estimator, alg.advantage_eps)
-        full = B.build_global_batch(groups, adv, pad_id=0)
+        full = B.build_global_batch(groups, adv, pad_id=0, policy_version=self.policy_version)
         gbs = alg.global_batch_size or full.num_sequences
         interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
         layout = dict(multiple=sequence_length_multiple(cfg.model, cfg.parallel),
                       multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1,
                       equal_shapes=needs_equal_shapes(self.trainer.model))
         num_minibatches = math.ceil(full.num_sequences / gbs)
-        # One optimizer step on this batch and no TIS weights: the old policy is the policy of
-        # the training forward itself, so its detached log-probs serve and the separate
-        # forward is skipped (train_step takes them when old_logprobs is None).
-        reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and alg.tis_cap is None
+        # One optimizer step on this batch and no behaviour weights: the old policy is the
+        # policy of the training forward itself, so its detached log-probs serve and the
+        # separate forward is skipped (train_step takes them when old_logprobs is None).
+        weighted = alg.tis_cap is not None or (
+            alg.stale_tis_cap is not None and bool(B.stale_rows(full).any()))
+        reuse = alg.ppo_epochs == 1 and num_minibatches == 1 and not weighted
         mismatch = None
         minibatches, plans, lengths = [], [], []
         for start in range(0, full.num_sequences, gbs):
@@ -255,10 +279,8 @@ class Session:
                 if old is None:
                     continue
                 mismatch = _add_mismatch(mismatch, mb, old)
-                if alg.tis_cap is not None:
-                    weights = B.truncated_importance_weights(
-                        old, mb.behaviour_logprobs, mb.loss_mask, mb.sampled_onpolicy,
-                        alg.tis_cap)
+                weights = B.behaviour_weights(old, mb, alg.tis_cap, alg.stale_tis_cap)
+                if weights is not None:    # decoupled PPO: pi_old / pi_behaviour, truncated
                     mb.advantages = mb.advantages.to(weights.device)[:, None] * weights
             minibatches.append(mbs)
         metrics = {f"batch/{k}": v for k, v in plan_metrics(plans, lengths).items()}
@@ -313,11 +335,18 @@ class Session:
         self.policy_version += 1
         return {**metrics, **prepared.metrics, **mismatch}
 
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> dict:
         """Megatron's weights -> the rollout engine as weight version ``policy_version``,
-        streamed by every pipeline stage (:mod:`repo_megatron.weight_sync.streamer`)."""
+        streamed by every pipeline stage (:mod:`repo_megatron.weight_sync.streamer`), once the
+        rollouts running ahead have finished on the weights they started with (the other
+        ranks wait on the control plane meanwhile). Returns how long that wait took (with
+        ``rollout.max_staleness > 0``)."""
+        start = time.perf_counter()
+        self.rollout_side.wait()
+        waited = time.perf_counter() - start
         self.colocation.training_phase()
         self.weight_streamer.sync(self.rollout_side.engine, version=self.policy_version)
+        return {"time/sync_wait_s": waited} if self.cfg.rollout.max_staleness > 0 else {}
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in

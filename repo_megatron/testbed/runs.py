@@ -19,9 +19,11 @@ def run_config(model_dir: str, train_path: str, run_dir: str, *, steps: int, see
                lr: float, prompts_per_step: int, group_size: int, max_new_tokens: int,
                injection: str = "none", eval_path: Optional[str] = None,
                eval_max_prompts: int = 64, eval_interval: int = 0,
-               algorithm: Optional[dict] = None, hf_export: bool = False) -> dict:
+               algorithm: Optional[dict] = None, rollout: Optional[dict] = None,
+               hf_export: bool = False) -> dict:
     """The config dict of one run on a testbed model directory (``model.hf_path``); the
-    Megatron conversion is cached inside the model directory, which is rewritten whole."""
+    Megatron conversion is cached inside the model directory, which is rewritten whole.
+    ``algorithm`` and ``rollout`` override keys of those sections."""
     alg = {"injection": injection, "loss_agg_mode": "token-mean",
            "micro_batch_size": prompts_per_step * group_size}
     for key, value in (algorithm or {}).items():
@@ -32,7 +34,7 @@ def run_config(model_dir: str, train_path: str, run_dir: str, *, steps: int, see
                   "transformer_impl": "local", "params_dtype": "fp32"},
         "rollout": {"engine": "embedded", "prompts_per_step": prompts_per_step,
                     "group_size": group_size, "temperature": 1.0,
-                    "max_new_tokens": max_new_tokens},
+                    "max_new_tokens": max_new_tokens, **(rollout or {})},
         "algorithm": alg,
         "optimizer": {"lr": lr, "clip_grad": 1.0},
         "data": {"path": train_path, "eval_path": eval_path, "eval_interval": eval_interval,

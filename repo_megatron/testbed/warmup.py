@@ -47,17 +47,19 @@ class WarmupRecipe:
     rephrase_template: str = tasks.REPHRASE_TEMPLATE
     exclude: list = field(default_factory=list)
     seed: int = 0
+    shape: dict = field(default_factory=dict)   # overrides of TINY_LLAMA (a larger testbed)
 
 
-def build_tiny_llama(tokenizer, seed: int):
-    """A random :data:`TINY_LLAMA` over ``tokenizer``'s vocabulary."""
+def build_tiny_llama(tokenizer, seed: int, shape: Optional[dict] = None):
+    """A random :data:`TINY_LLAMA` (with ``shape``'s overrides) over ``tokenizer``'s
+    vocabulary."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **TINY_LLAMA)
+                         **{**TINY_LLAMA, **(shape or {})})
     return LlamaForCausalLM(config)
 
 
@@ -163,7 +165,7 @@ def warm_policy(directory: str, recipe: WarmupRecipe,
     from .chars import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(tokenizer, recipe.seed)
+    model = build_tiny_llama(tokenizer, recipe.seed, recipe.shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small: a second thread costs more than it brings
     try:

@@ -103,7 +103,7 @@ def policy_loss_func(batch: MicroBatch, layout: Optional[PackedLayout], ctx: Los
         params=ctx.params, normalisers=ctx.normalisers, entropy=entropy,
         ref_logprobs=batch.ref_logprobs, is_offpolicy=batch.is_offpolicy,
         is_replay=batch.is_replay, behaviour_logprobs=batch.behaviour_logprobs,
-        provenance=batch.provenance)
+        provenance=batch.provenance, sampled_onpolicy=batch.sampled_onpolicy)
     return loss * ctx.megatron_scale, ForwardOutput(
         {"loss": loss.detach(), **metrics},
         logprobs=logp.detach() if old is None else None)  # the old ones: handed back

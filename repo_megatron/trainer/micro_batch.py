@@ -58,7 +58,10 @@ class MicroBatch:
     sampled_onpolicy: Optional[Tensor] = None      # [b] bool: sampled from pi(. | q) with the
     #                                                engine's log-probs in behaviour_logprobs
     #                                                (the rows train/rollout mismatch and TIS
-    #                                                compare; not the loss's)
+    #                                                compare)
+    staleness: Optional[Tensor] = None             # [b] long: weight versions between the
+    #                                                policy that sampled the row and the one
+    #                                                trained (0 without a version)
     pack_length: Optional[int] = None              # packed: the model sees one row of this
     #                                                many positions (needs lengths); None: the
     #                                                b rows of s

@@ -16,12 +16,18 @@ BAD_CONFIGS = [
     ("tp_not_dividing_heads", "model: {{hf_path: {model}}}\nparallel: {{tensor_model_parallel_size: 3}}\n", [],
      "ConfigError: {path}: parallel.tensor_model_parallel_size=3 does not divide "
      "model.num_attention_heads=8"),
+    ("max_staleness_with_colocated_servers",
+     "model: {{hf_path: {model}}}\nrollout: {{engine: sglang, max_staleness: 1, "
+     "sglang: {{urls: ['http://127.0.0.1:1'], weight_sync: tensor}}}}\n", [],
+     "ConfigError: {path}: rollout.max_staleness=1 needs the servers generating while the "
+     "trainer trains, but rollout.sglang.weight_sync=tensor colocates them (they take turns "
+     "on the GPUs): set rollout.max_staleness=0 or disaggregate"),
     ("group_size_too_small", "model: {{hf_path: {model}}}\nrollout: {{group_size: 1}}\n", [],
      "ConfigError: {path}: rollout.group_size=1 must be >= 2"),
     ("unknown_key", "model: {{hf_path: {model}}}\nrollout: {{group_sizes: 8}}\n", [],
      "ConfigError: {path}: rollout.group_sizes is not a known key (known here: engine, "
      "prompts_per_step, group_size, temperature, top_p, top_k, max_new_tokens, stop, "
-     "stop_token_ids, batch_size, sglang)"),
+     "stop_token_ids, batch_size, max_staleness, sglang)"),
     ("wrong_type", "model: {{hf_path: {model}}}\noptimizer: {{lr: fast}}\n", [],
      "ConfigError: {path}: optimizer.lr=fast must be float"),
     ("bad_choice", "model: {{hf_path: {model}}}\nalgorithm: {{loss_agg_mode: mean}}\n", [],

@@ -44,12 +44,12 @@ def learned(rows) -> tuple[bool, float, float]:
     return last >= first + MARGIN, first, last
 
 
-@pytest.mark.timeout(1800)  # ~3 min on 2 idle cores (docs/experiments.md); shared CI is slower
-def test_grpo_raises_on_policy_reward_and_the_zero_advantage_control_does_not(sums_policy,
-                                                                              tmp_path):
+def grpo_and_control(sums_policy, tmp_path, **rollout):
+    """The rows of the GRPO run and of its zero-advantage control (``rollout`` overrides),
+    trained side by side, after checking the criterion separates them."""
     model_dir, prompts, warmup_s = sums_policy
     common = dict(steps=STEPS, seed=7, lr=3e-4, prompts_per_step=8, group_size=8,
-                  max_new_tokens=8)
+                  max_new_tokens=8, rollout=rollout)
     grpo = run_config(model_dir, prompts, str(tmp_path / "grpo"), **common)
     control = run_config(model_dir, prompts, str(tmp_path / "control"), **common,
                          algorithm={"advantage_estimator": "zero"})
@@ -67,8 +67,29 @@ def test_grpo_raises_on_policy_reward_and_the_zero_advantage_control_does_not(su
     assert not control_ok, (f"the zero-advantage control passed the same criterion "
                             f"({control_first:.2f} -> {control_last:.2f}): it cannot fail")
     assert max(row["train/grad_norm"] for row in grpo_rows[1:]) > 0
+    assert all(row["train/lr"] > 0 for row in grpo_rows[1:])
+    assert all(row["train/grad_norm"] == 0 for row in control_rows[1:])
+    return grpo_rows, control_rows
+
+
+@pytest.mark.timeout(1800)  # ~3 min on 2 idle cores (docs/experiments.md); shared CI is slower
+def test_grpo_raises_on_policy_reward_and_the_zero_advantage_control_does_not(sums_policy,
+                                                                              tmp_path):
+    grpo_rows, _ = grpo_and_control(sums_policy, tmp_path)
     for row in grpo_rows[1:]:
-        assert row["train/lr"] > 0
         # the engine samples with the weights Megatron trains (synced every step)
         assert row["train/logprob_mismatch_mean"] < 1e-4, row
-    assert all(row["train/grad_norm"] == 0 for row in control_rows[1:])
+
+
+@pytest.mark.timeout(1800)
+def test_grpo_with_async_rollouts_one_step_stale_still_learns(sums_policy, tmp_path):
+    """rollout.max_staleness=1: each step trains on rollouts sampled by the weights of the
+    step before (while that step trained), weighted by min(pi_old / pi_behaviour,
+    stale_tis_cap); the same criterion, the same control."""
+    grpo_rows, control_rows = grpo_and_control(sums_policy, tmp_path, max_staleness=1)
+    for rows in (grpo_rows, control_rows):
+        # step 1 is sampled by the initial weights; every later one by the step before's
+        stale = [r["rollout/staleness_max"] for r in rows if r["step"] > 0]
+        assert stale == [0.0] + [1.0] * (STEPS - 1)
+    # the samples were stale: the engine's log-probs are those of other weights
+    assert max(r["train/logprob_mismatch_mean"] for r in grpo_rows if r["step"] > 1) > 1e-4

@@ -122,3 +122,40 @@ def test_the_batch_carries_the_luffy_and_replay_flags_only_when_a_sample_needs_t
     # a replayed sample is off-policy but no LUFFY trace: the replay term, not the shaped one
     assert full.is_replay.tolist() == [False, False, True, True] and full.is_offpolicy is None
     assert full.sampled_onpolicy.tolist() == [True, True, False, False]
+
+
+def _stale_batch(lags):
+    """``_groups()``'s batch with its rows ``lags`` weight versions behind the trainer (10)."""
+    groups = _groups()
+    for sample, lag in zip([s for g in groups for s in g.samples], lags):
+        sample.weight_version = 10 - lag
+    return B.build_global_batch(groups, B.group_advantages(groups, "grpo", 1e-6), pad_id=0,
+                                policy_version=10)
+
+
+def test_staleness_correction_is_the_identity_at_staleness_0():
+    full = _stale_batch([0, 0, 0, 0])
+    assert full.staleness.tolist() == [0, 0, 0, 0]
+    old = full.behaviour_logprobs + 0.7                    # pi_old far from pi_behaviour
+    assert B.behaviour_weights(old, full, tis_cap=None, stale_tis_cap=2.0) is None
+
+
+def test_stale_onpolicy_tokens_are_weighted_by_the_truncated_behaviour_ratio():
+    full = _stale_batch([1, 1, 0, 2])          # rows: on-policy, rephrase, on-policy, on-policy
+    assert full.staleness.tolist() == [1, 1, 0, 2]
+    shift = torch.tensor([1.0, -0.5]).repeat(full.tokens.shape[1])[:full.tokens.shape[1]]
+    old = full.behaviour_logprobs + shift               # ratios e^1 (capped) and e^-0.5
+    weights = B.behaviour_weights(old, full, tis_cap=None, stale_tis_cap=1.5)
+    # min(pi_old / pi_behaviour, cap) (slime's / verl's TIS, AReaL's decoupled PPO weight)
+    expected = torch.exp(old - full.behaviour_logprobs).clamp(max=1.5)
+    mask = full.loss_mask.bool()
+    for row, stale in enumerate([True, False, False, True]):   # a rephrase has no pi_behaviour
+        if stale:
+            assert torch.allclose(weights[row][mask[row]], expected[row][mask[row]])
+        else:
+            assert torch.all(weights[row] == 1)
+    assert (weights[mask] > 1.0).any() and (weights[mask] < 1.0).any()   # both sides covered
+    # with tis_cap the fresh row takes it, the stale ones their own cap
+    both = B.behaviour_weights(old, full, tis_cap=1.1, stale_tis_cap=1.5)
+    assert torch.allclose(both[2][mask[2]], expected[2][mask[2]].clamp(max=1.1))
+    assert torch.equal(both[0], weights[0])

@@ -44,6 +44,6 @@ class ReplayBuffer:
         return {uid: [asdict(s) for s in entries] for uid, entries in self._entries.items()}
 
     def load_state(self, state: dict) -> None:
-        self._entries = {uid: deque((Sample(**{**s, "prompt_ids": tuple(s["prompt_ids"])})
-                                     for s in samples), maxlen=self.capacity)
+        self._entries = {uid: deque((Sample.from_plain(s) for s in samples),
+                                    maxlen=self.capacity)
                          for uid, samples in state.items()}
