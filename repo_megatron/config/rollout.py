@@ -10,6 +10,9 @@ from ..weight_sync.registry import STRATEGIES
 from .base import knob, section
 
 
+MEMORY_SAVER_FLAG = "--enable-memory-saver"
+
+
 @dataclass
 class SGLangLaunchConfig:
     """Servers that repo-megatron starts itself (``repo_megatron.engines.sglang.launcher``)."""
@@ -20,7 +23,9 @@ class SGLangLaunchConfig:
     command: list[str] = knob(default_factory=lambda: ["python", "-m", "sglang.launch_server"],
                               help="Server command; --host/--port are appended")
     args: list[str] = knob(default_factory=list, help="Extra server arguments (e.g. "
-                                                      "--model-path, --tp-size)")
+                                                      "--model-path, --tp-size); "
+                                                      "--enable-memory-saver is added where "
+                                                      "sglang.release_memory is on")
     host: str = knob("127.0.0.1", "Address the servers bind (127.0.0.1 = this node only)")
     base_port: int = knob(30000, "Port of server i is base_port + i", ge=1, le=65535)
     srun_args: list[str] = knob(default_factory=list, help="Extra srun arguments per server "
@@ -55,7 +60,9 @@ class SGLangConfig:
     router_url: Optional[str] = knob(None, "sglang-router URL; workers are listed from its "
                                            "GET /workers for the endpoints it does not proxy")
     request_timeout_s: float = knob(600.0, "Per-request timeout", gt=0)
-    max_concurrency_per_server: int = knob(64, "In-flight /generate requests per server", ge=1)
+    max_concurrency_per_server: int = knob(64, "In-flight /generate requests per server; "
+                                               "through a router, this x the engines it lists",
+                                           ge=1)
     max_retries: int = knob(3, "Retries of a request on connection errors and 503", ge=0)
     retry_backoff_s: float = knob(0.5, "First retry delay; doubles per retry (at most 8 s)",
                                   gt=0)
@@ -98,6 +105,16 @@ class SGLangConfig:
     def releases_memory(self) -> bool:
         """Whether the engines' memory is released during training (``release_memory``)."""
         return self.weight_sync == "tensor" if self.release_memory is None else self.release_memory
+
+    @property
+    def server_args(self) -> list[str]:
+        """``launch.args`` as the servers get them (the launcher and the SLURM scripts): with
+        ``--enable-memory-saver`` where their memory is released (``releases_memory``), since
+        without it SGLang's release frees nothing."""
+        args = list(self.launch.args)
+        if self.releases_memory and MEMORY_SAVER_FLAG not in args:
+            args.append(MEMORY_SAVER_FLAG)
+        return args
 
     @property
     def trainer_offload(self) -> str:

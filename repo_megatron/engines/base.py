@@ -166,6 +166,12 @@ class RolloutEngine(abc.ABC):
         colocated SGLang server); the next update or generation takes it back. Default:
         nothing to free."""
 
+    # Whether a weight update ends by taking back the memory generation needs (SGLang's KV
+    # cache and CUDA graphs). A colocated run whose trainer leaves the GPU for the rollout sets
+    # it False (repo_megatron.run.colocation): that memory then comes back at the next
+    # generation, once the trainer has let go of the GPU, not while it still holds it.
+    generation_memory_after_update: bool = True
+
     _version: int = 0  # implementations bump it when they load new weights
 
     @property

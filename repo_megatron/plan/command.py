@@ -19,7 +19,8 @@ from ..config import Config, ConfigError, load_config
 from ..models.architecture import Architecture, padded_vocab_size
 from ..models.fp8 import check_fp8, fp8_padded_length
 from ..runtime.distributed import data_parallel_size
-from .memory import GIB, Colocation, Layout, StageMemory, Workload, kv_cache_tokens, plan_stages
+from .memory import (GIB, Colocation, Layout, StageMemory, Workload, kv_cache_tokens,
+                     max_mem_fraction_static, plan_stages)
 
 PARAMS_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -107,7 +108,10 @@ def colocation_of(cfg: Config, mem_fraction: Optional[float], gpus_per_node: int
                           "its memory")
     if not 0 < mem_fraction < 1:
         raise ConfigError(f"SGLang --mem-fraction-static={mem_fraction} must be between 0 and 1")
-    return Colocation(mem_fraction_static=mem_fraction, engine_tp=gpus_per_node)
+    sglang = cfg.rollout.sglang
+    return Colocation(mem_fraction_static=mem_fraction, engine_tp=gpus_per_node,
+                      releases=sglang.releases_memory,
+                      trainer_offloaded=sglang.trainer_offload != "off")
 
 
 def workload_of(cfg: Config, layout: Layout) -> Workload:
@@ -197,11 +201,28 @@ def format_plan(path: str, cfg: Config, arch: Architecture, vocab: int, layout: 
         rows += [(f"SGLang weights (TP {colocation.engine_tp})",
                   [s.sglang_weights for s in stages], None),
                  (f"SGLang KV cache ({tokens} tokens)", [s.sglang_kv_cache for s in stages], None)]
-    rows += [("reserve (CUDA context, NCCL, allocator)", [s.reserve for s in stages], None),
-             (f"total of {gpu_bytes / GIB:g} GiB", [s.total for s in stages], None)]
+    rows.append(("reserve (CUDA context, NCCL, allocator)", [s.reserve for s in stages], None))
+    if colocation:
+        trainer = "trainer offloaded" if colocation.trainer_offloaded else "trainer state"
+        sglang = "SGLang released" if colocation.releases else "SGLang resident"
+        rows += [(f"rollout phase (SGLang weights + KV cache, {trainer})",
+                  [s.rollout_phase for s in stages], None),
+                 (f"train phase (trainer state + step, {sglang})",
+                  [s.train_phase for s in stages], None),
+                 ("sync phase (trainer state + sync, SGLang weights"
+                  + ("" if colocation.releases else " + KV cache") + ")",
+                  [s.sync_phase for s in stages], None)]
+    rows.append((f"total of {gpu_bytes / GIB:g} GiB (the largest phase)" if colocation else
+                 f"total of {gpu_bytes / GIB:g} GiB", [s.total for s in stages], None))
     lines += format_rows("per GPU, GiB", [s.stage for s in stages],
                          [(label, [(form or "{:.2f}").format(v if form else v / GIB)
                                    for v in values]) for label, values, form in rows])
+    if colocation:
+        ceiling = min(max_mem_fraction_static(s, gpu_bytes) for s in stages)
+        lines.append(f"SGLang --mem-fraction-static can go up to {ceiling:.2f} (now "
+                     f"{colocation.mem_fraction_static:g}): the rollout phase then fills the GPU "
+                     f"(at start-up SGLang's whole share sits beside the trainer being built, "
+                     f"until the first weight sync releases it)")
     peak = max(stages, key=lambda s: s.total)
     if peak.total <= gpu_bytes:
         lines.append(f"fits: peak {peak.total / GIB:.1f} GiB on the {peak.stage}, "

@@ -63,9 +63,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class Colocation:
-    """SGLang servers sharing the trainer's GPUs."""
+    """SGLang servers sharing the trainer's GPUs, and which side leaves them in which phase
+    (repo_megatron/run/colocation.py)."""
     mem_fraction_static: float  # SGLang's --mem-fraction-static: weights + KV cache pool
     engine_tp: int              # tensor-parallel size of each SGLang server
+    releases: bool = False      # rollout.sglang.release_memory: SGLang's memory off in training
+    trainer_offloaded: bool = False  # rollout.sglang.offload_trainer: the trainer off in rollout
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class StageMemory:
     sglang_weights: float
     sglang_kv_cache: float
     reserve: float
+    sglang_released: bool = False   # SGLang releases its weights and KV cache for training
+    trainer_offloaded: bool = False  # the trainer's state leaves the GPU for the rollout
 
     @property
     def step(self) -> float:
@@ -100,15 +105,49 @@ class StageMemory:
                           self.logits - self.logits_transient + self.loss_backward, self.backward)
 
     @property
+    def state(self) -> float:
+        """What the trainer holds between steps (what an offload takes off the GPU)."""
+        return self.weights + self.gradients + self.optimizer + self.reference
+
+    @property
     def trainer(self) -> float:
         """The trainer's peak: its state with the step or the weight sync, whichever is
         larger."""
-        state = self.weights + self.gradients + self.optimizer + self.reference
-        return state + max(self.step, self.weight_sync)
+        return self.state + max(self.step, self.weight_sync)
+
+    @property
+    def rollout_phase(self) -> float:
+        """While SGLang generates: its weights and KV cache, beside the trainer's state unless
+        the trainer is offloaded."""
+        trainer = 0.0 if self.trainer_offloaded else self.state
+        return trainer + self.sglang_weights + self.sglang_kv_cache + self.reserve
+
+    @property
+    def train_phase(self) -> float:
+        """The step: the trainer's state and the step's peak, beside SGLang's memory unless it
+        is released."""
+        sglang = 0.0 if self.sglang_released else self.sglang_weights + self.sglang_kv_cache
+        return self.state + self.step + sglang + self.reserve
+
+    @property
+    def sync_phase(self) -> float:
+        """The weight sync: the trainer's state and the sync's buffers, beside SGLang's
+        weights (resumed first) and, unless released, its KV cache (resumed after)."""
+        kv_cache = 0.0 if self.sglang_released else self.sglang_kv_cache
+        return self.state + self.weight_sync + self.sglang_weights + kv_cache + self.reserve
 
     @property
     def total(self) -> float:
-        return self.trainer + self.sglang_weights + self.sglang_kv_cache + self.reserve
+        """The peak over the phases (without colocation: the trainer's peak and the reserve)."""
+        return max(self.rollout_phase, self.train_phase, self.sync_phase)
+
+
+def max_mem_fraction_static(stage: StageMemory, gpu_bytes: float) -> float:
+    """The largest ``--mem-fraction-static`` whose rollout phase still fits ``stage``'s GPU:
+    SGLang's share next to what the trainer keeps there during the rollout and the reserve
+    (the other phases do not hold the KV cache when SGLang releases it)."""
+    kept = 0.0 if stage.trainer_offloaded else stage.state
+    return max(0.0, (gpu_bytes - stage.reserve - kept) / gpu_bytes)
 
 
 def norm_params(arch: Architecture) -> int:
@@ -466,6 +505,8 @@ def stage_memory(arch: Architecture, padded_vocab: int, layout: Layout, work: Wo
         sglang_weights=sglang[0],
         sglang_kv_cache=sglang[1],
         reserve=reserve_bytes,
+        sglang_released=bool(colocation and colocation.releases),
+        trainer_offloaded=bool(colocation and colocation.trainer_offloaded),
     )
 
 

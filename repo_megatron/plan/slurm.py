@@ -3,7 +3,7 @@ in ``examples/slurm/`` need, read from the config, as shell assignments for ``ev
 
 The scripts hold no training setting of their own: TP, PP, the model directory, the
 checkpoint to load, the router port, the weight-sync strategy and the servers' extra
-arguments (``rollout.sglang.launch.args``, a bash array) all come from here, so the
+arguments (``rollout.sglang.launch.args``, with ``--enable-memory-saver`` where memory is released; a bash array) all come from here, so the
 YAML (plus the same command-line overrides the trainer gets) stays the one source of truth.
 A bad config fails here, before any node starts.
 """
@@ -50,7 +50,7 @@ def launch_settings(cfg: Config) -> dict[str, str]:
     }
     settings = {name: shlex.quote(value) for name, value in values.items()}
     settings["REPO_SERVER_ARGS"] = "(" + " ".join(map(shlex.quote,
-                                                      cfg.rollout.sglang.launch.args)) + ")"
+                                                      cfg.rollout.sglang.server_args)) + ")"
     return settings
 
 

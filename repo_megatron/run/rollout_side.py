@@ -126,7 +126,8 @@ class EngineRollout(RolloutSide):
         from ..engines.sglang.launcher import ServerLauncher
 
         sg = cfg.rollout.sglang
-        self.servers = ServerLauncher(sg.launch, log_dir=os.path.join(cfg.run_dir, "servers"))
+        self.servers = ServerLauncher(dataclasses.replace(sg.launch, args=sg.server_args),
+                                      log_dir=os.path.join(cfg.run_dir, "servers"))
         try:
             urls, router_url = self.servers.start()
         except BaseException:

@@ -41,6 +41,7 @@ from ..rollout.metrics import mean
 from ..rollout.staleness import check_staleness, staleness_metrics
 from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
 from .async_rollout import AsyncRollout
+from .colocation import build_colocation
 from .guard import TrainingStopped
 from .rollout_side import EngineRollout, NoRollout, RolloutSide
 
@@ -119,6 +120,9 @@ class Session:
         self.rollout_side = (AsyncRollout(rollout(), cfg.rollout.max_staleness, cfg.train_steps)
                              if self.is_rank0 else NoRollout())
         control.barrier()  # rank 0 may have launched SGLang servers: minutes
+        # colocated runs: the trainer leaves the GPU while SGLang generates (colocation.py)
+        self.colocation = build_colocation(cfg, self.trainer, self.reference,
+                                           self.rollout_side.engine)
         self.weight_streamer = WeightStreamer(self.chunks, self.arch, cfg.rollout.sglang)
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -180,6 +184,7 @@ class Session:
 
     def save(self, step: int) -> str:
         """Checkpoint the current state; a weight that is not finite stops the run instead."""
+        self.colocation.training_phase()
         if not self.trainer.parameters_finite():
             raise TrainingStopped(f"step {step}: a weight is NaN or infinite; not checkpointing "
                                   "it, the last good checkpoint is kept")
@@ -190,6 +195,7 @@ class Session:
     def restore(self) -> int:
         """Load the newest intact checkpoint (older ones are tried when the newest fails
         verification); returns its step (0 if there is none)."""
+        self.colocation.training_phase()
         found = self.checkpoints.load_newest_intact(lambda: self._sharded_state(loading=True))
         if found is None:
             if self.is_rank0:
@@ -217,6 +223,7 @@ class Session:
         samples is more than ``rollout.max_staleness`` weight versions behind the policy
         about to train on them (with ``max_staleness > 0``, the ``rollout/staleness_*``
         metrics say how far they are)."""
+        self.colocation.rollout_phase()
         k = self.cfg.rollout.max_staleness
         start = time.perf_counter()
         result = self.rollout_side.rollout(step)
@@ -239,6 +246,7 @@ class Session:
         recomputed by Megatron under the original prompts, on those same micro-batches. The loss
         terms of the step follow from what the batch carries (:func:`.batch.build_global_batch`:
         LUFFY's with an expert trace, replay's with a replayed sample)."""
+        self.colocation.training_phase()
         cfg, ps = self.cfg, self.ps
         alg = cfg.algorithm
         adv = B.group_advantages(groups, alg.advantage_estimator, alg.advantage_eps)
@@ -336,12 +344,14 @@ class Session:
         start = time.perf_counter()
         self.rollout_side.wait()
         waited = time.perf_counter() - start
+        self.colocation.training_phase()
         self.weight_streamer.sync(self.rollout_side.engine, version=self.policy_version)
         return {"time/sync_wait_s": waited} if self.cfg.rollout.max_staleness > 0 else {}
 
     def export_hf(self, step: int) -> None:
         """Hugging Face safetensors, config and tokenizer of the current weights, in
         ``RUN_DIR/hf/step_N`` (written aside, then renamed into place)."""
+        self.colocation.training_phase()
         weights = gather_hf_weights(self.weight_streamer)
         self.rollout_side.export(weights, os.path.join(self.run_dir, "hf", f"step_{step:06d}"))
         control.barrier()
@@ -353,6 +363,7 @@ class Session:
         return control.broadcast_object(any(r.get("step") == 0 and "eval/solve_rate" in r for r in rows))
 
     def evaluate(self) -> dict:
+        self.colocation.rollout_phase()
         return control.broadcast_object(self.rollout_side.evaluate())
 
     def close(self) -> None:

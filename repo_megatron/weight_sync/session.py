@@ -9,7 +9,8 @@
     /end_weight_update                                 where a session was opened
     /flush_cache                                       retried while SGLang refuses (400)
     /update_weight_version {"new_version", "abort_all_requests": false}
-    /resume_memory_occupation {"tags": ["kv_cache", "cuda_graph"]}  (released engines)
+    /resume_memory_occupation {"tags": ["kv_cache", "cuda_graph"]}  (released engines whose
+                                                       generation_memory_after_update is on)
     /continue_generation                               always, also after a failure
 
 Capability, not version: SGLang 0.5.21 (and forks under older numbers) refuse tensor and
@@ -24,13 +25,14 @@ from typing import Optional, Protocol
 
 from ..config.rollout import SGLangConfig
 from ..engines.sglang.client import SGLangError
-from ..engines.sglang.protocol import EMPTY, pause_body, weight_version_body
+from ..engines.sglang.protocol import (CUDA_GRAPH_TAG, EMPTY, KV_CACHE_TAG, pause_body,
+                                       weight_version_body)
 from .base import SyncPlan, SyncTarget
 from .sender import StageSender
 
 log = logging.getLogger(__name__)
 
-KV_CACHE_AND_GRAPHS = ["kv_cache", "cuda_graph"]
+KV_CACHE_AND_GRAPHS = [KV_CACHE_TAG, CUDA_GRAPH_TAG]
 
 
 class UpdatableEngine(Protocol):
@@ -41,6 +43,7 @@ class UpdatableEngine(Protocol):
     sender: StageSender               # the sender of pipeline stage 0, on the engine's loop
     tp_sizes: dict[str, int]          # worker URL -> engine TP size
     disk_dir: str                     # disk sync: the directory the workers read
+    generation_memory_after_update: bool  # resume the KV cache at the end of an update
 
     def run(self, coro):
         """Run a coroutine on the engine's loop and wait for its result."""
@@ -109,9 +112,11 @@ async def close_sessions(target: SyncTarget, sessions: list[str]) -> None:
 
 
 async def resume(engine: UpdatableEngine, target: SyncTarget) -> None:
-    """After success or failure: memory back, sessions closed, generation continued."""
+    """After success or failure: memory back (unless the engine takes it back at its next
+    generation), sessions closed, generation continued."""
     try:
-        await engine.resume_memory(KV_CACHE_AND_GRAPHS, target.workers)
+        if engine.generation_memory_after_update:
+            await engine.resume_memory(KV_CACHE_AND_GRAPHS, target.workers)
     finally:
         await target.post_all("/continue_generation", EMPTY)
 

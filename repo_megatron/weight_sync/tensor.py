@@ -4,7 +4,8 @@ rank and TP rank i reads entry i: on GPUs entry i must be made by the trainer pr
 GPU of that rank, so each such process serialises its own copy of the bucket (CUDA-IPC
 handles, see :mod:`.flattened_bucket`) and the engine's first rank posts them together
 (:meth:`TensorStrategy.stream_stages`: trainer rank ``e * tp + i`` shares a GPU with TP rank
-``i`` of engine ``e``; every rank gets every bucket, its stage gathers it and the other stages
+``i`` of engine ``e``, the engine on that group's node (:mod:`.node_binding`, never the
+router's list order); every rank gets every bucket, its stage gathers it and the other stages
 receive it over the pipeline group). One process alone (:meth:`TensorStrategy.push`) can
 serve engines of TP 1, or any TP with CPU tensors, which travel by value."""
 
@@ -17,10 +18,11 @@ import torch
 import torch.distributed as dist
 
 from ..engines.sglang.protocol import tensor_update_body
-from ..runtime import cpu_compat
+from ..runtime import control, cpu_compat
 from .base import SyncPlan, SyncTarget, WeightSyncStrategy
 from .buckets import END, Bucket
 from .flattened_bucket import bucket_payloads
+from .node_binding import bind_engines, node_names
 
 
 class TensorStrategy(WeightSyncStrategy):
@@ -55,7 +57,7 @@ class TensorStrategy(WeightSyncStrategy):
         # every rank creates every engine's group
         group = streamer.gloo_groups([list(range(e * tp, (e + 1) * tp))
                                       for e in range(len(plan.workers))])[index]
-        worker = plan.workers[index]
+        worker = node_bound_workers(plan, tp)[index]
         poster = streamer.stage_sender(plan.cfg, engine) if rank == first else None
         error = None
         for stage in range(streamer.stages):
@@ -89,6 +91,19 @@ def engine_tp_size(plan: SyncPlan) -> int:
             f"the engines' GPUs, one engine TP rank each, but the workers have TP sizes "
             f"{[plan.tp_sizes[w] for w in plan.workers]}; use weight_sync=distributed")
     return sizes.pop()
+
+
+def node_bound_workers(plan: SyncPlan, tp: int) -> list[str]:
+    """Engine ``e``'s worker: the one on the node of trainer ranks ``e*tp .. e*tp+tp-1``
+    (:func:`.node_binding.bind_engines`; the same answer on every rank)."""
+    nodes = control.all_gather_object(node_names())
+    groups = [nodes[e * tp:(e + 1) * tp] for e in range(len(plan.workers))]
+    for e, group in enumerate(groups):
+        if len(set(group)) > 1:
+            raise RuntimeError(f"weight_sync=tensor: trainer ranks {e * tp}..{(e + 1) * tp - 1}"
+                               f" (one engine's TP group) span several nodes; place "
+                               f"{tp} consecutive ranks per node")
+    return bind_engines(plan.workers, [group[0] for group in groups], nodes[0])
 
 
 def stage_bucket(streamer, buckets: Optional[Iterator[Bucket]], stage: int):

@@ -94,6 +94,20 @@ def test_workload_sequence_is_prompt_plus_response_padded_for_fp8():
     assert (layout.data, work.num_micro_batches) == (2, 256)
 
 
+def test_colocated_plan_shows_the_memory_of_each_phase(capsys):
+    assert main(["plan", str(CONFIGS / "llama3_70b_repo_colocated.yaml")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("per GPU, GiB")[1].splitlines()[1:]
+    rows = {line.split(" (")[0]: [float(v) for v in line.split()[-2:]]
+            for line in table if line.endswith(tuple("0123456789"))}
+    assert rows["rollout phase"] == [pytest.approx(a + b + c, abs=0.02) for a, b, c in zip(
+        rows["SGLang weights"], rows["SGLang KV cache"], rows["reserve"])]
+    assert "trainer offloaded" in out and "SGLang released" in out
+    assert "SGLang --mem-fraction-static can go up to 0.94 (now 0.35)" in out
+    assert rows["total of 80 GiB"] == [max(p) for p in zip(
+        rows["rollout phase"], rows["train phase"], rows["sync phase"])]
+
+
 def test_workload_of_a_token_budget_is_its_worst_micro_batch():
     path = str(CONFIGS / "llama3_70b_repo.yaml")
     over = ["rollout.max_new_tokens=3000", "algorithm.max_tokens_per_microbatch=9000"]

@@ -194,3 +194,35 @@ def test_colocated_sglang_weights_and_kv_cache():
     assert m.sglang_kv_cache == 0.35 * 80 * GIB - 2 * params
     # K and V, 80 layers, 1 of 8 KV heads per GPU, head_dim 128, bf16: 40,960 bytes per token.
     assert kv_cache_tokens(LLAMA3_70B, m.sglang_kv_cache, 8) == int(m.sglang_kv_cache // 40960)
+
+
+def test_colocated_phases_put_each_side_on_the_gpu_only_while_it_works():
+    """Released SGLang and an offloaded trainer: the rollout holds SGLang's share only, the
+    step the trainer only, the sync the trainer with SGLang's weights (its KV cache comes back
+    after). Without either, every phase holds both: the peak is the old sum."""
+    from repo_megatron.plan.memory import max_mem_fraction_static
+
+    layout = Layout(8, 8, None, 1, True, True)
+    work = Workload(4096, 1, 64, "selective", 2, False, sync_flattens=True)
+
+    def plan(**flags):
+        return stage_memory(LLAMA3_70B, 129024, layout, work, 0, 80 * GIB, 5 * GIB,
+                            Colocation(mem_fraction_static=0.35, engine_tp=8, **flags))
+
+    m = plan(releases=True, trainer_offloaded=True)
+    state = m.weights + m.gradients + m.optimizer
+    sglang = m.sglang_weights + m.sglang_kv_cache
+    assert m.state == state
+    assert m.rollout_phase == sglang + 5 * GIB
+    assert m.train_phase == state + m.step + 5 * GIB
+    assert m.sync_phase == state + m.weight_sync + m.sglang_weights + 5 * GIB
+    assert m.total == max(m.rollout_phase, m.train_phase, m.sync_phase)
+    both = plan()
+    assert both.total == both.trainer + sglang + 5 * GIB
+    assert m.total < both.total
+    # the largest --mem-fraction-static fills the GPU in the rollout phase, no more
+    ceiling = max_mem_fraction_static(m, 80 * GIB)
+    assert ceiling * 80 * GIB + 5 * GIB == pytest.approx(80 * GIB)
+    kept = plan(releases=True)             # the trainer stays: its state caps SGLang's share
+    assert max_mem_fraction_static(kept, 80 * GIB) * 80 * GIB == pytest.approx(
+        75 * GIB - kept.state)

@@ -69,28 +69,60 @@ def test_exported_weights_load_in_transformers(tiny_chat_model, tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-def test_training_through_sglang_protocol_workers(tmp_path):
-    """The loop with `repo-megatron serve` workers it launches itself: weights reach the
-    servers (disk sync), and their log-probs agree with Megatron's recomputation."""
-    import importlib.util
+def _serve_run_config(tmp_path, **sglang):
+    """The tiny run on one `repo-megatron serve` worker it launches itself, with ``sglang``
+    settings on top."""
     import sys
 
     from tests.helpers import write_tiny_chat_model
     from tests.sglang.servers import free_ports
 
-    if importlib.util.find_spec("starlette") is None:
-        pytest.skip("needs starlette/uvicorn")
     model_dir = write_tiny_chat_model(str(tmp_path / "model"), with_weights=True)
-    cfg = tiny_run_config(model_dir, str(tmp_path / "run"), rollout={
+    return tiny_run_config(model_dir, str(tmp_path / "run"), rollout={
         "engine": "sglang", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8,
-        "sglang": {"weight_sync": "disk", "disk_dir": str(tmp_path / "sync"),
+        "sglang": {**sglang,
                    "launch": {"num_servers": 1, "base_port": free_ports(1),
                               "command": [sys.executable, "-m", "repo_megatron.cli", "serve"],
                               "args": ["--model", model_dir, "--threads", "1",
                                        "--weights-root", str(tmp_path)],
                               "startup_timeout_s": 240}}})
-    assert run_distributed(_train, 1, cfg, timeout=600) == [0]
-    rows = read_rows(str(tmp_path / "run"))
+
+
+def _assert_two_steps_agree(run_dir: str) -> None:
+    rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["train/logprob_mismatch_mean"] < 1e-4, row
+
+
+def test_training_through_sglang_protocol_workers(tmp_path):
+    """The loop with `repo-megatron serve` workers it launches itself: weights reach the
+    servers (disk sync), and their log-probs agree with Megatron's recomputation."""
+    import importlib.util
+
+    if importlib.util.find_spec("starlette") is None:
+        pytest.skip("needs starlette/uvicorn")
+    cfg = _serve_run_config(tmp_path, weight_sync="disk", disk_dir=str(tmp_path / "sync"))
+    assert run_distributed(_train, 1, cfg, timeout=600) == [0]
+    _assert_two_steps_agree(str(tmp_path / "run"))
+
+
+def test_colocated_training_releases_memory_and_offloads_the_trainer(tmp_path):
+    """The colocated flow end to end: the server started with --enable-memory-saver (added by
+    the launch: released regions out of service, as SGLang's), tensor weight sync, the trainer offloaded (host) for
+    each rollout; a wrong order of release / resume / generate would fail the run."""
+    import importlib.util
+
+    if importlib.util.find_spec("starlette") is None:
+        pytest.skip("needs starlette/uvicorn")
+    cfg = _serve_run_config(tmp_path, weight_sync="tensor", offload_trainer="host")
+    assert run_distributed(_train, 1, cfg, timeout=600) == [0]
+    _assert_two_steps_agree(str(tmp_path / "run"))
+    log = tmp_path / "run" / "servers" / "sglang-0.log"
+    moves = [line.split("memory ")[1].strip() for line in log.read_text().splitlines()
+             if "memory released" in line or "memory resumed" in line]
+    # the initial sync, then per step: released for training, weights back for the sync, the
+    # KV cache and CUDA graphs back at the next generation (after the trainer's offload)
+    cycle = ["released: kv_cache, weights, cuda_graph", "resumed: weights",
+             "resumed: kv_cache, cuda_graph"]
+    assert moves[:3] == cycle and moves.count(cycle[0]) >= 3, moves

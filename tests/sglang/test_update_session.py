@@ -103,11 +103,36 @@ def test_released_memory_is_resumed_weights_first_then_the_rest():
         engine.release_memory()                  # once
         engine.update_weights(WEIGHTS)
     memory = [(e, b) for e, b in worker.calls if "memory" in e]
-    assert memory == [("/release_memory_occupation", {}),
+    assert memory == [("/release_memory_occupation",
+                       {"tags": ["kv_cache", "weights", "cuda_graph"]}),
                       ("/resume_memory_occupation", {"tags": ["weights"]}),
                       ("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})]
     assert worker.endpoints().index("/resume_memory_occupation") < \
         worker.endpoints().index("/update_weights_from_tensor")
+
+
+def test_release_memory_with_an_offloaded_trainer_resumes_kv_cache_at_the_next_generation():
+    """The trainer still holds its GPU memory during the update: the KV cache comes back only
+    when generation starts (after the trainer's offload), and only what is released is named
+    (SGLang fails on resuming a region it holds)."""
+    worker = RecordingWorker()
+    with workers(worker) as urls, engine_on(urls, weight_sync="tensor") as engine:
+        engine.generation_memory_after_update = False
+        engine.release_memory()
+        engine.update_weights(WEIGHTS)
+        after_update = [(e, b) for e, b in worker.calls if "memory" in e]
+        engine.generate([[1, 2]], [SamplingParams(max_new_tokens=2)])
+        engine.generate([[1, 2]], [SamplingParams(max_new_tokens=2)])   # nothing to resume
+        engine.release_memory()
+    memory = [(e, b) for e, b in worker.calls if "memory" in e]
+    assert after_update == memory[:2] == [
+        ("/release_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]}),
+        ("/resume_memory_occupation", {"tags": ["weights"]})]
+    assert memory[2:] == [
+        ("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),
+        ("/release_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]})]
+    assert worker.endpoints().index("/resume_memory_occupation", 2) < \
+        worker.endpoints().index("/generate")
 
 
 def test_disaggregated_runs_do_not_release_memory(tmp_path):
@@ -196,6 +221,24 @@ def test_launcher_passes_deterministic_inference_and_router_health_checks():
     assert router[router.index("--health-failure-threshold") + 1] == "12"
     assert "--enable-deterministic-inference" not in \
         ServerLauncher(SGLangLaunchConfig(num_servers=1)).server_command(0)[0]
+
+
+def test_servers_whose_memory_is_released_start_with_memory_saver():
+    """Without --enable-memory-saver SGLang's release frees nothing: the launch adds it where
+    the run releases memory (colocated), once, and nowhere else."""
+    import os
+
+    from repo_megatron.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shipped = load_config(os.path.join(root, "examples", "configs",
+                                       "llama3_70b_repo_colocated.yaml"), [])
+    assert shipped.rollout.sglang.server_args.count("--enable-memory-saver") == 1
+    colocated = SGLangConfig(weight_sync="tensor",
+                             launch=SGLangLaunchConfig(args=["--mem-fraction-static", "0.5"]))
+    assert colocated.server_args == ["--mem-fraction-static", "0.5", "--enable-memory-saver"]
+    assert SGLangConfig(weight_sync="disk").server_args == []
+    assert SGLangConfig(weight_sync="tensor", release_memory=False).server_args == []
 
 
 def test_nccl_group_and_broadcast_run_on_the_rank_gpu_not_the_worker_thread_gpu(monkeypatch):

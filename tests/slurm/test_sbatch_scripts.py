@@ -208,6 +208,8 @@ def test_colocated_job_shares_every_node(tmp_path):
     assert {"--overlap", "--nodes=8", all_hosts} <= options(server["argv"])
     assert command_after(server["argv"], "--mem-fraction-static")[:2] == [
         "--mem-fraction-static", "0.3"]
+    # released memory needs SGLang's memory saver, also when launch.args are overridden
+    assert server["argv"].count("--enable-memory-saver") == 1
     trainer = step_running(records, "repo_megatron.cli")
     assert {"--overlap", "--nodes=8", "--ntasks=64", all_hosts} <= options(trainer["argv"])
     assert trainer["env"]["MASTER_ADDR"] == "gpu001"

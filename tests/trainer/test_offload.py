@@ -8,6 +8,12 @@ without offload in the same ranks, and must give the same loss, gradient norm an
 for bit. What is freed is checked against an independent count: every device storage Python can
 reach (device_bytes_held), before and after.
 
+The same ranks also run the colocated config (weight_sync tensor, offload_trainer host) through
+the session's phases as the loop calls them (rollout, prepare, update, weight sync, save), where
+the session itself offloads the trainer for each rollout and restores it for training
+(repo_megatron.run.colocation): the trainer's storages are empty while the rollout runs, and
+the two steps give the same loss, gradient norm and state as the plain run, bit for bit.
+
 The torch_memory_saver path and the pinned host path need a GPU: those tests are marked `gpu`.
 """
 
@@ -125,9 +131,46 @@ def _two_steps(cfg, strategy) -> dict:
         session.close()
 
 
+def _colocated(cfg, strategy_name: str):
+    """``cfg`` in the colocated layout, its trainer offloaded by ``strategy_name``."""
+    sglang = dataclasses.replace(cfg.rollout.sglang, weight_sync="tensor",
+                                 offload_trainer=strategy_name)
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, sglang=sglang))
+
+
+def _colocated_steps(cfg) -> dict:
+    """Steps 1 and 2 of a colocated ``cfg`` through the session's phases, as the loop runs
+    them; whether the trainer's state was off the device while each rollout ran."""
+    from repo_megatron.runtime import cpu_compat
+    from repo_megatron.run.dry_run import SyntheticRollout
+    from repo_megatron.run.session import Session
+
+    cpu_compat.enable(device_faithful=True)
+    session = Session(cfg, rollout=partial(SyntheticRollout, cfg))
+    try:
+        out = {"offloaded_during_rollout": []}
+        offload = session.colocation.offload
+        for step in (1, 2):
+            groups, _ = session.rollout(step)
+            out["offloaded_during_rollout"].append(
+                offload.offloaded and all(s.storage.nbytes() == 0 for s in offload._offloaded))
+            metrics = session.update(session.prepare(groups))
+            out[f"step{step}"] = metrics["train/loss"], metrics["train/grad_norm"]
+            session.sync_weights()
+            session.save(step)
+        out["strategy"] = offload.name
+        out["digests"] = _digests(offload)
+        sink = session.rollout_side.engine
+        out["synced_parameters"] = None if sink is None else sink.parameters
+        return out
+    finally:
+        session.close()
+
+
 def _with_and_without(configs: dict, strategy_name: str, ports: list[int]) -> dict:
-    """``{(layout, "plain" | "offload"): _two_steps(...)}``: each run in a process group of its
-    own (a fresh rendezvous port), all in the same ranks (a launch costs seconds of imports)."""
+    """``{(layout, "plain" | "offload" | "colocated"): ...}``: each run in a process group of
+    its own (a fresh rendezvous port), all in the same ranks (a launch costs seconds of
+    imports)."""
     from repo_megatron.trainer.offload import STRATEGIES
 
     results, ports = {}, iter(ports)
@@ -135,11 +178,13 @@ def _with_and_without(configs: dict, strategy_name: str, ports: list[int]) -> di
         for name, strategy in (("plain", None), ("offload", STRATEGIES[strategy_name])):
             os.environ["MASTER_PORT"] = str(next(ports))
             results[layout, name] = _two_steps(cfg, strategy)
+        os.environ["MASTER_PORT"] = str(next(ports))
+        results[layout, "colocated"] = _colocated_steps(_colocated(cfg, strategy_name))
     return results
 
 
 def _launch(world_size: int, configs: dict, strategy_name: str, **kwargs) -> list[dict]:
-    ports = [free_port() for _ in range(2 * len(configs))]
+    ports = [free_port() for _ in range(3 * len(configs))]
     return run_distributed(_with_and_without, world_size, configs, strategy_name, ports,
                            timeout=600, **kwargs)
 
@@ -155,8 +200,9 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout_runs(runs, request) -> list[dict]:
-    """Per rank: ``{"plain": ..., "offload": ...}`` of one layout."""
-    return [{name: rank[request.param, name] for name in ("plain", "offload")} for rank in runs]
+    """Per rank: ``{"plain": ..., "offload": ..., "colocated": ...}`` of one layout."""
+    return [{name: rank[request.param, name] for name in ("plain", "offload", "colocated")}
+            for rank in runs]
 
 
 def test_offload_frees_every_trainer_storage(layout_runs):
@@ -202,6 +248,17 @@ def test_offload_step_after_restore_equals_step_without_offload(layout_runs):
         assert offloaded["step1"] == plain["step1"]
         assert offloaded["step2"] == plain["step2"]           # loss, grad norm: bitwise
         assert offloaded["digests"] == plain["digests"]       # every byte of the state
+
+
+def test_colocated_session_offloads_for_rollout_and_trains_as_without_offload(layout_runs):
+    for rank in layout_runs:
+        plain, colocated = rank["plain"], rank["colocated"]
+        assert colocated["strategy"] == "host"
+        assert colocated["offloaded_during_rollout"] == [True, True]
+        assert colocated["step1"] == plain["step1"]
+        assert colocated["step2"] == plain["step2"]           # loss, grad norm: bitwise
+        assert colocated["digests"] == plain["digests"]       # every byte of the state
+    assert layout_runs[0]["colocated"]["synced_parameters"] > 0   # rank 0's engine was fed
 
 
 # ---- selection ----------------------------------------------------------------------------
@@ -253,7 +310,7 @@ def test_offload_on_gpu_frees_device_memory_and_restores_bitwise(strategy, tmp_p
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
                                                                 distributed_backend="nccl"))
     (rank,) = _launch(1, {"tp1": cfg}, strategy)
-    rank = {name: rank["tp1", name] for name in ("plain", "offload")}
+    rank = {name: rank["tp1", name] for name in ("plain", "offload", "colocated")}
     for cycle in rank["offload"]["cycles"]:
         report = cycle["report"]
         # the driver's view: what the offload gave back to other processes on this GPU

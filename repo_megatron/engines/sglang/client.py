@@ -74,6 +74,11 @@ class SGLangClient:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._http: Optional[httpx.AsyncClient] = None
 
+    def set_limit(self, server: str, in_flight: int) -> None:
+        """Requests in flight to ``server`` at most (default ``max_concurrency_per_server``):
+        a router gets its engines' limits summed. Call it before any request to ``server``."""
+        self._limits[server] = asyncio.Semaphore(in_flight)
+
     @property
     def http(self) -> httpx.AsyncClient:
         # created lazily, inside the event loop that will use it

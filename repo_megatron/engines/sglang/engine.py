@@ -30,8 +30,8 @@ from ...weight_sync.session import UpdateSession, plan_update
 from ..base import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
                     check_requests)
 from .client import LoopThread, SGLangError
-from .protocol import (ABORT_ALL, generate_body, generation_result, memory_body, parse_version,
-                       parse_weight_version)
+from .protocol import (ABORT_ALL, MEMORY_TAGS, WEIGHTS_TAG, generate_body, generation_result,
+                       memory_body, parse_version, parse_weight_version)
 from .router import router_workers
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class SGLangEngine(RolloutEngine):
         self.tp_sizes: dict[str, int] = {}               # worker URL -> engine TP size
         self.disk_dir = cfg.disk_dir or (tempfile.mkdtemp(prefix="repo_megatron_weights_")
                                          if self.sender.strategy.uses_disk_dir else "")
-        self._memory_released = False
+        self._released: list[str] = []                 # memory regions released, in order
         self._pauses = 0                                 # /pause_generation calls so far
         self._version = 0
         self._next = 0                                   # round robin over the workers
@@ -112,11 +112,23 @@ class SGLangEngine(RolloutEngine):
                 raise SGLangError(worker, "/server_info", "launch.deterministic_inference is "
                                   "set but the server runs without "
                                   "--enable-deterministic-inference: it would ignore seeds")
+            if self.cfg.releases_memory and info.get("enable_memory_saver") is False:
+                log.warning("%s runs without --enable-memory-saver: its memory release "
+                            "(rollout.sglang.release_memory) only flushes the cache, its "
+                            "weights and KV cache stay on the GPU while the trainer trains",
+                            worker)
+        if self.cfg.router_url:     # the router balances: every engine's limit is open to it
+            self.client.set_limit(self.cfg.router_url, self.max_in_flight(len(workers)))
         served = {parse_weight_version(info.get("weight_version")) for info in infos} - {None}
         if len(served) > 1:
             log.warning("SGLang workers serve different weight versions %s", sorted(served))
         self._version = max(served, default=0)
         log.info("SGLang workers %s", {w: ".".join(map(str, v)) for w, v in self.versions.items()})
+
+    def max_in_flight(self, engines: int) -> int:
+        """Generation requests in flight at once: ``max_concurrency_per_server`` per engine,
+        over the ``engines`` the router lists (slime's per-engine concurrency x engines)."""
+        return self.cfg.max_concurrency_per_server * engines
 
     async def post_all(self, endpoint: str, body: Optional[dict] = None,
                        workers: Optional[Sequence[str]] = None) -> list:
@@ -127,31 +139,34 @@ class SGLangEngine(RolloutEngine):
 
     @property
     def memory_released(self) -> bool:
-        """Whether the servers' memory is released (:meth:`release_memory`) and not resumed."""
-        return self._memory_released
+        """Whether some of the servers' memory is released (:meth:`release_memory`) and not
+        resumed yet."""
+        return bool(self._released)
 
     def release_memory(self) -> None:
         """Colocated runs (``releases_memory``): free the servers' GPU memory for training
-        (``/release_memory_occupation``); the next update or generation resumes it."""
-        if not self.cfg.releases_memory or self._memory_released:
+        (``/release_memory_occupation`` of every region still held, in SGLang's order); the
+        next update or generation resumes it. The servers must be idle (SGLang asserts it)."""
+        held = [tag for tag in MEMORY_TAGS if tag not in self._released]
+        if not self.cfg.releases_memory or not held:
             return
-        self.run(self.post_all("/release_memory_occupation", memory_body()))
-        self._memory_released = True
+        self.run(self.post_all("/release_memory_occupation", memory_body(held)))
+        self._released += held
 
     async def resume_weights_memory(self, workers: Sequence[str]) -> None:
         """A weight update's first step on released servers: the weights' memory back on
         ``workers`` (the KV cache and CUDA graphs stay released until :meth:`resume_memory`)."""
-        if self._memory_released:
-            await self.post_all("/resume_memory_occupation", memory_body(["weights"]), workers)
+        await self.resume_memory([WEIGHTS_TAG], workers)
 
     async def resume_memory(self, tags: Optional[list[str]] = None,
                             workers: Optional[Sequence[str]] = None) -> None:
         """What :meth:`release_memory` freed back on ``workers`` (default: all): every region
-        (before generating), or ``tags`` of them (after an update, whose weights came back
-        first); the servers then count as holding their memory."""
-        if self._memory_released:
-            await self.post_all("/resume_memory_occupation", memory_body(tags), workers)
-            self._memory_released = False
+        still released (before generating), or those of ``tags``. Only released regions are
+        named: SGLang fails on resuming one it holds."""
+        resumed = [tag for tag in self._released if tags is None or tag in tags]
+        if resumed:
+            await self.post_all("/resume_memory_occupation", memory_body(resumed), workers)
+            self._released = [tag for tag in self._released if tag not in resumed]
 
     def note_pause(self) -> None:
         """Count a ``/pause_generation`` a weight update is about to send: a request that

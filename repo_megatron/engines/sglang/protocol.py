@@ -118,9 +118,14 @@ def pause_body(mode: str) -> dict:
     return {"mode": mode}
 
 
+# SGLang's memory regions (``sglang.srt.constants.GPU_MEMORY_ALL_TYPES``, in its order)
+KV_CACHE_TAG, WEIGHTS_TAG, CUDA_GRAPH_TAG = "kv_cache", "weights", "cuda_graph"
+MEMORY_TAGS = (KV_CACHE_TAG, WEIGHTS_TAG, CUDA_GRAPH_TAG)
+
+
 def memory_body(tags: Optional[list[str]] = None) -> dict:
     """``Release/ResumeMemoryOccupationReqInput``: all regions, or ``tags`` of
-    ``weights`` / ``kv_cache`` / ``cuda_graph``."""
+    :data:`MEMORY_TAGS`."""
     return {} if tags is None else {"tags": list(tags)}
 
 

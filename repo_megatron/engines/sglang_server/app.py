@@ -5,7 +5,9 @@ codes, auth levels, ``{"success", "message"}`` answers of the weight endpoints,
 ``{"error": {"message"}}`` errors with status 400), ``python/sglang/srt/managers/io_struct.py``
 (request fields: ``GenerateReqInput``, ``UpdateWeightFromDiskReqInput``,
 ``UpdateWeightsFromTensorReqInput``, ``InitWeightsUpdateGroupReqInput``,
-``UpdateWeightsFromDistributedReqInput``, ``AbortReq``, ``UpdateWeightVersionReqInput``) and
+``UpdateWeightsFromDistributedReqInput``, ``AbortReq``, ``UpdateWeightVersionReqInput``,
+``Release/ResumeMemoryOccupationReqInput``: the memory of colocated runs, taken out of service
+with ``--enable-memory-saver`` as SGLang's ``scheduler_components/weight_updater.py`` does) and
 ``python/sglang/srt/managers/tokenizer_manager.py`` (``meta_info`` of a generation).
 ``--emulate-version`` switches the version-dependent parts: ``/server_info`` exists from
 0.5.9 (``/get_server_info`` before), and from 0.5.22 ``/begin_weight_update`` /
@@ -47,7 +49,8 @@ from starlette.routing import Route
 
 from ...weight_sync.process_group import broadcast_tensors, destroy, init_weight_update_group
 from ..base import GenerationResult
-from ..sglang.protocol import SERVER_INFO_RENAMED, WEIGHT_UPDATE_SESSION, parse_version
+from ..sglang.protocol import (KV_CACHE_TAG, MEMORY_TAGS, SERVER_INFO_RENAMED, WEIGHTS_TAG,
+                               WEIGHT_UPDATE_SESSION, parse_version)
 from . import tensor_payload
 from .auth import AuthLevel, auth_level
 from .gate import BadRequest, RequestGate, brief, error_response, json_object, typed
@@ -74,6 +77,18 @@ def in_update_session(endpoint):
     return refuse_outside
 
 
+def with_weights(endpoint):
+    """A weight update route: refused while the weights' memory is released (module
+    docstring), before its body is read."""
+    @functools.wraps(endpoint)
+    async def refuse_released(self: "SGLangServer", request: HTTPRequest) -> Response:
+        out_of_service = self.out_of_service(WEIGHTS_TAG)
+        if out_of_service:
+            return weight_response(False, out_of_service)
+        return await endpoint(self, request)
+    return refuse_released
+
+
 def this_host_names() -> tuple[str, ...]:
     """The names the trainer on this machine uses for itself (the default group hosts)."""
     return (*LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn())
@@ -90,6 +105,7 @@ class ServeOptions:
     max_admin_body_bytes: int = 4 << 30
     max_prompt_tokens: Optional[int] = None     # None: the model's context length
     max_new_tokens: Optional[int] = None        # None: the model's context length
+    memory_saver: bool = False                  # --enable-memory-saver
 
 
 def weight_response(success: bool, message: str, **extra) -> JSONResponse:
@@ -133,6 +149,7 @@ class SGLangServer:
         self.options = options or ServeOptions()
         self.weight_version = "default"
         self.in_update_session = False
+        self.released: set[str] = set()         # memory regions released (SGLang's offload_tags)
         self.groups: dict[str, Any] = {}
         self.joining = threading.Lock()         # one process-group rendezvous at a time
 
@@ -161,6 +178,7 @@ class SGLangServer:
         return JSONResponse({"version": self.version, "model_path": self.model_path,
                              "tokenizer_path": self.model_path, "tp_size": 1, "dp_size": 1,
                              "weight_version": self.weight_version,
+                             "enable_memory_saver": self.options.memory_saver,
                              "status": self.worker.status, "internal_states": []})
 
     async def model_info(self, request: HTTPRequest) -> Response:
@@ -174,6 +192,9 @@ class SGLangServer:
     async def generate(self, request: HTTPRequest) -> Response:
         if self.worker.status != "up":
             return error_response("the server is starting", 503)
+        out_of_service = self.out_of_service(KV_CACHE_TAG, WEIGHTS_TAG)
+        if out_of_service:
+            return error_response(out_of_service)
         body = await json_object(request)
         # tokenising a long text takes a while: off the event loop
         batch, items = await asyncio.to_thread(
@@ -306,6 +327,7 @@ class SGLangServer:
             self.weight_version = version
 
     @ADMIN
+    @with_weights
     async def update_weights_from_disk(self, request: HTTPRequest) -> Response:
         body = await json_object(request)
         try:
@@ -320,6 +342,7 @@ class SGLangServer:
 
     @ADMIN
     @in_update_session
+    @with_weights
     async def update_weights_from_tensor(self, request: HTTPRequest) -> Response:
         body = await json_object(request)
         entries = typed(body, "serialized_named_tensors", list, [])
@@ -364,6 +387,7 @@ class SGLangServer:
 
     @ADMIN
     @in_update_session
+    @with_weights
     async def update_weights_from_distributed(self, request: HTTPRequest) -> Response:
         body = await json_object(request)
         name = typed(body, "group_name", str, "weight_update_group")
@@ -419,6 +443,45 @@ class SGLangServer:
                                                          f"{self.weight_version}",
                              "new_version": self.weight_version})
 
+    # -- memory (colocated runs) ---------------------------------------------------------------
+    def out_of_service(self, *tags: str) -> Optional[str]:
+        """Why a request that needs the memory regions ``tags`` cannot run now (None: it can).
+        Only with ``--enable-memory-saver``: SGLang's released regions are then unmapped (a
+        generation or weight load there would fault); without it its release frees nothing."""
+        released = [t for t in tags if t in self.released] if self.options.memory_saver else []
+        return (f"memory released ({', '.join(released)}): call /resume_memory_occupation "
+                f"first" if released else None)
+
+    @staticmethod
+    def memory_tags(body: dict) -> list[str]:
+        """``tags`` of a ``Release/ResumeMemoryOccupationReqInput``; none or empty = every
+        region, as SGLang reads it."""
+        tags = typed(body, "tags", list, [])
+        if not all(isinstance(t, str) for t in tags):
+            raise BadRequest("tags: expected a list of strings")
+        return tags or list(MEMORY_TAGS)
+
+    @ADMIN
+    async def release_memory_occupation(self, request: HTTPRequest) -> Response:
+        tags = self.memory_tags(await json_object(request))
+        # SGLang asserts an idle scheduler (requests a retract pause holds do not count)
+        if self.worker.busy:
+            return error_response("release_memory_occupation should be called only when "
+                                  "server is idle.")
+        self.released.update(tags)
+        log.info("memory released: %s", ", ".join(tags))
+        return JSONResponse(None)
+
+    @ADMIN
+    async def resume_memory_occupation(self, request: HTTPRequest) -> Response:
+        tags = self.memory_tags(await json_object(request))
+        held = [t for t in tags if t not in self.released]
+        if held:           # SGLang's offload_tags.remove(tag) raises KeyError
+            return error_response(repr(held[0]))
+        self.released.difference_update(tags)
+        log.info("memory resumed: %s", ", ".join(tags))
+        return JSONResponse(None)
+
     # -- app --------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
         get, post, both = ["GET"], ["POST"], ["GET", "POST"]
@@ -438,6 +501,8 @@ class SGLangServer:
                    "update_weights_from_tensor", "init_weights_update_group",
                    "update_weights_from_distributed", "destroy_weights_update_group",
                    "update_weight_version"),
+            *[(f"/{name}", getattr(self, name), both)
+              for name in ("release_memory_occupation", "resume_memory_occupation")],
             ("/v1/chat/completions", ChatCompletions(self).completions, post),
         ]
         return [Route(path, handler, methods=methods) for path, handler, methods in table]

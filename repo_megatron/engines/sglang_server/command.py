@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulate-version", default="0.5.23",
                         help="SGLang version to behave as (/server_info from 0.5.9, "
                              "begin/end weight update sessions from 0.5.22)")
+    parser.add_argument("--enable-memory-saver", action="store_true",
+                        help="As SGLang's flag: /release_memory_occupation takes the released "
+                             "regions out of service (generation and weight loads are refused "
+                             "until they are resumed); without it a release only flushes")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="Requests decoded together")
     parser.add_argument("--threads", type=int, default=None,
@@ -111,7 +115,8 @@ def options_from(args: argparse.Namespace):
         weight_sync_hosts=tuple(args.weight_sync_hosts or ()),
         max_body_bytes=int(args.max_body_mb * 2 ** 20),
         max_admin_body_bytes=int(args.max_weight_body_mb * 2 ** 20),
-        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        memory_saver=args.enable_memory_saver)
 
 
 def run(args: argparse.Namespace) -> int:
