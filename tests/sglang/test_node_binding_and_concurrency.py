@@ -1,11 +1,18 @@
 """Colocated engines are bound to their trainer ranks by node, never by the router's list order
 (sgl-router lists workers in the order of a UUID-keyed map); rollout concurrency is the
 per-engine limit times the engines the router lists. Fake routers list their workers shuffled
-and count the requests in flight."""
+and count the requests in flight; the real sglang-router in front of two ``serve`` workers
+shows the limit filling both."""
 
 import asyncio
+import importlib.util
 import random
+import subprocess
+import sys
+import threading
+import time
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,6 +26,7 @@ from repo_megatron.engines.sglang.client import SGLangClient
 from repo_megatron.engines.sglang.router import router_workers
 from repo_megatron.weight_sync.node_binding import bind_engines
 
+from .inprocess import serve_model
 from .servers import GENERATED, FakeWorker, free_ports, serve_in_thread
 
 NODES = [f"gpu{i:03d}" for i in range(1, 9)]
@@ -110,3 +118,57 @@ def test_rollout_concurrency_is_per_engine_limit_times_router_engines():
         results = engine.generate([[1, 2]] * 20, [SamplingParams(max_new_tokens=2)] * 20)
     assert len(results) == 20
     assert router.peak == 6          # 2 per engine x 3 engines, not 2 for the one router URL
+
+
+def test_rollout_concurrency_fills_every_engine_behind_the_real_router(model_dir, tmp_path):
+    """Two in-process ``serve`` workers behind sglang-router (round robin), two requests per
+    engine: the workers together hold four requests at the peak, never more, each its share."""
+    if importlib.util.find_spec("sglang_router") is None:
+        pytest.skip("needs sglang-router (pip install sglang-router)")
+    peaks = {"total": 0, "a": 0, "b": 0}
+    done = threading.Event()
+
+    def watch(a, b):
+        while not done.is_set():
+            held = [len(w.queue) + len(w.running) for w in (a.worker, b.worker)]
+            peaks.update(total=max(peaks["total"], sum(held)), a=max(peaks["a"], held[0]),
+                         b=max(peaks["b"], held[1]))
+            time.sleep(0.001)
+
+    port = free_ports(1)
+    router_url = f"http://127.0.0.1:{port}"
+    with serve_model(model_dir) as (url_a, a), serve_model(model_dir) as (url_b, b), \
+            open(tmp_path / "router.log", "wb") as log:
+        router = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", url_a, url_b,
+             "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+        watcher = threading.Thread(target=watch, args=(a, b))
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(router_url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and router.poll() is None, \
+                    (tmp_path / "router.log").read_text()[-2000:]
+                time.sleep(0.2)
+            with SGLangEngine(SGLangConfig(router_url=router_url,
+                                           max_concurrency_per_server=2)) as engine:
+                assert engine.max_in_flight(2) == 4
+                watcher.start()
+                results = engine.generate(
+                    [[1, 2, 3]] * 12,
+                    [SamplingParams(temperature=1.0, max_new_tokens=24, seed=i)
+                     for i in range(12)])
+        finally:
+            done.set()
+            if watcher.is_alive():
+                watcher.join()
+            router.terminate()
+            router.wait(timeout=30)
+    assert len(results) == 12
+    assert peaks["total"] == 4, peaks        # 2 per engine x 2 engines, through one router URL
+    assert peaks["a"] >= 1 and peaks["b"] >= 1, peaks

@@ -93,3 +93,26 @@ def test_colocated_release_memory_flow_runs_end_to_end(model_dir):
         after = engine.generate([[1, 2, 3]], [PARAMS])[0]
         assert server.released == set()
     assert after.weight_version == 1 and after.token_ids != before.token_ids
+
+
+def test_release_memory_pauses_a_running_request_away_first(model_dir):
+    """SGLang refuses a release while anything runs (the test above); the client pauses in
+    ``abort`` mode first, so a straggler is answered aborted instead of failing the release,
+    and the next generation continues the servers."""
+    straggler = {}
+    with serve_model(model_dir, options=SAVER) as (url, server), \
+            SGLangEngine(SGLangConfig(urls=[url], weight_sync="tensor")) as engine:
+        request = threading.Thread(target=lambda: straggler.update(_post(url, "/generate", {
+            "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 400}}).json()))
+        request.start()
+        while not server.worker.running and request.is_alive():
+            time.sleep(0.005)
+        assert server.worker.running                       # the release meets a busy server
+        engine.release_memory()
+        request.join(60)
+        assert server.released == {"kv_cache", "weights", "cuda_graph"}
+        assert server.worker.paused
+        after = engine.generate([[1, 2, 3]], [PARAMS])[0]  # resumes and continues
+        assert server.released == set() and not server.worker.paused
+    assert straggler["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(after.token_ids) == PARAMS.max_new_tokens

@@ -30,8 +30,9 @@ from ...weight_sync.session import UpdateSession, plan_update
 from ..base import (FutureStream, GenerationResult, RolloutEngine, SamplingParams,
                     check_requests)
 from .client import LoopThread, SGLangError
-from .protocol import (ABORT_ALL, MEMORY_TAGS, WEIGHTS_TAG, generate_body, generation_result,
-                       memory_body, parse_version, parse_weight_version)
+from .protocol import (ABORT_ALL, EMPTY, MEMORY_TAGS, WEIGHTS_TAG, generate_body,
+                       generation_result, memory_body, parse_version, parse_weight_version,
+                       pause_body)
 from .router import router_workers
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class SGLangEngine(RolloutEngine):
                                          if self.sender.strategy.uses_disk_dir else "")
         self._released: list[str] = []                 # memory regions released, in order
         self._pauses = 0                                 # /pause_generation calls so far
+        self._paused_for_release = False                 # paused by release_memory
         self._version = 0
         self._next = 0                                   # round robin over the workers
         if start:
@@ -146,10 +148,16 @@ class SGLangEngine(RolloutEngine):
     def release_memory(self) -> None:
         """Colocated runs (``releases_memory``): free the servers' GPU memory for training
         (``/release_memory_occupation`` of every region still held, in SGLang's order); the
-        next update or generation resumes it. The servers must be idle (SGLang asserts it)."""
+        next update or generation resumes it. SGLang asserts an idle scheduler, so the servers
+        are paused first in ``abort`` mode (which returns once nothing runs: a straggler of a
+        failed rollout, or another client's request, is answered aborted), and the next
+        generation continues them."""
         held = [tag for tag in MEMORY_TAGS if tag not in self._released]
         if not self.cfg.releases_memory or not held:
             return
+        self.note_pause()
+        self.run(self.post_all("/pause_generation", pause_body("abort")))
+        self._paused_for_release = True
         self.run(self.post_all("/release_memory_occupation", memory_body(held)))
         self._released += held
 
@@ -167,6 +175,9 @@ class SGLangEngine(RolloutEngine):
         if resumed:
             await self.post_all("/resume_memory_occupation", memory_body(resumed), workers)
             self._released = [tag for tag in self._released if tag not in resumed]
+        if tags is None and workers is None and self._paused_for_release:
+            await self.post_all("/continue_generation", EMPTY)
+            self._paused_for_release = False
 
     def note_pause(self) -> None:
         """Count a ``/pause_generation`` a weight update is about to send: a request that
