@@ -221,8 +221,8 @@ def format_plan(path: str, cfg: Config, arch: Architecture, vocab: int, layout: 
         ceiling = min(max_mem_fraction_static(s, gpu_bytes) for s in stages)
         lines.append(f"SGLang --mem-fraction-static can go up to {ceiling:.2f} (now "
                      f"{colocation.mem_fraction_static:g}): the rollout phase then fills the GPU "
-                     f"(at start-up SGLang's whole share sits beside the trainer being built, "
-                     f"until the first weight sync releases it)")
+                     f"(at start-up the engines release their share before any rank builds "
+                     f"the trainer)")
     peak = max(stages, key=lambda s: s.total)
     if peak.total <= gpu_bytes:
         lines.append(f"fits: peak {peak.total / GIB:.1f} GiB on the {peak.stage}, "

@@ -4,6 +4,8 @@ In a colocated run (``rollout.sglang.weight_sync: tensor``) SGLang and Megatron 
 and take turns. The session enters a phase before it runs it:
 
     phase                          trainer (every rank)       SGLang engines (rank 0 asks)
+    start-up (Session.__init__)    not built yet              released before any rank
+                                                              builds the trainer
     rollout, evaluate              offloaded                  weights, KV cache, CUDA graphs
                                                               (resumed by the first generation)
     prepare, update, save, export  resident                   released: kv_cache, weights,

@@ -103,7 +103,24 @@ class Session:
         # The RL step the weights are from: the engine's weight version, so that a resumed run
         # samples under the same versions as an uninterrupted one.
         self.policy_version = 0
+        # Rank 0's rollout side first (it may launch SGLang servers: minutes), while the other
+        # ranks wait on the control plane. A colocated engine then lets go of its GPU memory
+        # before any rank builds the trainer beside it (a no-op for other engines).
+        self.rollout_side = (AsyncRollout(rollout(), cfg.rollout.max_staleness, cfg.train_steps)
+                             if self.is_rank0 else NoRollout())
+        if self.rollout_side.engine is not None:
+            self.rollout_side.engine.release_memory()
+        control.barrier()
+        try:
+            self._build_trainer()
+        except BaseException:
+            self.rollout_side.close()   # servers and reward workers this run started
+            raise
 
+    def _build_trainer(self) -> None:
+        """The policy's chunks with their initial weights, the optimizer, the reference model,
+        the metrics writer, the colocation and the weight streamer."""
+        cfg = self.cfg
         self.chunks = build_model(self.arch, cfg.model, cfg.parallel)
         init = self._initial_weights()
         self.trainer = PolicyTrainer(
@@ -117,9 +134,6 @@ class Session:
         self.writer = MetricsWriter(cfg.run_dir, enabled=self.is_rank0,
                                     tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project)
-        self.rollout_side = (AsyncRollout(rollout(), cfg.rollout.max_staleness, cfg.train_steps)
-                             if self.is_rank0 else NoRollout())
-        control.barrier()  # rank 0 may have launched SGLang servers: minutes
         # colocated runs: the trainer leaves the GPU while SGLang generates (colocation.py)
         self.colocation = build_colocation(cfg, self.trainer, self.reference,
                                            self.rollout_side.engine)
