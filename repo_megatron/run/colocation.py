@@ -45,6 +45,7 @@ class Colocation:
 
     def __init__(self, offload: Optional[TrainerOffload], engine=None):
         self.offload, self.engine = offload, engine
+        self.figures: dict[str, float] = {}   # the last offload and restore, for the run's log
         if offload is not None and engine is not None:
             engine.generation_memory_after_update = False
 
@@ -53,6 +54,7 @@ class Colocation:
         if self.offload is None or self.offload.offloaded:
             return
         report = self.offload.offload()
+        self.figures.update(report.metrics())
         control.barrier()        # every rank has let go before an engine takes memory back
         log.debug("trainer offloaded: %.2f GiB freed in %.2f s",
                   report.freed_bytes / 2**30, report.seconds)
@@ -66,7 +68,14 @@ class Colocation:
             return
         control.barrier()        # the engines have released before any rank takes memory
         seconds = self.offload.restore()
+        self.figures["offload/restore_seconds"] = seconds
         log.debug("trainer restored in %.2f s", seconds)
+
+    def take_metrics(self) -> dict[str, float]:
+        """This rank's figures of the offload and restore since the last call (``offload/*``:
+        state GiB, freed fraction, seconds each way); empty without an offload."""
+        figures, self.figures = self.figures, {}
+        return figures
 
 
 def build_colocation(cfg, trainer, reference, engine) -> Colocation:

@@ -298,6 +298,7 @@ class Session:
                     mb.advantages = mb.advantages.to(weights.device)[:, None] * weights
             minibatches.append(mbs)
         metrics = {f"batch/{k}": v for k, v in plan_metrics(plans, lengths).items()}
+        metrics.update(self.colocation.take_metrics())   # colocated: the trainer's offload
         if reuse:
             return PreparedBatch(minibatches, metrics, deferred=mbs)
         return PreparedBatch(minibatches, {**metrics, **self._reduce_mismatch(mismatch)})

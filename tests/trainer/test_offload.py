@@ -156,6 +156,8 @@ def _colocated_steps(cfg) -> dict:
                 offload.offloaded and all(s.storage.nbytes() == 0 for s in offload._offloaded))
             metrics = session.update(session.prepare(groups))
             out[f"step{step}"] = metrics["train/loss"], metrics["train/grad_norm"]
+            out[f"offload_metrics{step}"] = {k: v for k, v in metrics.items()
+                                             if k.startswith("offload/")}
             session.sync_weights()
             session.save(step)
         out["strategy"] = offload.name
@@ -258,6 +260,10 @@ def test_colocated_session_offloads_for_rollout_and_trains_as_without_offload(la
         assert colocated["step1"] == plain["step1"]
         assert colocated["step2"] == plain["step2"]           # loss, grad norm: bitwise
         assert colocated["digests"] == plain["digests"]       # every byte of the state
+        for step in (1, 2):                                   # the step's log says so
+            figures = colocated[f"offload_metrics{step}"]
+            assert figures["offload/freed_fraction"] == 1.0 and figures["offload/state_gib"] > 0
+            assert figures["offload/seconds"] >= 0 and figures["offload/restore_seconds"] >= 0
     assert layout_runs[0]["colocated"]["synced_parameters"] > 0   # rank 0's engine was fed
 
 
