@@ -193,7 +193,9 @@ def recorded_dtypes(chunks: list):
     from repo_megatron.trainer import loss as loss_module
 
     dtypes: dict[str, str] = {}
-    logprobs, policy_loss = loss_module.vocab_parallel_logprobs, loss_module.compute_policy_loss
+    # the training loss's log-probs (forward.next_token_logprobs, packed or not), not those of
+    # the forward-only passes (old and reference log-probs)
+    logprobs, policy_loss = loss_module.next_token_logprobs, loss_module.compute_policy_loss
 
     def recording_logprobs(logits, *args, **kwargs):
         logp, entropy = logprobs(logits, *args, **kwargs)
@@ -212,12 +214,12 @@ def recorded_dtypes(chunks: list):
 
     hooks = [c.output_layer.register_forward_hook(record_output_layer) for c in chunks
              if getattr(c, "post_process", False)]
-    loss_module.vocab_parallel_logprobs, loss_module.compute_policy_loss = \
+    loss_module.next_token_logprobs, loss_module.compute_policy_loss = \
         recording_logprobs, recording_loss
     try:
         yield dtypes
     finally:
-        loss_module.vocab_parallel_logprobs, loss_module.compute_policy_loss = \
+        loss_module.next_token_logprobs, loss_module.compute_policy_loss = \
             logprobs, policy_loss
         for hook in hooks:
             hook.remove()
