@@ -40,20 +40,15 @@ sys.path.insert(0, ROOT)
 
 def run_config_for(k: int, model_dir: str, prompts: str, out: str, args, port: int) -> dict:
     """The config of the run at ``max_staleness=k`` (its own serve worker on ``port``)."""
-    from repo_megatron.testbed.runs import run_config
+    from repo_megatron.testbed.runs import run_config, serve_rollout
 
     run_dir = os.path.join(out, f"k{k}")  # out: the repeat's directory
-    sglang = {"weight_sync": "disk", "disk_dir": os.path.join(run_dir, "sync"),
-              "launch": {"num_servers": 1, "base_port": port,
-                         "command": [sys.executable, "-m", "repo_megatron.cli", "serve"],
-                         "args": ["--model", model_dir, "--threads", "1",
-                                  "--weights-root", out],
-                         "startup_timeout_s": 300}}
+    rollout = serve_rollout(model_dir, run_dir, port, batch_size=args.serve_batch_size)
     return run_config(model_dir, prompts, run_dir, steps=args.steps, seed=args.seed, lr=args.lr,
                       prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                       max_new_tokens=args.max_new_tokens,
                       algorithm={"ppo_epochs": args.ppo_epochs},
-                      rollout={"engine": "sglang", "max_staleness": k, "sglang": sglang})
+                      rollout={**rollout, "max_staleness": k})
 
 
 def summarise(runs: list[list[dict]], skip: int) -> dict:
@@ -89,6 +84,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--serve-batch-size", type=int, default=2,
+                        help="Sequences the serve worker decodes together (SGLang's "
+                             "--max-running-requests): sizes the generation")
     parser.add_argument("--hidden", type=int, default=256,
                         help="Hidden size of the testbed Llama (128: the learning tests'); "
                              "larger makes both sides' work torch compute, as on a real model")
@@ -139,7 +137,7 @@ def main() -> None:
         "benchmark": "async_rollout", "steps": args.steps, "timed_steps": args.steps - args.skip,
         "hidden": args.hidden, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
         "max_new_tokens": args.max_new_tokens, "ppo_epochs": args.ppo_epochs,
-        "trainer_threads": 1, "serve_threads": 1,
+        "trainer_threads": 1, "serve_threads": 1, "serve_batch_size": args.serve_batch_size,
         "repeats": args.repeats,
         "step_s_k0": round(sync["step_s"], 3), "step_s_k1": round(overlapped["step_s"], 3),
         "ratio_k1_over_k0": round(overlapped["step_s"] / sync["step_s"], 3),

@@ -6,8 +6,10 @@ model's: a CPU model's batching noise is seconds, the client's cost is milliseco
 ``--url`` points both at any running server instead (e.g. ``repo-megatron serve``). Times
 rounds of the same N seeded /generate requests sent (a) by a bare ``httpx.AsyncClient`` +
 ``asyncio.gather`` and (b) by ``SGLangEngine.generate`` (body building, per-server limit,
-retry wrapper, result parsing, version check), alternating, and prints ONE JSON line: median
-seconds of each, their ratio (target <= 1.2) and the overhead per request.
+retry wrapper, result parsing, version check, over aiohttp), alternating, and prints ONE JSON
+line: median seconds of each, their ratio (target <= 1.2) and the overhead per request. The
+client was built on httpx until its pool's cost showed in the rollouts (docs/sglang.md): a
+ratio below 1 is the pool's difference, which the client's own work does not use up.
 
     python benchmarks/rollout_client.py [--url URL] [--requests 128] [--rounds 15]
 """
@@ -27,7 +29,7 @@ import httpx
 from repo_megatron.config.rollout import SGLangConfig
 from repo_megatron.engines.base import SamplingParams
 from repo_megatron.engines.sglang import SGLangEngine
-from repo_megatron.engines.sglang.client import SGLangClient
+from repo_megatron.engines.sglang.client import wait_until_healthy
 from repo_megatron.engines.sglang.protocol import generate_body
 from repo_megatron.runtime.ports import free_port
 
@@ -60,7 +62,7 @@ def canned_server(port: int, new_tokens: int) -> None:
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     """Block until the server answers /health_generate (the client's own wait)."""
-    asyncio.run(SGLangClient().wait_healthy(url, timeout_s))
+    wait_until_healthy(url, timeout_s)
 
 
 async def raw_round(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> float:

@@ -29,7 +29,7 @@ import time
 import httpx
 
 from repo_megatron.runtime.ports import free_port
-from repo_megatron.engines.sglang.client import SGLangClient
+from repo_megatron.engines.sglang.client import wait_until_healthy
 
 # greedy SmolLM2 goes on counting well past 508 tokens without an EOS
 LONG_PROMPT = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5,"
@@ -100,7 +100,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "repo_megatron.cli", "serve", *model,
                                "--port", str(port), "--threads", str(args.threads)])
     try:
-        asyncio.run(SGLangClient().wait_healthy(url, 600))
+        wait_until_healthy(url, 600)
         result = asyncio.run(head_of_line(url, args.long_tokens, args.delay))
         print(f"head of line: {result}", file=sys.stderr)
         times, tokens = asyncio.run(batch_rounds(url, args.batch, args.batch_tokens,

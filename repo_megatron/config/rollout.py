@@ -141,8 +141,9 @@ class RolloutConfig:
     max_staleness: int = knob(
         0, "k: the rollouts of the next k steps run while Megatron trains (rank 0 samples "
            "them in the background); a sample is trained at most k weight versions after the "
-           "one that generated it. 0 = the synchronous loop. Not with colocated SGLang "
-           "servers; the embedded engine runs it on the trainer's own cores (docs/rollout.md)",
+           "one that generated it. 0 = the synchronous loop. With SGLang servers the rollout "
+           "side runs in a process of its own; the embedded engine's on a thread, on the "
+           "trainer's own cores. Not with colocated SGLang servers (docs/rollout.md)",
         ge=0)
     sglang: SGLangConfig = section(SGLangConfig, "SGLang servers and weight sync")
 

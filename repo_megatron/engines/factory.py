@@ -18,15 +18,20 @@ def hf_config(cfg: Config):
     return AutoConfig.for_model(hf.pop("model_type"), **hf)
 
 
+def uses_sglang(cfg: Config) -> bool:
+    """Whether the run's rollouts come from SGLang servers (``rollout.engine: sglang``, or
+    ``auto`` with servers named or launched) rather than the embedded engine."""
+    sg = cfg.rollout.sglang
+    return cfg.rollout.engine == "sglang" or (cfg.rollout.engine == "auto" and bool(
+        sg.urls or sg.router_url or sg.launch.num_servers))
+
+
 def build_engine(cfg: Config, tokenizer, config):
     """The rollout engine the config asks for: SGLang servers, or the embedded CPU engine
     (a transformers model of the same architecture whose weights the first sync sets)."""
-    sg = cfg.rollout.sglang
-    engine = cfg.rollout.engine
-    if engine == "sglang" or (engine == "auto" and (sg.urls or sg.router_url
-                                                    or sg.launch.num_servers)):
+    if uses_sglang(cfg):
         from .sglang.engine import SGLangEngine
-        return SGLangEngine(sg)
+        return SGLangEngine(cfg.rollout.sglang)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,8 @@ class SGLangJudge(JudgeBackend):
     def __init__(self, cfg: JudgeConfig, tokenizer=None, api_key: Optional[str] = None):
         """``tokenizer``: the judge model's tokenizer (None: send text)."""
         self.cfg, self.tokenizer, self.api_key = cfg, tokenizer, api_key
-        self.client = SGLangClient(timeout_s=cfg.timeout_s,
+        # api_key: SGLang's --api-key, a Bearer token on every request
+        self.client = SGLangClient(timeout_s=cfg.timeout_s, api_key=api_key,
                                    max_concurrency_per_server=cfg.max_concurrency, max_retries=0)
 
     def body(self, messages: list[dict]) -> dict:
@@ -38,8 +39,6 @@ class SGLangJudge(JudgeBackend):
                 "sampling_params": params}
 
     async def complete(self, url: str, messages: list[dict]) -> str:
-        if self.api_key:  # SGLang's --api-key: a Bearer token on every request
-            self.client.http.headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             answer = await self.client.request_once(url, "/generate", self.body(messages))
         except SGLangTimeout as e:

@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 RolloutResult = tuple[list[Group], dict]
 
 
+def write_hf_export(weights: dict, out: str, hf_config, tokenizer) -> None:
+    """``weights`` (HF name -> tensor) as safetensors with the model's config and tokenizer in
+    ``out``: written aside, then swapped in whole, so a reader never sees a mix of two
+    exports."""
+    from ..convert.output import atomic_directory
+    from ..convert.safetensors_io import write_safetensors
+
+    with atomic_directory(out, overwrite=True, flag="export") as tmp:
+        write_safetensors(tmp, weights.items(), max_shard_bytes=4 << 30)
+        hf_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("Exported Hugging Face weights to %s", out)
+
+
 class RolloutSide(ABC):
     """One rank's part of the rollout. ``engine`` is the rollout engine the weight sync feeds
     from this rank (None where there is none)."""
@@ -171,15 +185,7 @@ class EngineRollout(RolloutSide):
                 "eval/prompts": float(len(scores))}
 
     def export(self, weights: dict, out: str) -> None:
-        from ..convert.output import atomic_directory
-        from ..convert.safetensors_io import write_safetensors
-
-        # Written aside, then swapped in whole: a reader never sees a mix of two exports.
-        with atomic_directory(out, overwrite=True, flag="export") as tmp:
-            write_safetensors(tmp, weights.items(), max_shard_bytes=4 << 30)
-            self.hf_config.save_pretrained(tmp)
-            self.formatter.tokenizer.save_pretrained(tmp)
-        log.info("Exported Hugging Face weights to %s", out)
+        write_hf_export(weights, out, self.hf_config, self.formatter.tokenizer)
 
     def state(self) -> dict:
         replay = self.stage.replay

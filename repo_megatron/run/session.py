@@ -43,6 +43,7 @@ from ..weight_sync.streamer import WeightStreamer, gather_hf_weights
 from .async_rollout import AsyncRollout
 from .colocation import build_colocation
 from .guard import TrainingStopped
+from .rollout_process import RolloutProcess, runs_in_own_process
 from .rollout_side import EngineRollout, NoRollout, RolloutSide
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ class Session:
         # Prompts are read and checked first: a bad dataset stops every rank in seconds,
         # before minutes of model building.
         if rollout is None:
-            rollout = partial(EngineRollout, cfg, self._rank0_first(lambda: load_run_data(cfg)))
+            # rollouts ahead of SGLang servers run in a process of their own (no shared GIL)
+            side = RolloutProcess if runs_in_own_process(cfg) else EngineRollout
+            rollout = partial(side, cfg, self._rank0_first(lambda: load_run_data(cfg)))
         # The RL step the weights are from: the engine's weight version, so that a resumed run
         # samples under the same versions as an uninterrupted one.
         self.policy_version = 0

@@ -1,6 +1,7 @@
 """RL runs of a testbed policy through the real training loop, each in its own process.
 
-:func:`run_config` is the config of one run (the embedded engine, Megatron's local spec, fp32);
+:func:`run_config` is the config of one run (the embedded engine, Megatron's local spec, fp32;
+:func:`serve_rollout` swaps in a ``repo-megatron serve`` worker);
 :func:`run_many` trains several configs, ``parallel`` at a time, each with
 ``repo_megatron.run.loop.train`` in a fresh process (``run_distributed``, gloo), and returns
 their ``metrics.jsonl`` rows and wall times.
@@ -42,6 +43,25 @@ def run_config(model_dir: str, train_path: str, run_dir: str, *, steps: int, see
         "checkpoint": {"save_interval": 0, "keep_last": 1, "hf_export_at_end": hf_export},
         "logging": {"tensorboard": False, "progress_bar": False, "level": "WARNING"},
     }
+
+
+def serve_rollout(model_dir: str, run_dir: str, port: int, batch_size: Optional[int] = None,
+                  weight_sync: str = "disk") -> dict:
+    """``rollout`` overrides for a run whose rollouts come from one ``repo-megatron serve``
+    worker with one thread that the run launches on ``port`` (SGLang's protocol, the SGLang
+    engine's client, disk weight sync); ``batch_size``: sequences it decodes together."""
+    import os
+    import sys
+
+    args = ["--model", model_dir, "--threads", "1", "--weights-root", run_dir]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    return {"engine": "sglang",
+            "sglang": {"weight_sync": weight_sync, "disk_dir": os.path.join(run_dir, "sync"),
+                       "launch": {"num_servers": 1, "base_port": port,
+                                  "command": [sys.executable, "-m", "repo_megatron.cli",
+                                              "serve"],
+                                  "args": args, "startup_timeout_s": 300}}}
 
 
 def train_rows(cfg: dict) -> list[dict]:

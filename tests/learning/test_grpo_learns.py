@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from repo_megatron.algorithm import register_advantage_estimator
-from repo_megatron.testbed.runs import run_config, run_many, train_rows
+from repo_megatron.runtime.ports import free_port
+from repo_megatron.testbed.runs import run_config, run_many, serve_rollout, train_rows
 
 STEPS, WINDOW, MARGIN = 20, 5, 0.3
 
@@ -44,14 +45,21 @@ def learned(rows) -> tuple[bool, float, float]:
     return last >= first + MARGIN, first, last
 
 
-def grpo_and_control(sums_policy, tmp_path, **rollout):
-    """The rows of the GRPO run and of its zero-advantage control (``rollout`` overrides),
+def grpo_and_control(sums_policy, tmp_path, serve=False, **rollout):
+    """The rows of the GRPO run and of its zero-advantage control (``rollout`` overrides; with
+    ``serve``, each run's rollouts come from a `repo-megatron serve` worker of its own),
     trained side by side, after checking the criterion separates them."""
     model_dir, prompts, warmup_s = sums_policy
     common = dict(steps=STEPS, seed=7, lr=3e-4, prompts_per_step=8, group_size=8,
-                  max_new_tokens=8, rollout=rollout)
-    grpo = run_config(model_dir, prompts, str(tmp_path / "grpo"), **common)
-    control = run_config(model_dir, prompts, str(tmp_path / "control"), **common,
+                  max_new_tokens=8)
+
+    def rollout_of(run_dir):
+        return {**(serve_rollout(model_dir, run_dir, free_port()) if serve else {}), **rollout}
+
+    grpo_dir, control_dir = str(tmp_path / "grpo"), str(tmp_path / "control")
+    grpo = run_config(model_dir, prompts, grpo_dir, **common, rollout=rollout_of(grpo_dir))
+    control = run_config(model_dir, prompts, control_dir, **common,
+                         rollout=rollout_of(control_dir),
                          algorithm={"advantage_estimator": "zero"})
     start = time.perf_counter()
     grpo_run, control_run = run_many([grpo, control], parallel=2, fn=train_rows_here)
@@ -83,10 +91,13 @@ def test_grpo_raises_on_policy_reward_and_the_zero_advantage_control_does_not(su
 
 @pytest.mark.timeout(1800)
 def test_grpo_with_async_rollouts_one_step_stale_still_learns(sums_policy, tmp_path):
-    """rollout.max_staleness=1: each step trains on rollouts sampled by the weights of the
-    step before (while that step trained), weighted by min(pi_old / pi_behaviour,
-    stale_tis_cap); the same criterion, the same control."""
-    grpo_rows, control_rows = grpo_and_control(sums_policy, tmp_path, max_staleness=1)
+    """rollout.max_staleness=1 as a user runs it: the rollouts come from SGLang's protocol (a
+    `repo-megatron serve` worker the run launches) through the rollout side's own process,
+    and each step trains on rollouts sampled by the weights of the step before (while that
+    step trained), weighted by min(pi_old / pi_behaviour, stale_tis_cap); the same criterion,
+    the same control."""
+    grpo_rows, control_rows = grpo_and_control(sums_policy, tmp_path, serve=True,
+                                               max_staleness=1)
     for rows in (grpo_rows, control_rows):
         # step 1 is sampled by the initial weights; every later one by the step before's
         stale = [r["rollout/staleness_max"] for r in rows if r["step"] > 0]

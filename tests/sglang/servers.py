@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from repo_megatron.engines.sglang.client import SGLangClient
+from repo_megatron.engines.sglang.client import wait_until_healthy
 from repo_megatron.runtime.ports import free_port
 
 
@@ -59,7 +59,7 @@ def serve_in_thread(app, port: int) -> Iterator[str]:
 
 def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     """Block until ``url`` answers /health_generate (the client's own wait)."""
-    asyncio.run(SGLangClient().wait_healthy(url, timeout_s))
+    wait_until_healthy(url, timeout_s)
 
 
 GENERATED = {"text": "ok", "output_ids": [7, 2],

@@ -67,11 +67,16 @@ class ShuffledRouter(FakeWorker):
                                  Route("/{engine}/server_info", self.info)])
 
 
+async def _router_workers(router_url):
+    async with SGLangClient() as client:
+        return await router_workers(client, router_url)
+
+
 def test_node_binding_pairs_each_node_with_its_own_engine_in_any_router_order():
     urls = [f"http://{name}:30000" for name in NODES]
     router = ShuffledRouter(urls, seed=1)
     with serve_in_thread(router.app(), free_ports(1)) as router_url:
-        listed = [asyncio.run(router_workers(SGLangClient(), router_url)) for _ in range(5)]
+        listed = [asyncio.run(_router_workers(router_url)) for _ in range(5)]
     assert any(order != urls for order in listed)       # the router's order is not ours
     for order in listed:
         assert sorted(order) == urls
