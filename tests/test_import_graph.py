@@ -179,3 +179,12 @@ def test_loading_a_config_imports_no_variant_and_no_torch():
     outside_config = {m for m in loaded if not m.startswith("repo_megatron.config")} - packages
     assert outside_config == {"repo_megatron.errors", "repo_megatron.lazy_exports",
                               "repo_megatron.registry", *REGISTRIES}, sorted(outside_config)
+
+
+def test_the_gpu_checks_trainer_step_imports_no_http_client():
+    # scripts/gpu_check.sh's image has no aiohttp (docs/gpu_check.md): the trainer, its
+    # session and the dry run's step import the SGLang client's HTTP library only when a
+    # client connects to a server
+    _imported_after("import repo_megatron.run.dry_run, repo_megatron.run.session\n"
+                    "import repo_megatron.engines.sglang.engine\n"
+                    "assert 'aiohttp' not in sys.modules, 'aiohttp imported'")

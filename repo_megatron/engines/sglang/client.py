@@ -20,17 +20,17 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Optional, Sequence, Union
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from .protocol import error_message, parse_version
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
 # 503: starting / overloaded / shutting down; 502 and 504: a router whose worker went away.
 RETRYABLE_STATUS = frozenset({502, 503, 504})
-RETRYABLE_ERRORS = (aiohttp.ClientError,)
 
 API_KEY_ENV, ADMIN_API_KEY_ENV = "REPO_SGLANG_API_KEY", "REPO_SGLANG_ADMIN_API_KEY"
 # SGLang's ADMIN_OPTIONAL endpoints that the trainer calls (http_server.py, 0.5.23)
@@ -73,7 +73,7 @@ class SGLangClient:
         self.max_retries = max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self._limits: dict[str, asyncio.Semaphore] = {}
-        self._http: Optional[aiohttp.ClientSession] = None
+        self._http: Optional["aiohttp.ClientSession"] = None
 
     def set_limit(self, server: str, in_flight: int) -> None:
         """Requests in flight to ``server`` at most (default ``max_concurrency_per_server``):
@@ -81,12 +81,15 @@ class SGLangClient:
         self._limits[server] = asyncio.Semaphore(in_flight)
 
     @property
-    def http(self) -> aiohttp.ClientSession:
+    def http(self) -> "aiohttp.ClientSession":
         """The connection pool: aiohttp, created lazily inside the event loop that uses it;
         no limit of its own (the per-server semaphores are the limit), no proxy from the
         environment. Not httpx: its pool checks every connection for every request it places,
         which cost the rollout ~0.4 s of CPU per 64 concurrent /generate requests
-        (docs/sglang.md)."""
+        (docs/sglang.md). Imported here: a trainer that never talks to a server (the GPU
+        check's image has no aiohttp) does not need it."""
+        import aiohttp
+
         if self._http is None:
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                                trust_env=False)
@@ -133,6 +136,8 @@ class SGLangClient:
     async def request_once(self, server: str, endpoint: str, body: Any = None, *,
                            method: str = "POST", timeout_s: Optional[float] = None) -> Any:
         """One attempt, within the server's concurrency limit and the timeout."""
+        import aiohttp
+
         limit = self._limits.setdefault(server, asyncio.Semaphore(self.max_concurrency))
         timeout = self.timeout_s if timeout_s is None else timeout_s
         async with limit:
@@ -145,7 +150,7 @@ class SGLangClient:
             except asyncio.TimeoutError as e:
                 raise SGLangTimeout(server, endpoint, f"no answer within {timeout:g} s "
                                                       f"({type(e).__name__})") from e
-            except RETRYABLE_ERRORS as e:
+            except aiohttp.ClientError as e:      # connection errors: worth another attempt
                 raise SGLangError(server, endpoint, f"{type(e).__name__}: {e}") from e
         if not 200 <= status < 300:
             raise SGLangError(server, endpoint, error_message(status, text), status)
