@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -19,6 +20,7 @@ from repo_megatron.metrics.writer import read_rows
 from repo_megatron.rollout.types import Group, Prompt
 from repo_megatron.run.async_rollout import AsyncRollout
 from repo_megatron.run.rollout_side import RolloutSide
+from repo_megatron.testbed.runs import serve_rollout
 from tests.distributed import run_distributed
 from tests.helpers import global_tensors, write_tiny_chat_model
 from tests.run.conftest import tiny_run_config
@@ -180,16 +182,24 @@ def test_no_trained_sample_is_more_than_max_staleness_versions_old(tiny_chat_mod
     assert rows[0]["train/logprob_mismatch_mean"] < 1e-4                 # step 1: fresh
 
 
+@pytest.mark.parametrize("engine", ["embedded", "serve"])
 def test_async_run_killed_during_an_in_flight_rollout_resumes_to_the_same_weights(
-        tiny_chat_model, tmp_path):
+        tiny_chat_model, tmp_path, engine):
+    """``serve``: the rollouts come from a `repo-megatron serve` worker the run launches, through
+    the rollout process; only the trainer's process is killed (as the OOM killer does), and
+    the rollout process stops the server when its pipe closes, so the resumed run launches
+    its own on the same port."""
     data = tmp_path / "prompts.jsonl"
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__)))), "examples", "data", "arith_train.jsonl")) as f:
         data.write_text("".join(f.readlines()[:4]))
+    model = (write_tiny_chat_model(str(tmp_path / "model"), with_weights=True)
+             if engine == "serve" else tiny_chat_model)
 
     def write(name):
-        cfg = _config(tiny_chat_model, str(tmp_path / name), 1, data=str(data),
-                      replay={"enabled": True})
+        cfg = _config(model, str(tmp_path / name), 1, data=str(data), replay={"enabled": True})
+        if engine == "serve":
+            cfg["rollout"].update(serve_rollout(model, cfg["run_dir"], free_ports(1)))
         path = str(tmp_path / f"{name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
@@ -198,8 +208,10 @@ def test_async_run_killed_during_an_in_flight_rollout_resumes_to_the_same_weight
     cfg_path, run_dir = write("killed")
     # Killed in the producer thread: step 3's rollout has run (the prompt sampler, the replay
     # buffer moved on) while step 2 trains, and no step has taken it yet.
-    code, out = _run(cfg_path, failpoint="rollout_ahead:3")
+    code, out = _run(cfg_path, failpoint="rollout_ahead:3", settle_s=60)
     assert code == -signal.SIGKILL, out
+    if engine == "serve":                 # the server went with the rollout process
+        assert not _answers(_server_url(cfg_path)), out
     assert [r["step"] for r in read_rows(run_dir)] == [0, 1]
     kept = complete_checkpoints(os.path.join(run_dir, "checkpoints"))
     assert [s for s, _ in kept] == [1]
@@ -222,6 +234,19 @@ def test_async_run_killed_during_an_in_flight_rollout_resumes_to_the_same_weight
     assert weights.keys() == straight.keys() and weights
     for name, tensor in weights.items():
         assert torch.equal(tensor, straight[name]), name
+
+
+def _server_url(cfg_path):
+    with open(cfg_path) as f:
+        launch = yaml.safe_load(f)["rollout"]["sglang"]["launch"]
+    return f"http://127.0.0.1:{launch['base_port']}"
+
+
+def _answers(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_async_rollouts_through_two_serve_workers_behind_sglang_router(tmp_path):

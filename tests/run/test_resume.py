@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 import yaml
@@ -17,7 +18,10 @@ from tests.helpers import global_tensors
 from tests.run.conftest import ROOT, tiny_run_config
 
 
-def _run(cfg_path, *extra, failpoint=None):
+def _run(cfg_path, *extra, failpoint=None, settle_s=0.0):
+    """``repo-megatron train`` in a session of its own: (exit code, the end of its output).
+    ``settle_s``: how long the helper processes of a killed trainer get to stop on their own
+    (a rollout process stopping its servers) before the rest of the session is killed."""
     env = {**os.environ, "REPO_MEGATRON_FAILPOINT": failpoint or ""}
     # Output to a file, not a pipe: helper processes of a killed trainer may still hold it.
     with open(cfg_path + ".log", "w+") as log:
@@ -26,6 +30,12 @@ def _run(cfg_path, *extra, failpoint=None):
             env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=600)
+            deadline = time.monotonic() + settle_s
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)           # ProcessLookupError once all have exited
+                time.sleep(0.2)
+        except ProcessLookupError:
+            pass
         finally:
             try:  # helper processes of a killed trainer must not outlive the test
                 os.killpg(proc.pid, signal.SIGKILL)
