@@ -68,8 +68,9 @@ class RolloutProcess(RolloutSide):
         self.hf_config, self.tokenizer = hf_config(cfg), data.tokenizer
         context = multiprocessing.get_context("spawn")
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=child_main, args=(child_end, cfg, logging.getLogger().getEffectiveLevel()),
-                                       name="repo-megatron-rollout")
+        self.process = context.Process(
+            target=child_main, name="repo-megatron-rollout",
+            args=(child_end, cfg, logging.getLogger().getEffectiveLevel()))
         self.process.start()
         child_end.close()
         # a run that ends without close() (an error before the loop) still stops the child
@@ -89,6 +90,7 @@ class RolloutProcess(RolloutSide):
             self.conn.send((op, args))
             status, value, trace = self.conn.recv()
         except (EOFError, OSError) as e:
+            self.process.join(5)                    # its exit code, once it is reaped
             raise RuntimeError(f"rollout process (pid {self.process.pid}) died during {op} "
                                f"(exit code {self.process.exitcode}); its output is above") from e
         if status == "error":
