@@ -199,7 +199,10 @@ def test_async_run_killed_during_an_in_flight_rollout_resumes_to_the_same_weight
     def write(name):
         cfg = _config(model, str(tmp_path / name), 1, data=str(data), replay={"enabled": True})
         if engine == "serve":
-            cfg["rollout"].update(serve_rollout(model, cfg["run_dir"], free_ports(1)))
+            # one sequence at a time: log-probs that do not depend on which requests arrived
+            # together (continuous batching's batches follow the machine's timing)
+            cfg["rollout"].update(serve_rollout(model, cfg["run_dir"], free_ports(1),
+                                                batch_size=1))
         path = str(tmp_path / f"{name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
